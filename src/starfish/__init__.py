@@ -1,0 +1,44 @@
+"""starfish: prune trained networks and heal them without labels.
+
+    import starfish
+    loaded = starfish.create_model("cifar10-resnet20", weights="resnet20_akamaster.th")
+    sparse = copy.deepcopy(loaded.module)
+    masks = starfish.prune(sparse, starfish.PruneConfig(sparsity=0.75))
+    starfish.heal(loaded.module, sparse, masks, calibration_images, starfish.HealConfig())
+"""
+
+__version__ = "0.1.0"
+
+from starfish.errors import StarfishError
+from starfish.evaluate import Predictions, predict, summarize
+from starfish.heal import HealConfig, HealResult, heal, list_healers
+from starfish.masks import Masks
+from starfish.models import LoadedModel, Preprocess, create_model, list_models, register_model
+from starfish.pipeline import RunConfig, run
+from starfish.pruning import PruneConfig, list_allocations, list_pruners, prune
+from starfish.structure import find_blocks, prunable_targets
+
+__all__ = [
+    "HealConfig",
+    "HealResult",
+    "LoadedModel",
+    "Masks",
+    "Predictions",
+    "Preprocess",
+    "PruneConfig",
+    "RunConfig",
+    "StarfishError",
+    "create_model",
+    "find_blocks",
+    "heal",
+    "list_allocations",
+    "list_healers",
+    "list_models",
+    "list_pruners",
+    "predict",
+    "prunable_targets",
+    "prune",
+    "register_model",
+    "run",
+    "summarize",
+]

@@ -1,0 +1,42 @@
+"""Healing hyperparameters; the defaults are the published STARFISH recipe."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from starfish.errors import StarfishError
+
+
+@dataclass
+class HealConfig:
+    healer: str = "starfish"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 6e-4
+    min_lr: float = 1e-6  # cosine decay per optimizer step, from lr down to this
+    optimizer: str = "adam"  # adam | adamw | sgd
+    weight_decay: float = 0.0
+    max_steps: int | None = None  # cap on optimizer steps (None = epochs over the calibration set)
+    cache_dtype: str = "float32"  # float32 | float16 | bfloat16: storage of cached dense targets
+    recompute_targets: bool = False  # True: run the dense model every step instead of caching
+    cache_device: str | None = None  # None = the compute device; "cpu" saves accelerator memory
+    train_mode: bool = False  # False keeps dropout off and BatchNorm statistics frozen
+    temperature: float = 1.0  # for logit distillation
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> "HealConfig":
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.min_lr < 0:
+            raise StarfishError(
+                "heal settings need epochs >= 0, batch size >= 1, lr > 0 and min lr >= 0; "
+                f"got epochs={self.epochs}, batch={self.batch_size}, lr={self.lr}, min_lr={self.min_lr}."
+            )
+        if self.cache_dtype not in ("float32", "float16", "bfloat16"):
+            raise StarfishError(f"cache dtype must be float32, float16 or bfloat16; got {self.cache_dtype}.")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise StarfishError(f"optimizer must be adam, adamw or sgd; got {self.optimizer}.")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)

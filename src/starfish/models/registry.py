@@ -1,0 +1,249 @@
+"""A string registry of models (``create_model`` / ``list_models``), in the style of timm.
+
+A spec is one of
+  * a built-in name, e.g. ``cifar10-vit`` (see ``list_models()``);
+  * ``timm:<name>`` — any timm architecture (pretrained weights through timm when asked);
+  * ``torchvision:<name>`` — any torchvision classification architecture;
+  * ``package.module:factory`` — any callable returning an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from starfish.errors import StarfishError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Preprocess:
+    """How raw RGB images become model inputs; travels with the model so data can't mismatch it."""
+
+    input_size: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    resize: int | None = None  # shorter side before the center crop; None = resize to input_size
+    interpolation: str = "bilinear"
+
+    def transform(self) -> Callable:
+        from torchvision import transforms as T
+
+        mode = getattr(T.InterpolationMode, self.interpolation.upper())
+        steps = []
+        if self.resize is not None:
+            steps += [T.Resize(self.resize, interpolation=mode), T.CenterCrop(self.input_size)]
+        else:
+            steps += [T.Resize((self.input_size, self.input_size), interpolation=mode)]
+        steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
+        return T.Compose(steps)
+
+    def to_dict(self) -> dict:
+        return {
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": self.resize,
+            "interpolation": self.interpolation,
+        }
+
+
+@dataclass
+class LoadedModel:
+    """A model plus what a pipeline needs to know about it."""
+
+    module: nn.Module
+    spec: str
+    preprocess: Preprocess
+    weights: str | None = None
+    weights_sha256: str | None = None
+    block_pattern: str | None = None  # regex over module names; None = automatic discovery
+    extra: dict = field(default_factory=dict)
+
+
+Builder = Callable[..., tuple[nn.Module, Preprocess]]
+_BUILTINS: dict[str, tuple[Builder, str]] = {}
+
+
+def register_model(name: str, description: str = "") -> Callable[[Builder], Builder]:
+    """Decorator: make ``name`` resolvable by ``create_model``."""
+
+    def wrap(fn: Builder) -> Builder:
+        _BUILTINS[name] = (fn, description or (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return wrap
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Built-in model names matching a shell-style pattern (timm/torchvision specs are open-ended)."""
+    return sorted(n for n in _BUILTINS if fnmatch.fnmatch(n, pattern))
+
+
+def describe_models() -> dict[str, str]:
+    return {n: _BUILTINS[n][1] for n in list_models()}
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, non-torch files
+        raise StarfishError(
+            f"could not read weights file {path}: {type(exc).__name__}: {exc}. "
+            "Pass a PyTorch state dict (.pth/.pt/.th) or a .safetensors file."
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise StarfishError(
+            f"weights file {path} does not hold a state dict of tensors; "
+            "save it with torch.save(model.state_dict(), path)."
+        )
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") -> None:
+    """Strictly load a state dict; a mismatch is a clear error listing what does not fit."""
+    path = Path(path)
+    if not path.is_file():
+        raise StarfishError(f"weights file {path} does not exist; check the --weights path.")
+    state = _read_state_dict(path)
+    own = model.state_dict()
+    for key in set(own) - set(state):
+        if key.endswith("num_batches_tracked"):  # absent from checkpoints of old PyTorch; harmless
+            state[key] = own[key]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                parts.append(f"{label}: {', '.join(items[:3])}{more}")
+        raise StarfishError(
+            f"weights file {path} does not fit {spec} ({'; '.join(parts)}); "
+            "pass the weights that were trained for this architecture or pick the matching --model."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _timm_model(name: str, pretrained: bool, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
+    import timm
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        raise StarfishError(f"timm cannot build '{name}': {exc}. See timm.list_models() for names.") from None
+    except Exception as exc:  # network failures when pretrained weights are requested offline
+        raise StarfishError(
+            f"timm could not create '{name}' (pretrained={pretrained}): {type(exc).__name__}: {exc}. "
+            "Offline? Pass --weights PATH instead of downloading."
+        ) from None
+    cfg = timm.data.resolve_data_config({}, model=model)
+    size = int(cfg["input_size"][-1])
+    crop_pct = float(cfg.get("crop_pct", 1.0) or 1.0)
+    resize = int(round(size / crop_pct)) if crop_pct < 1.0 else None
+    pre = Preprocess(size, tuple(cfg["mean"]), tuple(cfg["std"]), resize, str(cfg.get("interpolation", "bilinear")))
+    return model, pre
+
+
+def _torchvision_model(name: str, pretrained: bool, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
+    import torchvision
+
+    try:
+        weights = "DEFAULT" if pretrained else None
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        model = torchvision.models.get_model(name, weights=weights, **kwargs)
+    except ValueError as exc:
+        raise StarfishError(
+            f"torchvision has no model '{name}' ({exc}); see torchvision.models.list_models()."
+        ) from None
+    except Exception as exc:
+        raise StarfishError(
+            f"torchvision could not create '{name}': {type(exc).__name__}: {exc}. "
+            "Offline? Pass --weights PATH instead of downloading."
+        ) from None
+    size = 299 if name.startswith("inception") else 224
+    return model, Preprocess(size, IMAGENET_MEAN, IMAGENET_STD, resize=int(size * 256 / 224))
+
+
+def _factory_model(spec: str, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise StarfishError(
+            f"cannot import '{attr}' from '{module_name}' ({exc}); "
+            "a user model spec is 'package.module:factory' with the package importable."
+        ) from None
+    model = factory() if num_classes is None else factory(num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise StarfishError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module.")
+    pre = getattr(model, "starfish_preprocess", None) or Preprocess()
+    return model, pre
+
+
+def create_model(
+    spec: str,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+) -> LoadedModel:
+    """Build a model from a spec string, optionally loading weights strictly. Returns eval mode."""
+    if spec in _BUILTINS:
+        builder = _BUILTINS[spec][0]
+        model, pre = builder() if num_classes is None else builder(num_classes=num_classes)
+    elif spec.startswith("timm:"):
+        model, pre = _timm_model(spec[len("timm:"):], pretrained and weights is None, num_classes)
+    elif spec.startswith("torchvision:"):
+        model, pre = _torchvision_model(spec[len("torchvision:"):], pretrained and weights is None, num_classes)
+    elif ":" in spec:
+        model, pre = _factory_model(spec, num_classes)
+    else:
+        raise StarfishError(
+            f"unknown model '{spec}'. Built-ins: {', '.join(list_models())}; "
+            "or use timm:<name>, torchvision:<name>, package.module:factory."
+        )
+    digest = None
+    if weights is not None:
+        load_weights(model, weights, spec)
+        digest = sha256_of(weights)
+    model.eval()
+    return LoadedModel(model, spec, pre, str(weights) if weights else None, digest)
+
+
+def parse_floats(text: str | Sequence[float]) -> tuple[float, ...]:
+    if isinstance(text, str):
+        return tuple(float(x) for x in text.split(","))
+    return tuple(float(x) for x in text)

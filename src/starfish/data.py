@@ -152,6 +152,7 @@ def load_folder(
     role: str,
     balanced: bool,
     in_memory: bool = True,
+    progress: bool = True,
 ) -> tuple[Dataset, ImageFolderIndex, list[int]]:
     """Index a folder, take a seeded subset, and (optionally) decode it into memory."""
     index = index_image_folder(root, role)
@@ -159,7 +160,7 @@ def load_folder(
     picks = balanced_subset(index.labels, n, seed) if balanced and index.labels else random_subset(len(index), n, seed)
     labels = [index.labels[i] for i in picks] if index.labels is not None else None
     files = ImageFiles([index.paths[i] for i in picks], labels, transform)
-    data: Dataset = materialize(files, desc=f"loading {role} images") if in_memory else files
+    data: Dataset = materialize(files, desc=f"loading {role} images" if progress else None) if in_memory else files
     return data, index, picks
 
 

@@ -55,7 +55,7 @@ def digits_splits(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[idx_train], y[idx_train]), TensorDataset(x[idx_test], y[idx_test])
 
 
-def train_dense(train: TensorDataset, epochs: int = 30, seed: int = 0) -> DigitsResNet:
+def train_dense(train: TensorDataset, epochs: int = 10, seed: int = 0) -> DigitsResNet:
     torch.manual_seed(seed)
     model = DigitsResNet()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

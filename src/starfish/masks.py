@@ -7,6 +7,7 @@ True = kept, False = pruned (must stay exactly zero).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -107,13 +108,19 @@ class Masks:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        save_file(self.state_dict(), str(path), metadata={"format": "starfish-masks", "kept": "true"})
+        meta = {"format": "starfish-masks", "true_means": "kept", "order": json.dumps(self.names())}
+        save_file(self.state_dict(), str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "Masks":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
         if not path.is_file():
-            raise StarfishError(f"masks file {path} does not exist.")
-        return cls(load_file(str(path)))
+            raise StarfishError(f"masks file {path} does not exist; pass the masks.safetensors of a starfish run.")
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            order = json.loads((f.metadata() or {}).get("order", "[]"))
+        names = [n for n in order if n in tensors] + [n for n in tensors if n not in order]
+        return cls({n: tensors[n] for n in names})  # forward order survives the round trip

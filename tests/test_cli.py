@@ -1,0 +1,160 @@
+"""`starfish run` end to end on the real pretrained networks, and every bad input it must refuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from starfish.cli import main
+from starfish.masks import Masks
+from starfish.models import create_model
+
+from conftest import CIFAR, WEIGHTS
+
+
+def run_args(out: Path, **overrides) -> list[str]:
+    opts = {
+        "--model": "cifar10-resnet20",
+        "--weights": str(WEIGHTS["cifar10-resnet20"]),
+        "--sparsity": "0.75",
+        "--calib": str(CIFAR / "train"),
+        "--calib-size": "32",
+        "--eval": str(CIFAR / "test"),
+        "--eval-size": "200",
+        "--seed": "0",
+        "--epochs": "2",
+        "--batch-size": "16",
+        "--out": str(out),
+    }
+    opts.update(overrides)
+    args = ["run", "--no-progress", "--device", "cpu"]
+    for k, v in opts.items():
+        if v is not None:
+            args += [k, v]
+    return args
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, shared):
+    out = tmp_path_factory.mktemp("runs") / "r20"
+    assert main(run_args(out)) == 0
+    return out
+
+
+def test_run_writes_the_contracted_outputs(finished_run):
+    report = json.loads((finished_run / "report.json").read_text())
+    assert report["model"] == "cifar10-resnet20"
+    assert abs(report["sparsity"] - 0.75) < 1e-4
+    for key in ("dense", "pruned", "healed"):
+        assert 0.0 <= report["top1"][key] <= 1.0
+    assert report["top1"]["healed"] > report["top1"]["pruned"]
+    assert report["recovered_fraction"] == pytest.approx(report["top1"]["healed"] / report["top1"]["dense"])
+    assert report["heal_seconds"] > 0
+    assert report["calibration"] == {"source": str(CIFAR / "train"), "size": 32, "seed": 0}
+    assert report["eval"]["size"] == 200
+    assert set(report["layer_sparsity"]) == set(Masks.load(finished_run / "masks.safetensors").names())
+    for name in ("model.safetensors", "masks.safetensors", "config.json", "report.md"):
+        assert (finished_run / name).is_file()
+    assert "| healed (starfish) |" in (finished_run / "report.md").read_text()
+
+
+def test_saved_weights_keep_the_masks_and_load_into_the_original_architecture(finished_run):
+    weights = load_file(str(finished_run / "model.safetensors"))
+    masks = Masks.load(finished_run / "masks.safetensors")
+    for name, mask in masks.items():
+        assert torch.all(weights[name][~mask] == 0), name
+    fresh = create_model("cifar10-resnet20").module
+    fresh.load_state_dict(weights)  # plain, strict load
+    assert masks.violations(fresh) == {}
+
+
+def test_config_reruns_to_the_same_result(finished_run, tmp_path):
+    again = tmp_path / "again"
+    assert main(["run", "--config", str(finished_run / "config.json"), "--out", str(again), "--no-progress"]) == 0
+    first = json.loads((finished_run / "report.json").read_text())
+    second = json.loads((again / "report.json").read_text())
+    assert second["top1"] == pytest.approx(first["top1"], abs=1e-6)
+    a = load_file(str(finished_run / "model.safetensors"))
+    b = load_file(str(again / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def assert_refused(capsys, args: list[str], needle: str, out: Path | None = None) -> None:
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert needle in err, err
+    if out is not None:
+        assert not out.exists()
+        assert not any(p.name.startswith(f".{out.name}.") for p in out.parent.iterdir())
+
+
+@pytest.mark.parametrize("value", ["1.0", "1.5", "-0.1"])
+def test_sparsity_outside_range_is_refused(capsys, tmp_path, shared, value):
+    out = tmp_path / "out"
+    assert_refused(capsys, run_args(out, **{"--sparsity": value}), "sparsity must be in [0, 1)", out)
+
+
+def test_non_numeric_sparsity_is_refused(capsys, tmp_path):
+    assert_refused(capsys, run_args(tmp_path / "o", **{"--sparsity": "lots"}), "--sparsity")
+
+
+def test_missing_calibration_folder_is_refused(capsys, tmp_path, shared):
+    out = tmp_path / "out"
+    assert_refused(capsys, run_args(out, **{"--calib": str(tmp_path / "nowhere")}), "does not exist", out)
+
+
+def test_empty_folders_are_refused(capsys, tmp_path, shared):
+    empty = tmp_path / "empty"
+    (empty / "cat").mkdir(parents=True)
+    out = tmp_path / "out"
+    assert_refused(capsys, run_args(out, **{"--calib": str(empty)}), "holds no images", out)
+    assert_refused(capsys, run_args(out, **{"--eval": str(empty)}), "holds no images", out)
+
+
+def test_weights_for_another_architecture_are_refused(capsys, tmp_path, shared):
+    out = tmp_path / "out"
+    args = run_args(out, **{"--weights": str(WEIGHTS["cifar10-vit"])})
+    assert_refused(capsys, args, "does not fit cifar10-resnet20", out)
+
+
+def test_existing_output_directory_is_refused_unless_forced(capsys, tmp_path, shared):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(capsys, run_args(out), "already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_output_may_not_overwrite_an_input(capsys, tmp_path, shared):
+    assert_refused(capsys, run_args(CIFAR / "train", **{"--force": None}) + ["--force"], "would overwrite the input")
+
+
+def test_calibration_size_larger_than_folder_is_refused(capsys, tmp_path, shared):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    src = sorted((CIFAR / "train" / "cat").iterdir())[:3]
+    for p in src:
+        (flat / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    assert_refused(capsys, run_args(out, **{"--calib": str(flat), "--calib-size": "5"}), "larger than the 3 images", out)
+
+
+def test_unlabeled_flat_calibration_folder_works(tmp_path, shared):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted((CIFAR / "train" / "ship").iterdir())[:16]:
+        (flat / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    assert main(run_args(out, **{"--calib": str(flat), "--calib-size": "0.5", "--epochs": "1", "--eval-size": "50"})) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["size"] == 8

@@ -1,0 +1,82 @@
+"""The STARFISH healer: the loss definition, the mask contract, and that healing really heals."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from starfish.evaluate import predict, top1
+from starfish.heal import HealConfig, heal
+from starfish.heal.loop import cosine_lr
+from starfish.heal.objectives import cosine_distance
+from starfish.pruning import PruneConfig, prune
+
+
+def test_cosine_distance_per_token_and_per_map():
+    a = torch.randn(2, 5, 8)
+    assert cosine_distance(a, a).abs() < 1e-6
+    assert torch.isclose(cosine_distance(a, -a), torch.tensor(2.0))
+    # token sequences: each token compared on its own (flipping one token of ten costs 2/10)
+    b = a.clone()
+    b[0, 0] = -b[0, 0]
+    assert torch.isclose(cosine_distance(b, a), torch.tensor(2.0 / 10), atol=1e-6)
+    # feature maps: whole C*H*W map per sample, so a per-channel flip is not per-pixel
+    m = torch.ones(1, 2, 2, 2)
+    n = m.clone()
+    n[0, 0] = -1
+    assert torch.isclose(cosine_distance(n, m), torch.tensor(1.0), atol=1e-6)
+
+
+def test_cosine_lr_schedule_endpoints():
+    assert cosine_lr(0, 70, 6e-4, 1e-6) == 6e-4
+    assert abs(cosine_lr(69, 70, 6e-4, 1e-6) - 1e-6) < 1e-12
+    lrs = [cosine_lr(i, 70, 6e-4, 1e-6) for i in range(70)]
+    assert all(x >= y for x, y in zip(lrs, lrs[1:]))
+
+
+def test_only_surviving_prunable_weights_change(pretrained, calib_images):
+    loaded = pretrained("cifar10-resnet20")
+    dense = loaded.module
+    sparse = copy.deepcopy(dense)
+    masks = prune(sparse, PruneConfig(sparsity=0.75))
+    before = {k: v.clone() for k, v in sparse.state_dict().items()}
+    result = heal(dense, sparse, masks, calib_images("cifar10-resnet20", 32), HealConfig(max_steps=3, batch_size=16, progress=False, device="cpu"))
+    assert result.steps == 3 and len(result.loss_history) == 3
+    assert masks.violations(sparse) == {}
+    after = sparse.state_dict()
+    for name, value in after.items():
+        if name in masks:
+            assert not torch.equal(value, before[name]), f"{name} did not train"
+            assert torch.all(value[~masks[name]] == 0)
+        else:
+            assert torch.equal(value, before[name]), f"{name} changed but must stay frozen"
+    assert all(p.requires_grad for p in sparse.parameters())  # trainability restored afterwards
+
+
+def test_healing_raises_accuracy_on_a_real_model(pretrained, calib_images, eval_set):
+    spec = "cifar10-resnet20"
+    dense = pretrained(spec).module
+    sparse = copy.deepcopy(dense)
+    masks = prune(sparse, PruneConfig(sparsity=0.75))
+    data = eval_set(spec, 500)
+    pruned_acc = top1(predict(sparse, data, device="cpu"))
+    result = heal(dense, sparse, masks, calib_images(spec, 64), HealConfig(epochs=4, progress=False, device="cpu"))
+    healed_acc = top1(predict(sparse, data, device="cpu"))
+    assert result.loss_history[-1] < result.loss_history[0]
+    assert healed_acc > pruned_acc + 0.10, (pruned_acc, healed_acc)
+    assert masks.violations(sparse) == {}
+
+
+def test_recompute_and_fp16_cache_match_the_default(pretrained, calib_images):
+    dense = pretrained("cifar10-vit").module
+    x = calib_images("cifar10-vit", 16)
+    results = []
+    for opts in ({}, {"recompute_targets": True}, {"cache_dtype": "float16"}):
+        sparse = copy.deepcopy(dense)
+        masks = prune(sparse, PruneConfig(sparsity=0.5))
+        r = heal(dense, sparse, masks, x, HealConfig(max_steps=2, batch_size=8, progress=False, device="cpu", **opts))
+        results.append(r.loss_history)
+        assert masks.violations(sparse) == {}
+    assert abs(results[0][0] - results[1][0]) < 1e-5
+    assert abs(results[0][0] - results[2][0]) < 1e-3

@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=None, help="default: all 10,000 test images")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    parser.add_argument("--merge", action="store_true", help="keep rows of other models from the last results file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -74,10 +75,15 @@ def main() -> None:
                 seconds.append(result.seconds)
                 peaks.append(result.peak_memory_mb)
                 print(f"{spec} s={sparsity} seed={seed}: dense {dense_acc:.4f} pruned {pruned_acc:.4f} healed {healed[-1]:.4f} ({result.seconds:.1f} s)", flush=True)
-            rows.append({
+            rows.append({"bn_mode": HealConfig().bn_mode,
                 "model": spec, "sparsity": sparsity, "achieved_sparsity": masks.sparsity(), "dense": dense_acc,
                 "pruned": pruned_acc, "healed": healed, "seeds": seeds, "heal_seconds": seconds, "peak_memory_mb": max(peaks),
             })
+    results = REPO / "benchmarks" / "results" / "reference_table.json"
+    if args.merge and results.exists():  # keep earlier rows of models not rerun now
+        rerun = {r["model"] for r in rows}
+        rows = [r for r in json.loads(results.read_text()) if r["model"] not in rerun] + rows
+        rows.sort(key=lambda r: (list(MODELS).index(r["model"]), r["sparsity"]))
     write(rows, args)
 
 
@@ -101,7 +107,8 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         f"projections and both MLP layers of all 6 layers; ResNet-20: every 3x3 conv in the 9 residual blocks); "
         f"{args.calib_size} calibration images drawn uniformly from `train/` with each seed (labels unused); STARFISH "
         f"healing at its defaults (Adam, lr 6e-4 cosine-decayed per step to 1e-6, batch 32, 10 epochs, mean over "
-        f"blocks of per-block 1 - cosine, masks re-applied after every step); top-1 on "
+        f"blocks of per-block 1 - cosine, masks re-applied after every step, BatchNorm in train mode so its "
+        f"statistics follow the sparse network while its affine parameters stay frozen, dropout off); top-1 on "
         f"{'all 10,000' if args.eval_size is None else args.eval_size} test images. Seeds {args.seeds} "
         f"draw different calibration sets; pruning is deterministic. CPU only ({os.cpu_count()} cores, "
         f"{args.threads} torch threads, torch {torch.__version__}); heal times are medians over the seeds of one run "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from starfish.evaluate import predict, top1
@@ -35,23 +36,28 @@ def test_cosine_lr_schedule_endpoints():
     assert all(x >= y for x, y in zip(lrs, lrs[1:]))
 
 
-def test_only_surviving_prunable_weights_change(pretrained, calib_images):
+@pytest.mark.parametrize("bn_mode", ["train", "frozen"])
+def test_only_surviving_prunable_weights_change(pretrained, calib_images, bn_mode):
     loaded = pretrained("cifar10-resnet20")
     dense = loaded.module
     sparse = copy.deepcopy(dense)
     masks = prune(sparse, PruneConfig(sparsity=0.75))
     before = {k: v.clone() for k, v in sparse.state_dict().items()}
-    result = heal(dense, sparse, masks, calib_images("cifar10-resnet20", 32), HealConfig(max_steps=3, batch_size=16, progress=False, device="cpu"))
+    config = HealConfig(max_steps=3, batch_size=16, progress=False, device="cpu", bn_mode=bn_mode)
+    result = heal(dense, sparse, masks, calib_images("cifar10-resnet20", 32), config)
     assert result.steps == 3 and len(result.loss_history) == 3
     assert masks.violations(sparse) == {}
-    after = sparse.state_dict()
-    for name, value in after.items():
+    params = dict(sparse.named_parameters())
+    for name, value in sparse.state_dict().items():
         if name in masks:
             assert not torch.equal(value, before[name]), f"{name} did not train"
             assert torch.all(value[~masks[name]] == 0)
-        else:
+        elif name in params or bn_mode == "frozen":
             assert torch.equal(value, before[name]), f"{name} changed but must stay frozen"
+        elif name.endswith("running_mean"):  # BN statistics follow the sparse network in train mode
+            assert not torch.equal(value, before[name]), name
     assert all(p.requires_grad for p in sparse.parameters())  # trainability restored afterwards
+    assert not sparse.training and not any(m.training for m in sparse.modules())
 
 
 def test_healing_raises_accuracy_on_a_real_model(pretrained, calib_images, eval_set):

@@ -33,7 +33,11 @@ def test_library_and_user_specs(tmp_path, monkeypatch):
     assert tv.module(torch.randn(1, 3, 64, 64)).shape == (1, 10)
     tm = create_model("timm:resnet10t", num_classes=7)
     assert tm.module(torch.randn(1, 3, 64, 64)).shape == (1, 7)
-    assert tm.preprocess.input_size == 224
+    import timm
+
+    expected = timm.data.resolve_data_config({}, model=tm.module)
+    assert tm.preprocess.input_size == expected["input_size"][-1]
+    assert tm.preprocess.mean == tuple(expected["mean"])
     (tmp_path / "my_nets.py").write_text(textwrap.dedent("""
         import torch
         def tiny():
@@ -76,3 +80,28 @@ def test_folder_index_and_subsets(tmp_path):
     (mixed / "y.jpg").write_bytes(src.read_bytes())
     with pytest.raises(StarfishError, match="mixes images"):
         index_image_folder(mixed)
+
+
+def test_hugging_face_folder_spec_prunes_and_heals(tmp_path):
+    """A transformers image classifier saved locally: blocks found, pruned, healed, logits read."""
+    import copy
+
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from starfish.heal import HealConfig, heal
+    from starfish.pruning import prune
+    from starfish.structure import find_blocks
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, num_labels=10)
+    ViTForImageClassification(cfg).save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.4, 0.4], image_std=[0.2, 0.2, 0.2]).save_pretrained(tmp_path)
+    loaded = create_model(f"hf:{tmp_path}")
+    assert loaded.preprocess.input_size == 32 and loaded.preprocess.mean == (0.4, 0.4, 0.4)
+    assert len(find_blocks(loaded.module)) == 2
+    sparse = copy.deepcopy(loaded.module)
+    masks = prune(sparse, 0.5)
+    result = heal(loaded.module, sparse, masks, torch.randn(8, 3, 32, 32), HealConfig(max_steps=2, progress=False, device="cpu"))
+    assert result.steps == 2 and masks.violations(sparse) == {}
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
+    assert predict(sparse, data, device="cpu").logits.shape == (4, 10)

@@ -16,6 +16,7 @@ from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model, list_models, register_model
 from starfish.pipeline import RunConfig, run
 from starfish.pruning import PruneConfig, list_allocations, list_pruners, prune
+from starfish.repair import apply_repair, list_repairs
 from starfish.structure import find_blocks, prunable_targets
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "list_healers",
     "list_models",
     "list_pruners",
+    "list_repairs",
+    "apply_repair",
     "predict",
     "prunable_targets",
     "prune",

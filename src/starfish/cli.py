@@ -60,12 +60,18 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--seed", "seed", dict(type=int, help="seed for sampling, pruning and healing (default 0)")),
     ("--masks", "masks", dict(help="apply saved masks.safetensors instead of pruning")),
     ("--sparsity", "prune.sparsity", dict(type=float, help="fraction of prunable weights removed, in [0, 1)")),
-    ("--pruner", "prune.pruner", dict(help="which weights go (see 'starfish models --all')")),
-    ("--allocation", "prune.allocation", dict(help="how many weights each layer loses: uniform | global | ...")),
+    ("--pruner", "prune.pruner", dict(help="which weights go: magnitude (default) | wanda | sparsegpt | random")),
+    ("--allocation", "prune.allocation", dict(help="how many weights each layer loses: uniform (default) | global | erk | lamp | rr")),
     ("--include", "prune.include", dict(help="regex over parameter names: prune these weights instead of the block defaults")),
     ("--exclude", "prune.exclude", dict(help="regex over parameter names: never prune these")),
     ("--blocks", "prune.blocks", dict(help="regex over module names that marks the blocks (default: discovered)")),
-    ("--healer", "heal.healer", dict(help="starfish (default) or none")),
+    ("--pattern", "prune.pattern", dict(help="N:M semi-structured sparsity, e.g. 2:4 (needs --sparsity 1-N/M)")),
+    ("--sparsegpt-damp", "prune.damp", dict(type=float, help="sparsegpt Hessian damping, fraction of its mean diagonal (default 0.01)")),
+    ("--sparsegpt-blocksize", "prune.blocksize", dict(type=int, help="sparsegpt columns per block (default 128)")),
+    ("--repair", "repair", dict(help="label-free repair after pruning: none (default) | bn | varmatch | bn+varmatch")),
+    ("--repair-shrinkage", "repair_shrinkage", dict(type=float, help="varmatch shrinkage > 0 keeps collapsed channels from being blown up")),
+    ("--heal-from", "heal_from", dict(choices=["pruned", "dense-masked"], help="start healing from the pruner's weights (default) or dense x mask")),
+    ("--healer", "heal.healer", dict(help="starfish (default), kd, nmse, finetune (uses labels) or none")),
     ("--epochs", "heal.epochs", dict(type=int)),
     ("--batch-size", "heal.batch_size", dict(type=int)),
     ("--lr", "heal.lr", dict(type=float)),
@@ -76,8 +82,9 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--cache-dtype", "heal.cache_dtype", dict(choices=["float32", "float16", "bfloat16"])),
     ("--recompute-targets", "heal.recompute_targets", dict(action="store_true", help="run the dense model every step instead of caching its outputs")),
     ("--cache-device", "heal.cache_device", dict(help="where cached dense outputs live, e.g. cpu")),
-    ("--train-mode", "heal.train_mode", dict(action="store_true", help="heal with dropout on and BatchNorm updating")),
-    ("--temperature", "heal.temperature", dict(type=float)),
+    ("--train-mode", "heal.train_mode", dict(action="store_true", help="heal with dropout on")),
+    ("--bn-mode", "heal.bn_mode", dict(choices=["train", "frozen"], help="BatchNorm while healing: batch statistics + re-estimated running stats (train, default) or eval-mode (frozen)")),
+    ("--temperature", "heal.temperature", dict(type=float, help="softmax temperature of the kd healer (default 1)")),
     ("--device", "heal.device", dict(help="auto (default), cpu, cuda, cuda:1, ...")),
     ("--no-progress", "heal.progress", dict(action="store_false", help="hide progress bars")),
     ("--eval-batch-size", "eval_batch_size", dict(type=int)),
@@ -146,7 +153,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     print("package.module:factory   any callable returning an nn.Module")
     print(f"\npruners: {', '.join(list_pruners())}")
     print(f"allocations: {', '.join(list_allocations())}")
-    print(f"healers: {', '.join(list_healers())}, none")
+    from starfish.repair import list_repairs
+
+    print(f"repairs: {', '.join(list_repairs())}")
+    from starfish.heal.objectives import OBJECTIVES
+
+    print(f"healers: {', '.join(n + (' (uses labels)' if OBJECTIVES[n].uses_labels else '') for n in list_healers())}, none")
     return 0
 
 
@@ -159,6 +171,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # Subcommands contributed by other modules: name -> (setup(parser), handler)
 EXTRA_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = []
+
+
+def _compare_setup(parser: argparse.ArgumentParser) -> None:
+    from starfish.compare import add_compare_flags
+
+    add_compare_flags(parser)
+
+
+def _compare_handler(args: argparse.Namespace) -> int:
+    from starfish.compare import cmd_compare
+
+    return cmd_compare(args)
+
+
+EXTRA_COMMANDS.append(
+    ("compare", "healers x sparsities side by side on one model: compare.json, compare.md, plots", _compare_setup, _compare_handler)
+)
+
+
+def _diagnose_setup(parser: argparse.ArgumentParser) -> None:
+    from starfish.diagnose import setup_parser
+
+    setup_parser(parser)
+
+
+def _diagnose_handler(args: argparse.Namespace) -> int:
+    from starfish.diagnose import cmd_diagnose
+
+    return cmd_diagnose(args)
+
+
+EXTRA_COMMANDS.append(
+    ("diagnose", "Relative Repairability of every prunable layer: rr.json, rr.md, rr.png", _diagnose_setup, _diagnose_handler)
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,6 +72,7 @@ def index_image_folder(root: str | Path, role: str = "image") -> ImageFolderInde
 
 def resolve_size(size: float | int | None, pool: int, role: str) -> int:
     """``None`` = all; an integer >= 1 = that many; a fraction in (0, 1) = that share of the pool."""
+    role = {"calibration": "calib"}.get(role, role)  # name the CLI flag (--calib-size, --eval-size)
     if size is None:
         return pool
     if size <= 0:

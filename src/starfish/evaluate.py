@@ -12,6 +12,17 @@ from torch.utils.data import DataLoader, Dataset
 from starfish.device import resolve_device
 
 
+def logits_of(output: object) -> torch.Tensor:
+    """Class scores from a forward pass: a tensor, a Hugging Face output's ``.logits``, or a tuple's first."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
 @dataclass
 class Predictions:
     logits: torch.Tensor  # (N, classes), float32 on CPU
@@ -34,7 +45,7 @@ def predict(
     logits, labels = [], []
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
     for x, y in tqdm(loader, desc=desc, disable=desc is None, leave=False):
-        logits.append(model(x.to(device)).float().cpu())
+        logits.append(logits_of(model(x.to(device))).float().cpu())
         labels.append(torch.as_tensor(y))
     return Predictions(torch.cat(logits), torch.cat(labels).long())
 

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import torch
 
-from starfish.data import load_folder
+from starfish.alignment import AlignmentProbe
+from starfish.data import images_only, load_folder
 from starfish.errors import StarfishError
 from starfish.evaluate import Predictions, predict, summarize
 from starfish.heal import HealConfig, heal
 from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model
 from starfish.outputs import atomic_output_dir, check_output_dir, save_weights, write_json
-from starfish.pruning import PruneConfig, prune
+from starfish.pruning import PruneConfig, prune_with_notes
+from starfish.repair import apply_repair, list_repairs
 
 
 @dataclass
@@ -39,6 +41,9 @@ class RunConfig:
     seed: int = 0
     masks: str | None = None  # start from saved masks instead of pruning
     prune: PruneConfig = field(default_factory=PruneConfig)
+    repair: str = "none"  # label-free repair after pruning: none | bn | varmatch | bn+varmatch
+    repair_shrinkage: float = 0.0  # varmatch: > 0 keeps (nearly) collapsed channels from being blown up
+    heal_from: str = "pruned"  # "pruned": start healing from the pruner's weights; "dense-masked": dense x mask
     heal: HealConfig = field(default_factory=HealConfig)
     out: str | None = None
     force: bool = False
@@ -91,6 +96,18 @@ def validate(config: RunConfig) -> None:
         check_output_dir(config.out, config.force, (config.weights, config.calib, config.eval, config.masks))
     if config.calib is None and config.heal.healer != "none":
         raise StarfishError("healing needs calibration images: pass --calib DIR (or --healer none).")
+    if config.repair not in list_repairs():
+        raise StarfishError(f"unknown repair '{config.repair}'; choose one of {', '.join(list_repairs())}.")
+    if config.calib is None and config.repair != "none":
+        raise StarfishError(f"repair '{config.repair}' needs calibration images: pass --calib DIR (or --repair none).")
+    if config.heal_from not in ("pruned", "dense-masked"):
+        raise StarfishError(f"--heal-from must be 'pruned' or 'dense-masked'; got '{config.heal_from}'.")
+    from starfish.pruning.pruners import get_pruner
+
+    if config.calib is None and not config.masks and (get_pruner(config.prune.pruner).needs_calibration or config.prune.allocation == "rr"):
+        raise StarfishError(
+            f"pruner '{config.prune.pruner}' / allocation '{config.prune.allocation}' needs calibration images: pass --calib DIR."
+        )
 
 
 def run(config: RunConfig, command: str | None = None) -> dict:
@@ -102,45 +119,70 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     calib = None
     calib_size = 0
     if config.calib is not None:
-        calib, _, _ = load_folder(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False)
+        calib, _, _ = load_folder(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False, progress=config.heal.progress)
         calib_size = len(calib)
     evalset = None
     if config.eval is not None:
-        evalset, _, _ = load_folder(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True)
+        evalset, _, _ = load_folder(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True, progress=config.heal.progress)
 
     def score(model: torch.nn.Module, label: str) -> Predictions | None:
         if evalset is None:
             return None
-        return predict(model, evalset, config.eval_batch_size, device, desc=f"evaluating {label}", workers=config.workers)
+        return predict(model, evalset, config.eval_batch_size, device, desc=f"evaluating {label}" if config.heal.progress else None, workers=config.workers)
 
     dense = loaded.module
     dense_pred = score(dense, "dense")
     sparse = copy.deepcopy(dense)
     started = time.perf_counter()
+    prune_notes: dict = {}
     if config.masks:
         masks = Masks.load(config.masks)
         masks.apply_(sparse)
     else:
-        masks = prune(sparse, config.prune, seed=config.seed)
+        calib_images = images_only(calib) if calib is not None else None
+        masks, prune_notes = prune_with_notes(sparse, config.prune, seed=config.seed, calibration=calib_images)
     prune_seconds = time.perf_counter() - started
+    if config.heal_from == "dense-masked":  # drop a reconstructing pruner's weight updates
+        sparse.load_state_dict(dense.state_dict())
+        masks.apply_(sparse)
     pruned_pred = score(sparse, "pruned")
+    repair_stats = {"repair": "none"}
+    repaired_pred = None
+    if config.repair != "none":
+        repair_stats = apply_repair(config.repair, dense, sparse, masks, images_only(calib), shrinkage=config.repair_shrinkage)
+        repaired_pred = score(sparse, "repaired")
+    probe = AlignmentProbe.choose(evalset, calib, config.seed)
+    block_pattern = config.prune.blocks or loaded.block_pattern
+    align_before = probe.measure(dense, sparse, block_pattern, device) if probe else None
 
     heal_result = None
     if config.heal.healer != "none":
         heal_config = copy.deepcopy(config.heal)
         heal_config.seed = config.seed
         heal_result = heal(dense, sparse, masks, calib, heal_config, block_pattern=config.prune.blocks or loaded.block_pattern)
-    healed_pred = score(sparse, "healed") if heal_result is not None else pruned_pred
+    healed_pred = score(sparse, "healed") if heal_result is not None else (repaired_pred or pruned_pred)
 
     broken = masks.violations(sparse)
     if broken:  # a bug, not a user error: the contract must hold whatever the input
         raise RuntimeError(f"mask contract violated after healing: {broken}")
 
     report = build_report(config, loaded, masks, calib_size, evalset, dense_pred, pruned_pred, healed_pred, heal_result, prune_seconds, command)
+    report["repair"] = config.repair
+    report["repair_stats"] = repair_stats
+    report["heal_from"] = config.heal_from
+    if repaired_pred is not None:
+        report["top1"]["repaired"] = summarize(repaired_pred)["top1"]
+    if "rr" in prune_notes:
+        report["relative_repairability"] = prune_notes["rr"]
+    if probe is not None and align_before is not None:
+        report["alignment"] = {"images": probe.source, "before": align_before, "after": probe.measure(dense, sparse, block_pattern, device)}
     if config.out is not None:
         from starfish.report import render_markdown
 
+        from starfish.run_plots import write_run_plots
+
         with atomic_output_dir(config.out, config.force) as scratch:
+            report["plots"] = write_run_plots(scratch, report, heal_result.loss_history if heal_result else None)
             save_weights(sparse, scratch / "model.safetensors")
             masks.save(scratch / "masks.safetensors")
             write_json(scratch / "config.json", config.to_dict())

@@ -17,13 +17,15 @@ def render_markdown(report: dict) -> str:
         "|---|---|---|---|---|",
     ]
     dense = top1.get("dense")
-    for label in ("dense", "pruned", "healed"):
+    for label in ("dense", "pruned", "repaired", "healed"):
+        if label == "repaired" and top1.get("repaired") is None:
+            continue
         acc = top1.get(label)
         share = pct(acc / dense) if acc is not None and dense else "—"
         f = fid.get(label, {})
         agree = pct(f.get("agreement")) if f else "—"
         kl = f"{f['kl']:.4f}" if f else "—"
-        name = label if label != "healed" else f"healed ({report['healer']})"
+        name = f"repaired ({report.get('repair')})" if label == "repaired" else label if label != "healed" else f"healed ({report['healer']}{', uses labels' if report.get('uses_labels') else ''})"
         lines.append(f"| {name} | {pct(acc)} | {share} | {agree} | {kl} |")
     heal = report.get("heal", {})
     lines += [
@@ -32,16 +34,19 @@ def render_markdown(report: dict) -> str:
         f"Healing took {report['heal_seconds']:.1f} s"
         + (f" ({heal.get('steps')} steps); peak memory {report['peak_memory_mb']:.0f} MB ({report['memory_measure']})." if report.get("peak_memory_mb") else "."),
         "",
+        *_plot_lines(report),
         "## Protocol",
         "",
         f"- Model: `{report['model']}`, weights `{report['weights']}` (sha256 `{report.get('weights_sha256')}`)",
         f"- Pruning: {report['pruner']}, allocation {report['allocation']}, requested sparsity "
-        f"{report['requested_sparsity']}, achieved {report['sparsity']:.6f} over {report['prunable_weights']} prunable weights",
+        f"{report['requested_sparsity']}, achieved {report['sparsity']:.6f} over {report['prunable_weights']} prunable weights"
+        f"; label-free repair: {report.get('repair', 'none')}",
         f"- Calibration: {report['calibration']['size']} images from `{report['calibration']['source']}`, "
         f"seed {report['calibration']['seed']} (labels not used{' — except by this healer' if report.get('uses_labels') else ''})",
         f"- Evaluation: {report['eval']['size']} images from `{report['eval']['source']}` (class-balanced, seed {report['eval']['seed']})",
         f"- Healer `{report['healer']}`: optimizer {heal.get('optimizer')}, lr {heal.get('lr')} → {heal.get('min_lr')} (cosine per step), "
         f"batch {heal.get('batch_size')}, epochs {heal.get('epochs')}, cache {heal.get('cache_dtype')}, blocks {len(heal.get('blocks') or [])}",
+        *_protocol_extras(report),
         f"- Software: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
     ]
     if report.get("command"):
@@ -49,3 +54,42 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Per-layer sparsity", "", "| weight | sparsity |", "|---|---|"]
     lines += [f"| `{k}` | {pct(v)} |" for k, v in report["layer_sparsity"].items()]
     return "\n".join(lines) + "\n"
+
+
+_PLOT_TITLES = {
+    "loss_curve.png": "Healing loss per optimizer step",
+    "block_alignment.png": "Per-block cosine alignment with the dense model, before and after healing",
+}
+
+
+def _plot_lines(report: dict) -> list[str]:
+    """Markdown image links for the PNGs written beside the report (none when there are none)."""
+    lines: list[str] = []
+    for name in report.get("plots") or []:
+        lines += [f"![{_PLOT_TITLES.get(name, name)}]({name})", ""]
+    return lines
+
+
+def _protocol_extras(report: dict) -> list[str]:
+    """The rest of what reproducing the run needs: preprocessing, blocks, the full heal budget."""
+    heal = report.get("heal", {})
+    pre = report.get("preprocess") or {}
+    lines = []
+    if pre:
+        lines.append(
+            f"- Preprocessing: {pre.get('input_size')}px, resize {pre.get('resize')}, {pre.get('interpolation')}, "
+            f"mean {pre.get('mean')}, std {pre.get('std')}"
+        )
+    if heal.get("blocks"):
+        lines.append(f"- Blocks: {', '.join(f'`{b}`' for b in heal['blocks'])}")
+    if report.get("healer") != "none":
+        lines.append(
+            f"- Heal details: {heal.get('steps')} optimizer steps (max steps {heal.get('max_steps')}), weight decay "
+            f"{heal.get('weight_decay')}, train mode {heal.get('train_mode')}, BatchNorm {heal.get('bn_mode', 'frozen')}, temperature {heal.get('temperature')}, "
+            f"seed {report['calibration']['seed']}, device {heal.get('device')}; calibration drawn uniformly at random "
+            "without replacement (seeded)"
+        )
+    align = report.get("alignment")
+    if align:
+        lines.append(f"- Block alignment measured on {align['images']}")
+    return lines

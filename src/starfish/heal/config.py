@@ -20,7 +20,9 @@ class HealConfig:
     cache_dtype: str = "float32"  # float32 | float16 | bfloat16: storage of cached dense targets
     recompute_targets: bool = False  # True: run the dense model every step instead of caching
     cache_device: str | None = None  # None = the compute device; "cpu" saves accelerator memory
-    train_mode: bool = False  # False keeps dropout off and BatchNorm statistics frozen
+    train_mode: bool = False  # True turns dropout on during healing (off by default)
+    bn_mode: str = "train"  # "train": BatchNorm normalizes with batch statistics and re-estimates its
+    # running statistics while healing (its affine parameters stay frozen); "frozen": eval-mode BN
     temperature: float = 1.0  # for logit distillation
     seed: int = 0
     device: str = "auto"
@@ -34,6 +36,8 @@ class HealConfig:
             )
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
             raise StarfishError(f"cache dtype must be float32, float16 or bfloat16; got {self.cache_dtype}.")
+        if self.bn_mode not in ("train", "frozen"):
+            raise StarfishError(f"bn mode must be 'train' or 'frozen'; got {self.bn_mode}.")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise StarfishError(f"optimizer must be adam, adamw or sgd; got {self.optimizer}.")
         return self

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from starfish.device import peak_memory_mb, reset_peak_memory, resolve_device
 from starfish.errors import StarfishError
+from starfish.evaluate import logits_of
 from starfish.heal.capture import record_outputs
 from starfish.heal.config import HealConfig
 from starfish.heal.objectives import Objective, Signals, get_objective
@@ -73,7 +74,7 @@ class _Runner:
 
     def __call__(self, x: torch.Tensor) -> Signals:
         with record_outputs(self.blocks) as slots:
-            logits = self.model(x)
+            logits = logits_of(self.model(x))
         return Signals([s for s in slots if s is not None], logits)
 
 
@@ -128,6 +129,10 @@ def heal(
     dense.to(device).eval()
     sparse.to(device)
     sparse.train(config.train_mode)
+    if config.bn_mode == "train":  # pruning shifts every activation's statistics; let BN follow them
+        for module in sparse.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train()
     masks = masks.to(device)
     masks.apply_(sparse)
     reset_peak_memory(device)

@@ -78,3 +78,59 @@ register_objective(
         description="per-block 1 - cosine alignment with the dense model's block outputs (label-free)",
     )
 )
+
+
+def kd_loss(sparse: Signals, dense: Signals | None, labels, config) -> torch.Tensor:
+    """Hinton distillation: T^2 * KL(softmax(dense/T) || softmax(sparse/T)), averaged over images.
+
+    The T^2 factor keeps gradient magnitudes comparable across temperatures.
+    """
+    assert dense is not None and sparse.logits is not None and dense.logits is not None
+    t = float(getattr(config, "temperature", 1.0))
+    log_q = F.log_softmax(sparse.logits / t, dim=-1)
+    log_p = F.log_softmax(dense.logits.to(sparse.logits.dtype) / t, dim=-1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
+
+
+def finetune_loss(sparse: Signals, dense: Signals | None, labels, config) -> torch.Tensor:
+    """Plain cross-entropy with the calibration labels: the supervised reference point."""
+    assert labels is not None and sparse.logits is not None
+    return F.cross_entropy(sparse.logits, labels)
+
+
+def normalized_mse(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """||sparse - dense||^2 / ||dense||^2 over the batch: MSE that ignores each block's scale."""
+    dense = dense.to(sparse.dtype)
+    return (sparse - dense).pow(2).sum() / dense.pow(2).sum().clamp_min(1e-12)
+
+
+def nmse_loss(sparse: Signals, dense: Signals | None, labels, config) -> torch.Tensor:
+    """Sum over blocks of the normalized MSE to the dense block output (global activation matching)."""
+    assert dense is not None
+    return torch.stack([normalized_mse(s, d) for s, d in zip(sparse.blocks, dense.blocks)]).sum()
+
+
+register_objective(
+    Objective(
+        "kd",
+        kd_loss,
+        description="KL divergence between dense and sparse logits at --temperature (label-free)",
+    )
+)
+register_objective(
+    Objective(
+        "finetune",
+        finetune_loss,
+        needs_dense=False,
+        uses_labels=True,
+        description="cross-entropy with the calibration images' labels (USES LABELS)",
+    )
+)
+register_objective(
+    Objective(
+        "nmse",
+        nmse_loss,
+        needs_blocks=True,
+        description="per-block output MSE normalized by the dense output's energy, summed over blocks (label-free)",
+    )
+)

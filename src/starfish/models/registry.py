@@ -4,6 +4,7 @@ A spec is one of
   * a built-in name, e.g. ``cifar10-vit`` (see ``list_models()``);
   * ``timm:<name>`` — any timm architecture (pretrained weights through timm when asked);
   * ``torchvision:<name>`` — any torchvision classification architecture;
+  * ``hf:<name or folder>`` — a Hugging Face ``AutoModelForImageClassification``;
   * ``package.module:factory`` — any callable returning an ``nn.Module``.
 """
 
@@ -198,6 +199,35 @@ def _torchvision_model(name: str, pretrained: bool, num_classes: int | None) -> 
     return model, Preprocess(size, IMAGENET_MEAN, IMAGENET_STD, resize=int(size * 256 / 224))
 
 
+def _hf_model(name: str, pretrained: bool, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
+    """A Hugging Face image classifier from a local folder or the hub cache (never downloads offline)."""
+    try:
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+    except ImportError:
+        raise StarfishError("hf:<name> needs the transformers package: pip install 'starfish-heal[hf]'.") from None
+    kwargs = {} if num_classes is None else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
+    try:
+        if pretrained or Path(name).is_dir():
+            model = AutoModelForImageClassification.from_pretrained(name, **kwargs)
+        else:
+            config = AutoConfig.from_pretrained(name, **({"num_labels": num_classes} if num_classes else {}))
+            model = AutoModelForImageClassification.from_config(config)
+    except OSError as exc:
+        raise StarfishError(
+            f"Hugging Face model '{name}' is not available ({str(exc).splitlines()[0]}); "
+            "pass a local folder made with save_pretrained, or download it first."
+        ) from None
+    pre = Preprocess()
+    try:
+        proc = AutoImageProcessor.from_pretrained(name)
+        size = getattr(proc, "crop_size", None) or getattr(proc, "size", None) or {}
+        side = int(size.get("height") or size.get("shortest_edge") or 224)
+        pre = Preprocess(side, tuple(proc.image_mean), tuple(proc.image_std))
+    except (OSError, AttributeError, TypeError, ValueError):
+        pass  # no processor saved: ImageNet defaults; override with --input-size/--mean/--std
+    return model, pre
+
+
 def _factory_model(spec: str, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
     module_name, _, attr = spec.partition(":")
     try:
@@ -228,12 +258,14 @@ def create_model(
         model, pre = _timm_model(spec[len("timm:"):], pretrained and weights is None, num_classes)
     elif spec.startswith("torchvision:"):
         model, pre = _torchvision_model(spec[len("torchvision:"):], pretrained and weights is None, num_classes)
+    elif spec.startswith("hf:"):
+        model, pre = _hf_model(spec[len("hf:"):], pretrained and weights is None, num_classes)
     elif ":" in spec:
         model, pre = _factory_model(spec, num_classes)
     else:
         raise StarfishError(
             f"unknown model '{spec}'. Built-ins: {', '.join(list_models())}; "
-            "or use timm:<name>, torchvision:<name>, package.module:factory."
+            "or use timm:<name>, torchvision:<name>, hf:<name or folder>, package.module:factory."
         )
     digest = None
     if weights is not None:

@@ -1,0 +1,110 @@
+"""Per-block cosine alignment with the dense model: where pruning hurt and where healing helped.
+
+For every block, the mean cosine similarity between the sparse and the dense block outputs on the
+same images (tokens compared one by one; feature maps compared as whole flattened maps, exactly
+as the STARFISH objective measures them). 1.0 means the block behaves like the dense one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from starfish.device import resolve_device
+from starfish.heal.capture import record_outputs
+from starfish.heal.objectives import cosine_distance
+from starfish.structure import find_blocks
+
+
+class DenseReference:
+    """The dense model's block outputs on fixed images, computed once so many sparse models can be
+    compared against them cheaply (a compare grid measures every healer on the same images)."""
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        dense: nn.Module,
+        images: torch.Tensor,
+        block_pattern: str | None = None,
+        batch_size: int = 128,
+        device: str | torch.device = "auto",
+    ) -> None:
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.names = [name for name, _ in find_blocks(dense, block_pattern)]
+        self.images = images
+        self.batch_size = batch_size
+        blocks = [dense.get_submodule(n) for n in self.names]
+        was_training = dense.training
+        dense.to(self.device).eval()
+        self.outputs: list[list[torch.Tensor]] = []  # per batch, per block (kept on CPU)
+        try:
+            for i in range(0, images.shape[0], batch_size):
+                with record_outputs(blocks) as out:
+                    dense(images[i : i + batch_size].to(self.device))
+                self.outputs.append([o.float().cpu() for o in out])
+        finally:
+            dense.train(was_training)
+
+    @torch.no_grad()
+    def alignment(self, sparse: nn.Module) -> dict[str, float]:
+        """{block name: mean cosine(sparse block output, dense block output)} over the images."""
+        blocks = [sparse.get_submodule(n) for n in self.names]
+        was_training = sparse.training
+        sparse.to(self.device).eval()
+        totals = torch.zeros(len(self.names), dtype=torch.float64)
+        count = 0
+        try:
+            for b, i in enumerate(range(0, self.images.shape[0], self.batch_size)):
+                x = self.images[i : i + self.batch_size].to(self.device)
+                with record_outputs(blocks) as out:
+                    sparse(x)
+                for j, (s, d) in enumerate(zip(out, self.outputs[b])):
+                    totals[j] += (1.0 - cosine_distance(s.float().cpu(), d)).item() * x.shape[0]
+                count += x.shape[0]
+        finally:
+            sparse.train(was_training)
+        return {n: float(totals[j] / max(count, 1)) for j, n in enumerate(self.names)}
+
+
+def block_alignment(
+    dense: nn.Module,
+    sparse: nn.Module,
+    images: torch.Tensor,
+    block_pattern: str | None = None,
+    batch_size: int = 128,
+    device: str | torch.device = "auto",
+) -> dict[str, float]:
+    """{block name: mean cosine(sparse block output, dense block output)} over ``images``."""
+    return DenseReference(dense, images, block_pattern, batch_size, device).alignment(sparse)
+
+
+class AlignmentProbe:
+    """A fixed, seeded set of images on which a run measures alignment before and after healing.
+
+    Held-out evaluation images are preferred (alignment on the calibration images would flatter
+    the healer that trained on them); labels are never used.
+    """
+
+    def __init__(self, images: torch.Tensor, source: str) -> None:
+        self.images = images
+        self.source = source
+
+    @classmethod
+    def choose(cls, evalset, calibration, seed: int, size: int = 256) -> "AlignmentProbe | None":
+        from starfish.data import images_only
+
+        for data, source in ((evalset, "evaluation"), (calibration, "calibration")):
+            if data is not None and len(data) > 0:
+                images = images_only(data)
+                pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:size]
+                return cls(images[pick.sort().values], f"{len(pick)} {source} images (seeded random subset, labels unused)")
+        return None
+
+    def measure(self, dense: nn.Module, sparse: nn.Module, block_pattern: str | None, device) -> dict[str, float] | None:
+        """Per-block alignment, or None when the model has no discoverable blocks (nothing to plot)."""
+        from starfish.errors import StarfishError
+
+        try:
+            return block_alignment(dense, sparse, self.images, block_pattern, device=device)
+        except StarfishError:
+            return None

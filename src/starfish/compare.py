@@ -1,0 +1,350 @@
+"""Side by side: a grid of healers x sparsities (x allocations) on one model, under one protocol.
+
+Fairness is structural: the model, calibration images and evaluation images are loaded once; the
+model is pruned once per (allocation, sparsity) and every healer gets a deep copy of those exact
+weights and masks; every trained healer gets the same optimizer budget (the run's HealConfig with
+only the objective swapped). A "healer" is one of
+  * ``none``            - prune only;
+  * a repair            - forward-only fix-ups from ``starfish.repair`` (e.g. ``bn``, ``varmatch``);
+  * an objective        - a trained healer from ``starfish.heal`` (``starfish``, ``kd``, ``nmse``, ``finetune``);
+  * ``REPAIR+OBJECTIVE`` - the repair first, then the trained healer (e.g. ``bn+starfish``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from starfish.alignment import DenseReference
+from starfish.data import load_folder
+from starfish.errors import StarfishError
+from starfish.evaluate import Predictions, predict, summarize
+from starfish.heal import heal
+from starfish.heal.objectives import OBJECTIVES
+from starfish.masks import Masks
+from starfish.outputs import check_output_dir
+from starfish.pruning import PruneConfig, prune
+
+ALIGNMENT_IMAGES = 256  # held-out eval images used to measure per-block alignment (labels unused)
+
+# Called as inspect(stage, row_so_far, model, masks) with stage "start" (before the healer) or "end".
+Inspector = Callable[[str, dict, nn.Module, Masks], None]
+
+
+def available_repairs() -> list[str]:
+    """Repair names from ``starfish.repair`` (excluding its no-op ``none``); empty if not installed."""
+    try:
+        from starfish.repair import list_repairs
+    except ImportError:
+        return []
+    return [r for r in list_repairs() if r != "none"]
+
+
+@dataclass(frozen=True)
+class HealerSpec:
+    """One column of the comparison: an optional repair followed by an optional trained objective."""
+
+    name: str
+    repair: str | None = None
+    objective: str | None = None
+
+    @property
+    def uses_labels(self) -> bool:
+        return self.objective is not None and OBJECTIVES[self.objective].uses_labels
+
+    @property
+    def kind(self) -> str:
+        if self.repair and self.objective:
+            return "repair+heal"
+        return "repair" if self.repair else "heal" if self.objective else "prune only"
+
+
+def default_healers() -> list[str]:
+    """Prune only, every repair, every label-free objective; ``finetune`` (labels) is opt-in."""
+    trained = [n for n in ("starfish", "kd", "nmse") if n in OBJECTIVES]
+    trained += sorted(n for n in OBJECTIVES if n not in trained and not OBJECTIVES[n].uses_labels)
+    return ["none", *available_repairs(), *trained]
+
+
+def parse_healer(name: str, repairs: list[str]) -> HealerSpec:
+    known = ["none", *repairs, *sorted(OBJECTIVES)]
+    if name == "none":
+        return HealerSpec(name)
+    if name in OBJECTIVES:
+        return HealerSpec(name, objective=name)
+    if name in repairs:  # repair names may themselves contain '+', e.g. bn+varmatch
+        return HealerSpec(name, repair=name)
+    head, plus, tail = name.rpartition("+")
+    if plus and head in repairs and tail in OBJECTIVES:
+        return HealerSpec(name, repair=head, objective=tail)
+    hint = "" if repairs else " (repairs need the starfish.repair module, which is not installed)"
+    raise StarfishError(
+        f"unknown healer '{name}'; choose from {', '.join(known)} or REPAIR+HEALER such as "
+        f"{(repairs or ['bn'])[0]}+starfish{hint}."
+    )
+
+
+def parse_healers(names: list[str]) -> list[HealerSpec]:
+    if not names:
+        raise StarfishError("--healers is empty; name at least one, e.g. --healers none,starfish,kd.")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise StarfishError(f"--healers names {', '.join(dupes)} more than once; list each healer once.")
+    repairs = available_repairs()
+    return [parse_healer(n, repairs) for n in names]
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """sha256 of every state-dict tensor: equal fingerprints mean bit-identical weights."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def validate_grid(config, sparsities: list[float], specs: list[HealerSpec], allocations: list[str]) -> None:
+    """Everything about the grid that can be checked before any model or image is loaded."""
+    from starfish.pruning import list_allocations
+
+    if not sparsities:
+        raise StarfishError("--sparsities is empty; pass e.g. --sparsities 0.5,0.75,0.9.")
+    for s in sparsities:
+        PruneConfig(sparsity=s).validate()
+    for a in allocations:
+        if a not in list_allocations():
+            raise StarfishError(f"unknown allocation '{a}'; choose from {', '.join(list_allocations())}.")
+    if config.masks:
+        raise StarfishError("compare prunes at every --sparsities value itself; drop --masks.")
+    if config.eval is None:
+        raise StarfishError("compare scores every healer on the same images: pass --eval DIR.")
+    if config.calib is None and any(s.name != "none" for s in specs):
+        raise StarfishError("healers and repairs need calibration images: pass --calib DIR (or --healers none).")
+    config.heal.validate()
+    if config.out is not None:
+        check_output_dir(config.out, config.force, (config.weights, config.calib, config.eval))
+
+
+def compare(
+    config,
+    sparsities: list[float],
+    healers: list[str],
+    allocations: list[str] | None = None,
+    command: str | None = None,
+    inspect: Inspector | None = None,
+    alignment_images: int = ALIGNMENT_IMAGES,
+) -> dict:
+    """Run the grid; returns ``{"rows": [...], "protocol": {...}, "curves": [...]}`` (and writes it under
+    ``config.out`` when set). ``config`` is a RunConfig: its model, data, seed, prune and heal
+    settings are shared by every cell; its sparsity and healer are replaced by the grid's."""
+    from starfish.pipeline import build_model
+
+    specs = parse_healers(list(healers))
+    allocations = list(allocations or [config.prune.allocation])
+    validate_grid(config, sparsities, specs, allocations)
+
+    loaded = build_model(config)
+    transform = loaded.preprocess.transform()
+    device = config.heal.device
+    block_pattern = config.prune.blocks or loaded.block_pattern
+    calib = None
+    if config.calib is not None:
+        calib, _, _ = load_folder(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False, progress=config.heal.progress)
+    calib_images = calib.tensors[0] if calib is not None else None
+    if any(s.uses_labels for s in specs) and (calib is None or bool((calib.tensors[1] < 0).any())):
+        raise StarfishError(
+            "healer 'finetune' trains on labels but the calibration folder has none; "
+            "use a folder with one sub-folder per class, or drop finetune from --healers."
+        )
+    evalset, _, _ = load_folder(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True, progress=config.heal.progress)
+    if bool((evalset.tensors[1] < 0).any()):
+        raise StarfishError(f"evaluation folder {config.eval} has no class sub-folders, so accuracy cannot be scored; pass a labelled --eval folder.")
+    pick = torch.randperm(len(evalset), generator=torch.Generator().manual_seed(config.seed))[:alignment_images]
+    align_images = evalset.tensors[0][pick.sort().values]
+
+    def score(model: nn.Module, label: str) -> Predictions:
+        return predict(model, evalset, config.eval_batch_size, device, desc=None, workers=config.workers)
+
+    dense = loaded.module
+    dense_pred = score(dense, "dense")
+    dense_top1 = summarize(dense_pred)["top1"]
+    reference = DenseReference(dense, align_images, block_pattern, device=device)
+    _log(f"dense top-1 {_pct(dense_top1)} on {len(evalset)} images")
+
+    rows: list[dict] = []
+    curves: list[dict] = []
+    prunable = 0
+    blocks: list[str] = []
+    for allocation in allocations:
+        for sparsity in sparsities:
+            prune_config = replace(config.prune, sparsity=sparsity, allocation=allocation)
+            pruned = copy.deepcopy(dense)
+            masks = prune(pruned, prune_config, seed=config.seed, calibration=calib_images)
+            prunable = masks.numel()
+            start = state_fingerprint(pruned)
+            before = reference.alignment(pruned)
+            blocks = list(before)
+            cell = {"allocation": allocation, "sparsity": sparsity, "alignment_before": before, "healers": {}}
+            curves.append(cell)
+            for spec in specs:
+                model = copy.deepcopy(pruned)
+                own_masks = Masks(masks.state_dict())
+                row: dict = {
+                    "healer": spec.name,
+                    "sparsity": sparsity,
+                    "allocation": allocation,
+                    "kind": spec.kind,
+                    "uses_labels": spec.uses_labels,
+                    "start_sha256": start,
+                }
+                if inspect:
+                    inspect("start", row, model, own_masks)
+                result, seconds = _apply(spec, dense, model, own_masks, calib, calib_images, config, block_pattern)
+                pred = score(model, spec.name)
+                broken = own_masks.violations(model)
+                if broken:  # a bug, not a user error
+                    raise RuntimeError(f"mask contract violated by healer {spec.name} at sparsity {sparsity}: {broken}")
+                after = reference.alignment(model)
+                stats = summarize(pred, dense_pred)
+                row.update(
+                    {
+                        "top1": stats["top1"],
+                        "recovered_fraction": stats["top1"] / dense_top1 if dense_top1 else None,
+                        "agreement": stats["agreement"],
+                        "kl": stats["kl"],
+                        "heal_seconds": seconds,
+                        "steps": result.steps if result else 0,
+                        "achieved_sparsity": own_masks.sparsity(),
+                        "mask_violations": 0,
+                        "block_cosine_mean": sum(after.values()) / len(after),
+                    }
+                )
+                rows.append(row)
+                cell["healers"][spec.name] = {
+                    "uses_labels": spec.uses_labels,
+                    "loss": result.loss_history if result else [],
+                    "alignment_after": after,
+                }
+                if inspect:
+                    inspect("end", row, model, own_masks)
+                _log(
+                    f"{allocation:>8s} {100 * sparsity:5.1f}% {spec.name:>16s}: top-1 {_pct(row['top1'])} "
+                    f"({_pct(row['recovered_fraction'])} of dense) in {seconds:.1f} s"
+                )
+    protocol = _protocol(config, loaded, specs, sparsities, allocations, calib, evalset, dense_top1, prunable, blocks, align_images, command)
+    result = {"rows": rows, "protocol": protocol, "curves": curves}
+    if config.out is not None:
+        from starfish.compare_report import write_outputs
+
+        write_outputs(result, config.out, config.force)
+    return result
+
+
+def _apply(spec: HealerSpec, dense, model, masks, calib, calib_images, config, block_pattern):
+    """Repair and/or heal ``model`` in place; returns (HealResult or None, seconds)."""
+    started = time.perf_counter()
+    result = None
+    if spec.repair:
+        from starfish.repair import apply_repair
+
+        apply_repair(spec.repair, dense, model, masks, calib_images)
+    if spec.objective:
+        heal_config = copy.deepcopy(config.heal)
+        heal_config.healer = spec.objective
+        heal_config.seed = config.seed
+        # Label-free objectives never receive the labels; only a label-using one gets (images, labels).
+        data = calib if spec.uses_labels else calib_images
+        result = heal(dense, model, masks, data, heal_config, block_pattern=block_pattern)
+    return result, (time.perf_counter() - started) if (spec.repair or spec.objective) else 0.0
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _protocol(config, loaded, specs, sparsities, allocations, calib, evalset, dense_top1, prunable, blocks, align_images, command) -> dict:
+    import matplotlib
+
+    from starfish.pipeline import _versions
+
+    heal_config = config.heal.to_dict()
+    heal_config.pop("healer", None)
+    return {
+        "model": config.model,
+        "weights": config.weights,
+        "weights_sha256": loaded.weights_sha256,
+        "preprocess": loaded.preprocess.to_dict(),
+        "dense_top1": dense_top1,
+        "pruner": config.prune.pruner,
+        "allocations": allocations,
+        "sparsities": list(sparsities),
+        "prune": {k: v for k, v in config.prune.to_dict().items() if k not in ("sparsity", "allocation")},
+        "prunable_weights": prunable,
+        "blocks": blocks,
+        "healers": [{"name": s.name, "kind": s.kind, "uses_labels": s.uses_labels} for s in specs],
+        "heal_budget": heal_config,
+        "calibration": {
+            "source": config.calib,
+            "size": len(calib) if calib is not None else 0,
+            "seed": config.seed,
+            "sampling": "uniform random without replacement, seeded",
+            "labels": "used only by healers marked uses_labels",
+        },
+        "eval": {"source": config.eval, "size": len(evalset), "seed": config.seed, "class_balanced": True},
+        "alignment_images": {"size": int(align_images.shape[0]), "from": "the evaluation set (seeded random subset, labels unused)"},
+        "seed": config.seed,
+        "command": command,
+        "versions": {**_versions(), "matplotlib": matplotlib.__version__},
+    }
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_compare_flags(parser) -> None:
+    from starfish.cli import add_run_flags, floats_arg
+
+    add_run_flags(parser, skip=("--sparsity", "--healer", "--masks", "--repair"))
+    parser.add_argument("--sparsities", dest="_sparsities", type=floats_arg, default=[0.5, 0.75, 0.9], help="comma-separated sparsities (default 0.5,0.75,0.9)")
+    parser.add_argument(
+        "--healers",
+        dest="_healers",
+        type=_names,
+        default=None,
+        help="comma-separated: none, repairs, trained healers, or REPAIR+HEALER "
+        "(default: none, every repair, starfish, kd, nmse; add finetune (uses labels) explicitly)",
+    )
+    parser.add_argument("--allocations", dest="_allocations", type=_names, default=None, help="comma-separated allocations to compare (default: --allocation)")
+
+
+def cmd_compare(args) -> int:
+    import shlex
+
+    from starfish.cli import config_from_args
+
+    config = config_from_args(args)
+    if config.out is None:
+        raise StarfishError("pass --out DIR for compare.json, compare.md and the plots.")
+    healers = args._healers if args._healers is not None else default_healers()
+    command = "starfish " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = compare(config, args._sparsities, healers, args._allocations, command=command)
+    from starfish.compare_report import glance_table
+
+    print(glance_table(result["rows"], result["protocol"]))
+    print(f"wrote {config.out}/ (compare.json, compare.md, protocol.json, curves.json, PNG plots)")
+    return 0

@@ -1,0 +1,159 @@
+"""What ``starfish compare`` leaves behind: compare.json, compare.md, protocol.json, curves.json, PNGs.
+
+compare.md is meant to be read at a glance (a healers x sparsities table with the best label-free
+healer in bold, then the plots) and to be enough on its own to reproduce the numbers (protocol).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from starfish.outputs import atomic_output_dir, write_json
+from starfish.report import pct
+
+PLOTS = {
+    "accuracy_vs_sparsity.png": "Top-1 accuracy against sparsity",
+    "block_alignment.png": "Per-block cosine alignment with the dense model, before and after healing",
+    "loss_curves.png": "Healing loss curves (each divided by its first value)",
+}
+
+
+def _label(healer: str, uses_labels: bool) -> str:
+    return f"{healer} **(uses labels)**" if uses_labels else healer
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, float]]:
+    return list(dict.fromkeys((r["allocation"], r["sparsity"]) for r in rows))
+
+
+def glance_table(rows: list[dict], protocol: dict) -> str:
+    """Healers down, sparsities across: top-1 (share of dense). Best label-free healer per column in bold."""
+    cols = _columns(rows)
+    many = len({a for a, _ in cols}) > 1
+    head = [f"{a} {100 * s:g}%" if many else f"{100 * s:g}%" for a, s in cols]
+    cell = {(r["healer"], r["allocation"], r["sparsity"]): r for r in rows}
+    best = {}
+    for a, s in cols:
+        free = [r for r in rows if r["allocation"] == a and r["sparsity"] == s and not r["uses_labels"] and r["top1"] is not None]
+        if free:
+            best[(a, s)] = max(r["top1"] for r in free)
+    lines = [
+        "| healer | " + " | ".join(head) + " |",
+        "|---|" + "---|" * len(cols),
+        f"| dense | " + " | ".join(pct(protocol.get("dense_top1")) for _ in cols) + " |",
+    ]
+    for healer in dict.fromkeys(r["healer"] for r in rows):
+        parts = []
+        for a, s in cols:
+            r = cell.get((healer, a, s))
+            if r is None:
+                parts.append("—")
+                continue
+            text = f"{pct(r['top1'])} ({pct(r['recovered_fraction'])})"
+            if not r["uses_labels"] and r["top1"] is not None and r["top1"] == best.get((a, s)):
+                text = f"**{text}**"
+            parts.append(text)
+        uses = any(r["uses_labels"] for r in rows if r["healer"] == healer)
+        lines.append(f"| {_label(healer, uses)} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def full_table(rows: list[dict]) -> str:
+    lines = [
+        "| allocation | sparsity | healer | kind | top-1 | of dense | agreement | KL(dense ‖ model) | mean block cosine | seconds | steps | labels |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['allocation']} | {100 * r['sparsity']:g}% (achieved {100 * r['achieved_sparsity']:.2f}%) | {r['healer']} | {r['kind']} | "
+            f"{pct(r['top1'])} | {pct(r['recovered_fraction'])} | {pct(r['agreement'])} | {r['kl']:.4f} | "
+            f"{r['block_cosine_mean']:.4f} | {r['heal_seconds']:.1f} | {r['steps']} | {'**yes**' if r['uses_labels'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def protocol_lines(p: dict) -> list[str]:
+    cal, ev, budget = p["calibration"], p["eval"], p["heal_budget"]
+    steps = f"at most {budget['max_steps']} steps" if budget.get("max_steps") else f"{budget['epochs']} epochs over the calibration set"
+    pre = p["preprocess"]
+    return [
+        f"- Model: `{p['model']}`, weights `{p['weights']}` (sha256 `{p['weights_sha256']}`); "
+        f"dense top-1 {pct(p['dense_top1'])} on the evaluation images below.",
+        f"- Preprocessing: {pre['input_size']}px, resize {pre['resize']}, {pre['interpolation']}, mean {pre['mean']}, std {pre['std']}.",
+        f"- Pruning: `{p['pruner']}` scores, allocations {', '.join(p['allocations'])}, sparsities "
+        f"{', '.join(f'{100 * s:g}%' for s in p['sparsities'])} of {p['prunable_weights']} prunable weights "
+        f"(pruning settings {p['prune']}), pruned once per cell; every healer starts from a deep copy "
+        "of those exact weights and masks (`start_sha256` in compare.json).",
+        f"- Blocks ({len(p['blocks'])}): {', '.join(f'`{b}`' for b in p['blocks'])}.",
+        f"- Calibration: {cal['size']} images from `{cal['source']}`, {cal['sampling']} (seed {cal['seed']}); "
+        f"labels are given only to healers marked *uses labels*.",
+        f"- Evaluation: {ev['size']} images from `{ev['source']}`, class-balanced subset (seed {ev['seed']}); "
+        f"identical images for every row. Block alignment is measured on {p['alignment_images']['size']} of them "
+        "(seeded random subset, labels unused).",
+        f"- Shared healing budget for every trained healer: {budget['optimizer']}, lr {budget['lr']} → {budget['min_lr']} "
+        f"(cosine per step), batch {budget['batch_size']}, {steps}, weight decay {budget['weight_decay']}, "
+        f"train mode {budget['train_mode']}, BatchNorm {budget.get('bn_mode', 'frozen (eval mode)')}, kd temperature {budget['temperature']}, cached targets {budget['cache_dtype']}, "
+        f"seed {p['seed']}, device {budget['device']}.",
+        "- Software: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()) + ".",
+    ]
+
+
+def render_markdown(result: dict, plots: list[str]) -> str:
+    rows, p = result["rows"], result["protocol"]
+    lines = [
+        f"# starfish compare — {p['model']}",
+        "",
+        "Top-1 accuracy (share of dense top-1 in brackets). Bold: the best healer that uses no labels, per column.",
+        "`none` = pruned, not healed. Rows marked *uses labels* are supervised and not a like-for-like comparison.",
+        "",
+        glance_table(rows, p),
+        "",
+    ]
+    for name in plots:
+        lines += [f"![{PLOTS.get(name, name)}]({name})", ""]
+    lines += ["## Protocol", ""] + protocol_lines(p)
+    if p.get("command"):
+        lines += ["", "Command:", "", "```", p["command"], "```"]
+    lines += ["", "## All rows", "", full_table(rows), ""]
+    return "\n".join(lines)
+
+
+def make_plots(result: dict, folder: Path) -> list[str]:
+    """Write the PNGs; a plotting failure is reported but never costs the numbers."""
+    from starfish import plots
+
+    rows, p, curves = result["rows"], result["protocol"], result["curves"]
+    uses = {r["healer"]: r["uses_labels"] for r in rows}
+    many = len(p["allocations"]) > 1
+    title = lambda c: (f"{c['allocation']} " if many else "") + f"{100 * c['sparsity']:g}% sparsity"  # noqa: E731
+    made = []
+    jobs = {
+        "accuracy_vs_sparsity.png": lambda path: plots.accuracy_vs_sparsity(rows, p["dense_top1"], path, p["model"]),
+        "block_alignment.png": lambda path: plots.block_alignment(
+            [(title(c), {"pruned, before healing": c["alignment_before"], **{h: v["alignment_after"] for h, v in c["healers"].items() if h != "none"}}) for c in curves],
+            path,
+            uses,
+        ),
+        "loss_curves.png": lambda path: plots.loss_curves(
+            [(title(c), {h: v["loss"] for h, v in c["healers"].items() if v["loss"]}) for c in curves], path, relative=True, uses_labels=uses
+        ),
+    }
+    for name, job in jobs.items():
+        if name == "loss_curves.png" and not any(v["loss"] for c in curves for v in c["healers"].values()):
+            continue  # nothing was trained
+        try:
+            job(folder / name)
+            made.append(name)
+        except Exception as exc:  # noqa: BLE001
+            print(f"starfish: warning: could not draw {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return made
+
+
+def write_outputs(result: dict, out: str | Path, force: bool = False) -> None:
+    with atomic_output_dir(out, force) as scratch:
+        write_json(scratch / "compare.json", result["rows"])
+        write_json(scratch / "protocol.json", result["protocol"])
+        write_json(scratch / "curves.json", result["curves"])
+        made = make_plots(result, scratch)
+        (scratch / "compare.md").write_text(render_markdown(result, made))

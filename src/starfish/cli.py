@@ -97,6 +97,8 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
 def add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for flag, dest, kwargs in RUN_FLAGS:
         if flag not in skip:
+            if kwargs.get("action") is None and "choices" not in kwargs:
+                kwargs = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
             parser.add_argument(flag, dest=dest, default=S, **kwargs)
 
 

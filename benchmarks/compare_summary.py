@@ -21,14 +21,15 @@ def main() -> None:
         print(glance_table(rows, protocol))
         print()
         by = {(r["healer"], r["sparsity"]): r for r in rows}
-        for s in protocol["sparsities"]:
-            if ("starfish", s) not in by:
-                continue
-            star = by[("starfish", s)]["top1"]
-            rivals = {h: by[(h, s)]["top1"] for h in ("kd", "nmse") if (h, s) in by}
-            verdict = all(star >= v for v in rivals.values())
-            diffs = ", ".join(f"{h} {100 * (star - v):+.2f} pts" for h, v in rivals.items())
-            print(f"- {100 * s:g}%: starfish {100 * star:.2f}% ({diffs}) -> starfish at least as accurate: {verdict}")
+        for start in ("", "varmatch+"):  # from the pruned weights, and after the same repair
+            for s in protocol["sparsities"]:
+                if (start + "starfish", s) not in by:
+                    continue
+                star = by[(start + "starfish", s)]["top1"]
+                rivals = {start + h: by[(start + h, s)]["top1"] for h in ("kd", "nmse") if (start + h, s) in by}
+                verdict = all(star >= v for v in rivals.values())
+                diffs = ", ".join(f"{h} {100 * (star - v):+.2f} pts" for h, v in rivals.items())
+                print(f"- {100 * s:g}%: {start}starfish {100 * star:.2f}% ({diffs}) -> at least as accurate: {verdict}")
         print()
 
 

@@ -1,10 +1,12 @@
 """Sweep: sparsity x allocation x label-free repair x healing on the CIFAR ResNets, pruners on the ViT.
 
-Writes benchmarks/results/sweep_allocation.json (every finished cell, rewritten after each one so a
+Writes benchmarks/results/sweep/<network>.json (every finished cell, rewritten after each one so a
 cut-off run still leaves a table), benchmarks/SWEEP.md (tables, command, protocol) and PNG plots
-under benchmarks/results/. Re-running the same command resumes: finished cells are skipped.
+under benchmarks/results/. Re-running the same command resumes: finished cells are skipped. One
+results file per network, so networks can run in parallel processes (one thread each):
 
-    python benchmarks/sweep_allocation.py --threads 1
+    python benchmarks/sweep_allocation.py --nets ResNet-20,ViT &
+    python benchmarks/sweep_allocation.py --nets ResNet-56
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,10 +40,11 @@ WEIGHTS = {
 SHORT = {"cifar10-resnet20": "ResNet-20", "cifar10-resnet56": "ResNet-56", "cifar10-vit": "ViT"}
 ALLOCATIONS = ["uniform", "global", "erk", "lamp", "rr"]
 RESNET_REPAIRS = ["none", "bn", "varmatch"]
+RESNET_SPARSITIES = (0.90, 0.93, 0.95, 0.96)
+VIT_PRUNERS = ["magnitude", "wanda", "sparsegpt"]
 # "starfish": the published recipe (HealConfig defaults). "starfish-long": the same loss with a
 # longer, hotter schedule, used only for the "best pipeline" rows; "kd-long": logit distillation
-# (label-free, the other developer's healer) on the same schedule, tried on the ViT only.
-RESULTS = REPO / "benchmarks" / "results"
+# (label-free) on the same schedule, as the control for the ViT's best rows.
 HEALS = {"starfish": {}, "starfish-long": {"epochs": 60, "lr": 2e-3}, "kd-long": {"healer": "kd", "epochs": 60, "lr": 2e-3}}
 
 
@@ -48,35 +52,28 @@ def jobs(args) -> list[dict]:
     """Every pruning to run, most important first (a cut-off run keeps the most useful cells)."""
     out: list[dict] = []
 
-    def resnet(net: str, s: float, heals: tuple[str, ...] = ("none", "starfish")) -> None:
+    def resnet(net: str, s: float) -> None:
         for a in ALLOCATIONS:
-            out.append({"net": net, "sparsity": s, "pruner": "magnitude", "allocation": a, "repairs": RESNET_REPAIRS, "heals": list(heals)})
+            out.append({"net": net, "sparsity": s, "pruner": "magnitude", "allocation": a, "repairs": RESNET_REPAIRS, "heals": ["none", "starfish"]})
 
-    def vit(s: float) -> None:  # time budget: STARFISH healing only after the repair
-        for p in ["magnitude", "wanda", "sparsegpt"]:
-            out.append({"net": "cifar10-vit", "sparsity": s, "pruner": p, "allocation": "uniform", "repairs": ["none"], "heals": ["none"]})
-            out.append({"net": "cifar10-vit", "sparsity": s, "pruner": p, "allocation": "uniform", "repairs": ["varmatch"], "heals": ["none", "starfish"]})
+    def vit(s: float) -> None:
+        for p in VIT_PRUNERS:
+            out.append({"net": "cifar10-vit", "sparsity": s, "pruner": p, "allocation": "uniform", "repairs": ["none", "varmatch"], "heals": ["none", "starfish"]})
 
-    def vit_best(spec: str) -> None:
-        pruner, allocation = spec.split(":")
-        out.append({"net": "cifar10-vit", "sparsity": 0.90, "pruner": pruner, "allocation": allocation, "repairs": ["varmatch"], "heals": ["starfish-long", "kd-long"], "best": True})
+    def best(net: str, spec: str, heals: list[str]) -> None:
+        pruner, allocation, repair = spec.split(":")
+        out.append({"net": net, "sparsity": 0.90, "pruner": pruner, "allocation": allocation, "repairs": [repair], "heals": heals, "best": True})
 
-    specs = args.vit_best.split(",")
-    vit_best(specs[0])  # the least certain target first, so there is time to react
-    resnet("cifar10-resnet20", 0.90)
-    out.append({"net": "cifar10-resnet20", "sparsity": 0.90, "pruner": "magnitude", "allocation": "lamp", "repairs": ["varmatch"], "heals": ["starfish-long"], "best": True})
-    vit(0.90)
-    for s in (0.93, 0.95, 0.96):  # the cheap no-heal cells first: they already locate the transition band
-        resnet("cifar10-resnet20", s, ("none",))
-    for spec in specs[1:]:
-        vit_best(spec)
-    vit(0.75)
-    for s in (0.93, 0.95, 0.96):
-        resnet("cifar10-resnet20", s, ("starfish",))
-    for s in (0.90, 0.93, 0.95, 0.96):
-        resnet("cifar10-resnet56", s, ("none",))
-    for s in (0.90, 0.95, 0.93, 0.96):
-        resnet("cifar10-resnet56", s, ("starfish",))
+    for s in RESNET_SPARSITIES:
+        resnet("cifar10-resnet20", s)
+    for spec in filter(None, args.r20_best.split(",")):
+        best("cifar10-resnet20", spec, ["starfish-long"])
+    for s in (0.90, 0.75):
+        vit(s)
+    for spec in filter(None, args.vit_best.split(",")):
+        best("cifar10-vit", spec, ["starfish-long", "kd-long"])
+    for s in RESNET_SPARSITIES:
+        resnet("cifar10-resnet56", s)
     return [j for j in out if SHORT[j["net"]] in args.nets]
 
 
@@ -95,16 +92,53 @@ class Material:
         if net not in self.cache:
             loaded = create_model(net, WEIGHTS[net])
             tf = loaded.preprocess.transform()
-            calib, _, _ = load_folder(SHARED / "data/cifar10/train", tf, self.args.calib_size, 0, "calibration", balanced=False)
+            calib, _, _ = load_folder(SHARED / "data/cifar10/train", tf, self.args.calib_size, 0, "calibration", balanced=False, progress=False)
             size = self.args.r56_eval_size if net == "cifar10-resnet56" else self.args.eval_size
-            evalset, _, _ = load_folder(SHARED / "data/cifar10/test", tf, size, 0, "eval", balanced=True)
+            evalset, _, _ = load_folder(SHARED / "data/cifar10/test", tf, size, 0, "eval", balanced=True, progress=False)
             dense_pred = predict(loaded.module, evalset, 500, "cpu")
             self.cache[net] = (loaded.module, calib.tensors[0], evalset, dense_pred)
         return self.cache[net]
 
 
-def run_job(job: dict, material: Material, done: dict, results: dict, save) -> None:
+class Store:
+    """One JSON file of cells per network; the tables are rendered from all of them."""
+
+    def __init__(self, folder: Path, fresh: bool) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.data: dict[str, dict] = {}
+        for net in SHORT:
+            path = self.path(net)
+            if path.exists() and not fresh:
+                self.data[net] = json.loads(path.read_text())
+
+    def path(self, net: str) -> Path:
+        return self.folder / f"{SHORT[net].lower().replace('-', '')}.json"
+
+    def of(self, net: str) -> dict:
+        return self.data.setdefault(net, {"cells": [], "layer_sparsity": {}, "rr": {}, "dense_top1": None, "eval_images": None})
+
+    def reload_others(self, mine: list[str]) -> None:
+        """Pick up what parallel processes wrote for the networks this one does not run."""
+        for net in SHORT:
+            if net not in mine and self.path(net).exists():
+                self.data[net] = json.loads(self.path(net).read_text())
+
+    def save(self, net: str, command: str) -> None:
+        results = self.of(net)
+        results["command"] = command
+        tmp = self.path(net).with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.replace(self.path(net))
+
+    def cells(self) -> list[dict]:
+        return [c for net in SHORT for c in self.data.get(net, {}).get("cells", [])]
+
+
+def run_job(job: dict, material: Material, store: Store, save) -> None:
     net = job["net"]
+    results = store.of(net)
+    done = {cell_key(c) for c in results["cells"]}
     wanted = [(r, h) for r in job["repairs"] for h in job["heals"]]
     keys = {(r, h): cell_key({**job, "repair": r, "heal": h}) for r, h in wanted}
     if all(k in done for k in keys.values()):
@@ -115,11 +149,12 @@ def run_job(job: dict, material: Material, done: dict, results: dict, save) -> N
     config = PruneConfig(job["sparsity"], pruner=job["pruner"], allocation=job["allocation"])
     masks, notes = prune_with_notes(pruned, config, seed=0, calibration=calib)
     prune_s = time.perf_counter() - t0
-    pkey = f"{net}|{job['sparsity']}|{job['pruner']}|{job['allocation']}"
-    results["layer_sparsity"][pkey] = masks.layer_sparsity()
+    results["layer_sparsity"][f"{job['sparsity']}|{job['pruner']}|{job['allocation']}"] = masks.layer_sparsity()
     if "rr" in notes:
-        results["rr"][f"{net}|{job['sparsity']}"] = notes["rr"]
+        results["rr"][str(job["sparsity"])] = notes["rr"]
     for repair in job["repairs"]:
+        if all(keys[(repair, h)] in done for h in job["heals"]):
+            continue
         model = copy.deepcopy(pruned)
         t1 = time.perf_counter()
         apply_repair(repair, dense, model, masks, calib)
@@ -130,9 +165,10 @@ def run_job(job: dict, material: Material, done: dict, results: dict, save) -> N
             if key in done:
                 continue
             model.load_state_dict(base_state)
-            heal_s, steps = 0.0, 0
+            heal_s, steps, heal_config = 0.0, 0, None
             if h != "none":
                 hc = HealConfig(progress=False, device="cpu", **HEALS[h])
+                heal_config = asdict(hc)
                 r = heal(dense, model, masks, calib, hc)
                 heal_s, steps = r.seconds, r.steps
             assert masks.violations(model) == {}
@@ -141,84 +177,83 @@ def run_job(job: dict, material: Material, done: dict, results: dict, save) -> N
                 "net": net, "sparsity": job["sparsity"], "pruner": job["pruner"], "allocation": job["allocation"],
                 "repair": repair, "heal": h, "top1": stats["top1"], "agreement": stats["agreement"], "kl": stats["kl"],
                 "achieved_sparsity": masks.sparsity(), "prune_seconds": prune_s, "repair_seconds": repair_s,
-                "heal_seconds": heal_s, "heal_steps": steps, "eval_images": len(evalset), "best": bool(job.get("best")),
+                "heal_seconds": heal_s, "heal_steps": steps, "heal_config": heal_config, "eval_images": len(evalset),
+                "best": bool(job.get("best")),
             }
-            done[key] = cell
             results["cells"].append(cell)
+            done.add(key)
             print(f"{SHORT[net]:9s} {100 * job['sparsity']:.0f}% {job['pruner']:9s} {job['allocation']:7s} {repair:8s} {h:13s} "
-                  f"top-1 {100 * stats['top1']:.2f}%  (prune {prune_s:.0f}s, heal {heal_s:.0f}s)", flush=True)
-            save()
+                  f"top-1 {100 * stats['top1']:.2f}%  (prune {prune_s:.0f}s, repair {repair_s:.0f}s, heal {heal_s:.0f}s)", flush=True)
+            save(net)
 
 
 def pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
-def render(results: dict, args, command: str) -> str:
-    cells = {cell_key(c): c for c in results["cells"]}
-    dense = results["dense_top1"]
+def render(store: Store, args) -> str:
+    cells = {cell_key(c): c for c in store.cells()}
+    dense = {net: d["dense_top1"] for net, d in store.data.items() if d.get("dense_top1") is not None}
+    images = {net: d.get("eval_images") for net, d in store.data.items()}
+    commands = sorted({d["command"] for d in store.data.values() if d.get("command")})
+    eval_text = ", ".join(f"{SHORT[n]} {'all 10,000' if images.get(n) == 10000 else images.get(n)} images" for n in SHORT if images.get(n))
     lines = ["# Sweep: allocation × label-free repair × healing (and pruners on the ViT)", "",
              "Generated by `benchmarks/sweep_allocation.py`; every number below was produced by that script on the "
-             "shared CIFAR-10 material. A cell shows top-1 in % ('—' = not run yet / cut off).", "",
-             "Command:", "", "```", command, "```", "", "## Protocol", "",
+             "shared CIFAR-10 material. A cell shows top-1 in % ('—' = not run).", "",
+             "Commands (the networks ran in parallel processes, one thread each):", "", "```", *commands, "```", "", "## Protocol", "",
              f"- Calibration: {args.calib_size} unlabeled images from `shared/data/cifar10/train`, drawn with seed 0 "
              "(the same images for pruning statistics, repairs, RR and healing).",
-             "- Evaluation: the full 10,000-image CIFAR-10 test split for ResNet-20 and the ViT; a fixed class-balanced "
-             f"{args.r56_eval_size}-image subset (seed 0) of it for ResNet-56 (time budget).",
+             f"- Evaluation (class-balanced, seed 0, from the 10,000-image test split): {eval_text}.",
              "- Pruned weights: every conv inside the residual blocks (ResNets), every attention/MLP weight inside the "
              "encoder layers (ViT); stem, embedding and head stay dense. Sparsity is global over those weights and met exactly.",
-             "- Pruner: magnitude for the ResNet grid; allocations uniform / global (one magnitude threshold) / erk / lamp / rr "
+             "- ResNets: magnitude pruner; allocations uniform / global (one magnitude threshold) / erk / lamp / rr "
              "(LAMP scores scaled by each layer's Relative Repairability, measured on the calibration images at the target sparsity).",
              "- ViT: per-layer uniform sparsity, pruners magnitude / wanda / sparsegpt (damping 0.01, block 128, healing "
              "starts from SparseGPT's reconstructed weights); BatchNorm recalibration does not apply (no BatchNorm).",
              "- Repairs: `bn` = BatchNorm recalibration on the calibration images; `varmatch` = channelwise variance "
-             "matching (plain, no shrinkage) folded into biases / BatchNorm affine.",
-             "- Heal `starfish` = the published recipe (per-block 1−cosine, Adam lr 6e-4 → 1e-6 cosine, batch 32, 10 epochs, "
-             "only surviving prunable weights train). Best-pipeline rows only: `starfish-long` = same loss, 60 epochs, lr 2e-3; "
-             "`kd-long` = KL(dense ‖ sparse) on logits (label-free), same schedule.",
+             "matching (plain, no shrinkage) folded into biases / re-based BatchNorms.",
+             "- Heal `starfish` = the published recipe at starfish's defaults (per-block 1−cosine, Adam lr 6e-4 → 1e-6 cosine, "
+             "batch 32, 10 epochs = 70 steps, only surviving prunable weights train, BatchNorm in train mode with frozen affine). "
+             "Best-pipeline rows only: `starfish-long` = same loss, 60 epochs, lr 2e-3; "
+             "`kd-long` = KL(dense ‖ sparse) on logits (label-free), same schedule. Each cell's full heal config is in its JSON.",
              f"- One seed (0); CPU, torch {torch.__version__}, {platform.platform()}.", ""]
     for net in ("cifar10-resnet20", "cifar10-resnet56"):
         if net not in dense:
             continue
-        lines += [f"## {SHORT[net]} (dense {pct(dense[net])}%)", "",
+        lines += [f"## {SHORT[net]} (dense {pct(dense[net])}%), repair / heal", "",
                   "| sparsity | allocation | " + " | ".join(f"{r} / {h}" for r in RESNET_REPAIRS for h in ("none", "starfish")) + " |",
                   "|---|---|" + "---|" * 6]
-        for s in (0.90, 0.93, 0.95, 0.96):
+        for s in RESNET_SPARSITIES:
             for a in ALLOCATIONS:
                 row = [pct(cells.get(f"{net}|{s}|magnitude|{a}|{r}|{h}", {}).get("top1")) for r in RESNET_REPAIRS for h in ("none", "starfish")]
-                if all(v == "—" for v in row):
-                    continue
                 lines.append(f"| {100 * s:.0f}% | {a} | " + " | ".join(row) + " |")
         lines.append("")
     if "cifar10-vit" in dense:
-        lines += [f"## ViT (dense {pct(dense['cifar10-vit'])}%), uniform per-layer sparsity", "",
-                  "(time budget: STARFISH healing was run after the varmatch repair only.)", "",
+        lines += [f"## ViT (dense {pct(dense['cifar10-vit'])}%), uniform per-layer sparsity, repair / heal", "",
                   "| sparsity | pruner | none / none | none / starfish | varmatch / none | varmatch / starfish |", "|---|---|---|---|---|---|"]
         for s in (0.75, 0.90):
-            for p in ("magnitude", "wanda", "sparsegpt"):
+            for p in VIT_PRUNERS:
                 row = [pct(cells.get(f"cifar10-vit|{s}|{p}|uniform|{r}|{h}", {}).get("top1")) for r in ("none", "varmatch") for h in ("none", "starfish")]
-                if not all(v == "—" for v in row):
-                    lines.append(f"| {100 * s:.0f}% | {p} | " + " | ".join(row) + " |")
+                lines.append(f"| {100 * s:.0f}% | {p} | " + " | ".join(row) + " |")
         lines.append("")
-    best = [c for c in results["cells"] if c.get("best")]
+    best = [c for c in store.cells() if c.get("best")]
     if best:
         lines += ["## Best pipelines found (longer heal)", "", "| model | sparsity | pruner | allocation | repair | heal | top-1 | agreement with dense |", "|---|---|---|---|---|---|---|---|"]
         for c in best:
             lines.append(f"| {SHORT[c['net']]} | {100 * c['sparsity']:.0f}% | {c['pruner']} | {c['allocation']} | {c['repair']} | {c['heal']} | {pct(c['top1'])} | {pct(c['agreement'])} |")
         lines.append("")
-    lines += ["Plots: `benchmarks/results/sweep_resnet20.png`, `sweep_resnet56.png`, `sweep_vit.png` (top-1 vs sparsity per allocation, "
-              "one panel per repair × heal).", ""]
+    lines += ["Plots: `benchmarks/results/sweep_resnet20.png`, `sweep_resnet56.png`, `sweep_vit.png` (top-1 vs sparsity per allocation "
+              "or pruner, one panel per repair × heal, dotted line = dense).", ""]
     return "\n".join(lines)
 
 
-def plot(results: dict) -> None:
+def plot(store: Store, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = results["cells"]
-    out = RESULTS
+    cells = store.cells()
     for net in ("cifar10-resnet20", "cifar10-resnet56"):
         mine = [c for c in cells if c["net"] == net and not c.get("best")]
         if not mine:
@@ -231,14 +266,15 @@ def plot(results: dict) -> None:
                     pts = sorted((c["sparsity"], c["top1"]) for c in mine if c["allocation"] == a and c["repair"] == r and c["heal"] == h)
                     if pts:
                         ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=a)
-                ax.axhline(100 * results["dense_top1"][net], color="k", ls=":", lw=0.8)
+                ax.axhline(100 * store.of(net)["dense_top1"], color="k", ls=":", lw=0.8)
+                ax.axhline(10, color="gray", ls="--", lw=0.6)
                 ax.set_title(f"repair {r}, heal {h}", fontsize=9)
                 ax.set_xlabel("global sparsity (%)")
                 ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("top-1 (%)")
-        axes[1][0].set_ylabel("top-1 (%)")
-        axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{SHORT[net]}: top-1 vs sparsity per allocation (dotted: dense)")
+        for row in axes:
+            row[0].set_ylabel("top-1 (%)")
+        axes[0][0].legend(fontsize=8, title="allocation", title_fontsize=8)
+        fig.suptitle(f"{SHORT[net]}: top-1 vs sparsity per allocation (dotted: dense, dashed: chance)")
         fig.tight_layout()
         fig.savefig(out / f"sweep_{SHORT[net].lower().replace('-', '')}.png", dpi=110)
         plt.close(fig)
@@ -247,16 +283,16 @@ def plot(results: dict) -> None:
         fig, axes = plt.subplots(1, 4, figsize=(15, 3.8), sharey=True)
         for k, (r, h) in enumerate([(r, h) for r in ("none", "varmatch") for h in ("none", "starfish")]):
             ax = axes[k]
-            for p in ("magnitude", "wanda", "sparsegpt"):
+            for p in VIT_PRUNERS:
                 pts = sorted((c["sparsity"], c["top1"]) for c in vit if c["pruner"] == p and c["repair"] == r and c["heal"] == h)
                 if pts:
                     ax.plot([100 * q[0] for q in pts], [100 * q[1] for q in pts], marker="o", label=p)
-            ax.axhline(100 * results["dense_top1"]["cifar10-vit"], color="k", ls=":", lw=0.8)
+            ax.axhline(100 * store.of("cifar10-vit")["dense_top1"], color="k", ls=":", lw=0.8)
             ax.set_title(f"repair {r}, heal {h}", fontsize=9)
             ax.set_xlabel("sparsity (%)")
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("top-1 (%)")
-        axes[0].legend(fontsize=8)
+        axes[0].legend(fontsize=8, title="pruner", title_fontsize=8)
         fig.suptitle("ViT: top-1 vs sparsity per pruner (dotted: dense)")
         fig.tight_layout()
         fig.savefig(out / "sweep_vit.png", dpi=110)
@@ -267,9 +303,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calib-size", type=int, default=200)
-    parser.add_argument("--r56-eval-size", type=int, default=2000)
+    parser.add_argument("--r56-eval-size", type=int, default=2000, help="ResNet-56 test subset (default 2000; time budget)")
     parser.add_argument("--nets", default="ResNet-20,ViT,ResNet-56", help="comma-separated subset of ResNet-20, ResNet-56, ViT")
-    parser.add_argument("--vit-best", default="sparsegpt:uniform,wanda:uniform", help="pruner:allocation pairs tried with the long heal on the ViT at 90%%")
+    parser.add_argument("--r20-best", default="magnitude:lamp:varmatch,magnitude:lamp:none,magnitude:global:none",
+                        help="pruner:allocation:repair triples healed with the long schedule on ResNet-20 at 90%%")
+    parser.add_argument("--vit-best", default="wanda:uniform:varmatch,sparsegpt:uniform:varmatch",
+                        help="pruner:allocation:repair triples healed with the long schedules on the ViT at 90%%")
     parser.add_argument("--eval-size", type=int, default=None, help="smoke tests only: evaluate on a subset (default: all 10,000)")
     parser.add_argument("--max-jobs", type=int, default=None, help="smoke tests only: stop after this many prunings")
     parser.add_argument("--out", default=str(REPO / "benchmarks"), help="folder for SWEEP.md; results/ goes inside it")
@@ -278,41 +317,38 @@ def main() -> int:
     args.nets = [n.strip() for n in args.nets.split(",")]
     torch.set_num_threads(args.threads)
     command = "python benchmarks/sweep_allocation.py " + " ".join(sys.argv[1:])
-    global RESULTS
-    RESULTS = Path(args.out) / "results"
-    out = RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "sweep_allocation.json"
-    results = {"cells": [], "layer_sparsity": {}, "rr": {}, "dense_top1": {}}
-    if path.exists() and not args.fresh:
-        results = json.loads(path.read_text())
-    done = {cell_key(c): c for c in results["cells"]}
+    results_dir = Path(args.out) / "results"
+    store = Store(results_dir / "sweep", args.fresh)
     material = Material(args)
     md = Path(args.out) / "SWEEP.md"
+    mine = [n for n in SHORT if SHORT[n] in args.nets]
 
-    def save() -> None:
-        results["command"] = command
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        tmp.replace(path)
+    def save(net: str) -> None:
+        store.save(net, command)
+        store.reload_others(mine)
         reading = ""
         if md.exists() and "<!-- reading -->" in md.read_text():
             reading = md.read_text().split("<!-- reading -->", 1)[1]
-        md.write_text(render(results, args, command) + "\n<!-- reading -->" + reading)
-        plot(results)
+        tmp = md.with_suffix(".tmp")
+        tmp.write_text(render(store, args) + "\n<!-- reading -->" + reading)
+        tmp.replace(md)
+        plot(store, results_dir)
 
     for n, job in enumerate(jobs(args)):
         if args.max_jobs is not None and n >= args.max_jobs:
             break
         net = job["net"]
-        if net not in results["dense_top1"]:
+        results = store.of(net)
+        if results["dense_top1"] is None:
             _, _, evalset, dense_pred = material.get(net)
-            results["dense_top1"][net] = summarize(dense_pred)["top1"]
-            print(f"{SHORT[net]} dense top-1 {100 * results['dense_top1'][net]:.2f}% on {len(evalset)} images", flush=True)
-            save()
-        run_job(job, material, done, results, save)
-    save()
-    print(f"done: {len(results['cells'])} cells in {path}")
+            results["dense_top1"] = summarize(dense_pred)["top1"]
+            results["eval_images"] = len(evalset)
+            print(f"{SHORT[net]} dense top-1 {100 * results['dense_top1']:.2f}% on {len(evalset)} images", flush=True)
+            save(net)
+        run_job(job, material, store, save)
+    for net in mine:
+        save(net)
+    print(f"done: {len(store.cells())} cells in {store.folder}")
     return 0
 
 

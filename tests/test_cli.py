@@ -60,6 +60,23 @@ def test_run_writes_the_contracted_outputs(finished_run):
     for name in ("model.safetensors", "masks.safetensors", "config.json", "report.md"):
         assert (finished_run / name).is_file()
     assert "| healed (starfish) |" in (finished_run / "report.md").read_text()
+    # the default repair is "auto": BatchNorm healed in train mode needs none
+    assert (report["repair_requested"], report["repair"]) == ("auto", "none")
+
+
+def test_default_run_on_the_vit_repairs_before_healing(tmp_path, shared):
+    """auto picks variance matching for a network without BatchNorm; the contract still holds."""
+    out = tmp_path / "vit"
+    args = run_args(out, **{"--model": "cifar10-vit", "--weights": str(WEIGHTS["cifar10-vit"]), "--eval-size": "100", "--epochs": None})
+    assert main(args + ["--max-steps", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["repair_requested"], report["repair"]) == ("auto", "varmatch")
+    assert report["repair_stats"]["placed"] == {"bias": 24}
+    assert 0.0 <= report["top1"]["repaired"] <= 1.0
+    assert "variance matching" in report["repair_reason"] and "requested auto" in (out / "report.md").read_text()
+    weights = load_file(str(out / "model.safetensors"))
+    for name, mask in Masks.load(out / "masks.safetensors").items():
+        assert torch.all(weights[name][~mask] == 0), name
 
 
 def test_saved_weights_keep_the_masks_and_load_into_the_original_architecture(finished_run):

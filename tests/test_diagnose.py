@@ -27,6 +27,31 @@ def test_diagnose_writes_rr_table_and_chart(shared, tmp_path):
     assert (out / "rr.md").read_text().startswith("# Relative Repairability")
 
 
+@pytest.mark.parametrize("problem", ["existing output", "sparsity", "missing folder"])
+def test_diagnose_bad_input_is_one_line_and_writes_nothing(shared, tmp_path, capsys, problem):
+    from conftest import CIFAR, WEIGHTS
+
+    out = tmp_path / "diag"
+    args = {"--model": "cifar10-resnet20", "--weights": str(WEIGHTS["cifar10-resnet20"]), "--calib": str(CIFAR / "train"),
+            "--calib-size": "8", "--sparsity": "0.9", "--out": str(out)}
+    if problem == "existing output":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif problem == "sparsity":
+        args["--sparsity"] = "1.5"
+    else:
+        args["--calib"] = str(tmp_path / "nowhere")
+    rc = main(["diagnose", *[x for kv in args.items() for x in kv]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert {"existing output": "--force", "sparsity": "(0, 1)", "missing folder": "does not exist"}[problem] in err
+    if problem == "existing output":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not any(p.name.startswith(".diag.") for p in tmp_path.iterdir())
+
+
 def test_run_with_pruner_allocation_repair_reports_them(shared, tmp_path):
     from conftest import CIFAR, WEIGHTS
 
@@ -66,7 +91,7 @@ def test_sparsegpt_updates_are_kept_unless_healing_starts_from_dense_masked(shar
         out = tmp_path / start
         rc = main(["run", "--model", "cifar10-resnet20", "--weights", str(WEIGHTS["cifar10-resnet20"]),
                    "--calib", str(CIFAR / "train"), "--calib-size", "16", "--sparsity", "0.5", "--pruner", "sparsegpt",
-                   "--healer", "none", "--heal-from", start, "--no-progress", "--out", str(out)])
+                   "--healer", "none", "--repair", "none", "--heal-from", start, "--no-progress", "--out", str(out)])
         assert rc == 0
         keep = load_file(str(out / "masks.safetensors"))[name].bool()
         found[start] = (load_file(str(out / "model.safetensors"))[name], keep)

@@ -144,3 +144,53 @@ def test_unknown_repair_and_missing_calibration():
         apply_repair("nope", model, model, None, torch.zeros(1, 2))
     with pytest.raises(StarfishError, match="--calib"):
         apply_repair("bn", model, model, None, None)
+
+
+@pytest.mark.shared
+def test_varmatch_survives_batchnorm_recalibration_and_train_mode(pretrained, calib_images):
+    """The BatchNorm placement composes with whatever re-estimates BatchNorm statistics later.
+
+    Its running stats become the pruned moments, so normalising with batch statistics (healing in
+    bn_mode=train) computes the repaired function instead of applying the correction twice, and
+    recalibrating first (bn+varmatch) still ends with every BatchNorm output matching the dense one.
+    """
+    loaded = pretrained("cifar10-resnet20")
+    calib = calib_images("cifar10-resnet20", 64)
+    sparse = copy.deepcopy(loaded.module)
+    masks = prune(sparse, PruneConfig(0.9))
+    apply_repair("varmatch", loaded.module, sparse, masks, calib)
+    in_train_mode = copy.deepcopy(sparse)
+    for name, module in in_train_mode.named_modules():
+        if isinstance(module, nn.BatchNorm2d) and name != "bn1":  # those after a pruned conv (not the stem's)
+            module.train()  # normalise with this batch's own statistics, as healing in bn_mode=train does
+    plain = copy.deepcopy(loaded.module)
+    prune(plain, PruneConfig(0.9))
+    with torch.no_grad():
+        repaired, batch_stats, unrepaired = sparse(calib), in_train_mode(calib), plain(calib)
+    scale = float(repaired.abs().mean())
+    assert float((batch_stats - repaired).abs().mean()) < 1e-3 * scale
+    assert float((unrepaired - repaired).abs().mean()) > 0.2 * scale  # the correction is real
+
+    both = copy.deepcopy(loaded.module)
+    prune(both, PruneConfig(0.9))
+    apply_repair("bn+varmatch", loaded.module, both, masks, calib)
+    dense_bn, both_bn = _bn_moments(loaded.module, calib), _bn_moments(both, calib)
+    for name in dense_bn:
+        if name == "bn1":  # the stem is not pruned (and was recalibrated, so it differs)
+            continue
+        alive = both_bn[name].std > 1e-6
+        assert torch.allclose(both_bn[name].mean, dense_bn[name].mean, atol=2e-3), name
+        assert torch.allclose(both_bn[name].std[alive], dense_bn[name].std[alive], atol=2e-3, rtol=1e-3), name
+
+
+def test_auto_repair_choice():
+    from starfish.repair import resolve_repair
+
+    transformer = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    convnet = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert resolve_repair("auto", transformer, True, "train")[0] == "varmatch"
+    assert resolve_repair("auto", convnet, True, "train")[0] == "none"
+    assert resolve_repair("auto", convnet, True, "frozen")[0] == "varmatch"
+    assert resolve_repair("auto", convnet, False, "train")[0] == "varmatch"  # nothing heals: the repair is all there is
+    assert resolve_repair("auto", transformer, True, "train", has_calibration=False)[0] == "none"
+    assert resolve_repair("bn", transformer, True, "train") == ("bn", "as requested")

@@ -68,7 +68,7 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--pattern", "prune.pattern", dict(help="N:M semi-structured sparsity, e.g. 2:4 (needs --sparsity 1-N/M)")),
     ("--sparsegpt-damp", "prune.damp", dict(type=float, help="sparsegpt Hessian damping, fraction of its mean diagonal (default 0.01)")),
     ("--sparsegpt-blocksize", "prune.blocksize", dict(type=int, help="sparsegpt columns per block (default 128)")),
-    ("--repair", "repair", dict(help="label-free repair after pruning: none (default) | bn | varmatch | bn+varmatch")),
+    ("--repair", "repair", dict(help="label-free repair after pruning: auto (default: varmatch unless BatchNorm heals in train mode) | none | bn | varmatch | bn+varmatch")),
     ("--repair-shrinkage", "repair_shrinkage", dict(type=float, help="varmatch shrinkage > 0 keeps collapsed channels from being blown up")),
     ("--heal-from", "heal_from", dict(choices=["pruned", "dense-masked"], help="start healing from the pruner's weights (default) or dense x mask")),
     ("--healer", "heal.healer", dict(help="starfish (default), kd, nmse, finetune (uses labels) or none")),
@@ -157,7 +157,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"allocations: {', '.join(list_allocations())}")
     from starfish.repair import list_repairs
 
-    print(f"repairs: {', '.join(list_repairs())}")
+    print(f"repairs: auto (default), {', '.join(list_repairs())}")
     from starfish.heal.objectives import OBJECTIVES
 
     print(f"healers: {', '.join(n + (' (uses labels)' if OBJECTIVES[n].uses_labels else '') for n in list_healers())}, none")

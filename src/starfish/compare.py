@@ -320,16 +320,17 @@ def add_compare_flags(parser) -> None:
     from starfish.cli import add_run_flags, floats_arg
 
     add_run_flags(parser, skip=("--sparsity", "--healer", "--masks", "--repair"))
-    parser.add_argument("--sparsities", dest="_sparsities", type=floats_arg, default=[0.5, 0.75, 0.9], help="comma-separated sparsities (default 0.5,0.75,0.9)")
+    parser.add_argument("--sparsities", dest="_sparsities", metavar="S1,S2,...", type=floats_arg, default=[0.5, 0.75, 0.9], help="comma-separated sparsities (default 0.5,0.75,0.9)")
     parser.add_argument(
         "--healers",
         dest="_healers",
+        metavar="H1,H2,...",
         type=_names,
         default=None,
         help="comma-separated: none, repairs, trained healers, or REPAIR+HEALER "
         "(default: none, every repair, starfish, kd, nmse; add finetune (uses labels) explicitly)",
     )
-    parser.add_argument("--allocations", dest="_allocations", type=_names, default=None, help="comma-separated allocations to compare (default: --allocation)")
+    parser.add_argument("--allocations", dest="_allocations", metavar="A1,A2,...", type=_names, default=None, help="comma-separated allocations to compare (default: --allocation)")
 
 
 def cmd_compare(args) -> int:

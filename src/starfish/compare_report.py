@@ -6,7 +6,6 @@ healer in bold, then the plots) and to be enough on its own to reproduce the num
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from starfish.outputs import atomic_output_dir, write_json
@@ -127,7 +126,6 @@ def make_plots(result: dict, folder: Path) -> list[str]:
     uses = {r["healer"]: r["uses_labels"] for r in rows}
     many = len(p["allocations"]) > 1
     title = lambda c: (f"{c['allocation']} " if many else "") + f"{100 * c['sparsity']:g}% sparsity"  # noqa: E731
-    made = []
     jobs = {
         "accuracy_vs_sparsity.png": lambda path: plots.accuracy_vs_sparsity(rows, p["dense_top1"], path, p["model"]),
         "block_alignment.png": lambda path: plots.block_alignment(
@@ -139,15 +137,9 @@ def make_plots(result: dict, folder: Path) -> list[str]:
             [(title(c), {h: v["loss"] for h, v in c["healers"].items() if v["loss"]}) for c in curves], path, relative=True, uses_labels=uses
         ),
     }
-    for name, job in jobs.items():
-        if name == "loss_curves.png" and not any(v["loss"] for c in curves for v in c["healers"].values()):
-            continue  # nothing was trained
-        try:
-            job(folder / name)
-            made.append(name)
-        except Exception as exc:  # noqa: BLE001
-            print(f"starfish: warning: could not draw {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
-    return made
+    if not any(v["loss"] for c in curves for v in c["healers"].values()):
+        del jobs["loss_curves.png"]  # nothing was trained
+    return plots.draw_each(list(jobs.items()), folder)
 
 
 def write_outputs(result: dict, out: str | Path, force: bool = False) -> None:

@@ -77,11 +77,14 @@ def plot_rr(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_diagnosis(rows: list[dict], out: Path, title: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rr.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "rr.md").write_text(render_rr_markdown(rows, title))
-    plot_rr(rows, out / "rr.png", title)
+def write_diagnosis(rows: list[dict], out: Path, title: str, force: bool = False) -> None:
+    """rr.json, rr.md and rr.png, appearing together or not at all."""
+    from starfish.outputs import atomic_output_dir
+
+    with atomic_output_dir(out, force) as scratch:
+        (scratch / "rr.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (scratch / "rr.md").write_text(render_rr_markdown(rows, title))
+        plot_rr(rows, scratch / "rr.png", title)
 
 
 def setup_parser(parser: argparse.ArgumentParser) -> None:
@@ -96,17 +99,21 @@ def setup_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", help="regex over parameter names: skip these")
     parser.add_argument("--blocks", help="regex over module names that marks the blocks")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", required=True, help="output folder for rr.json, rr.md, rr.png")
+    parser.add_argument("--out", required=True, help="output folder for rr.json, rr.md, rr.png (refused if it exists unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
+    from starfish.outputs import check_output_dir
+
+    check_output_dir(args.out, args.force, (args.weights, args.calib))  # before any work
     size = args.calib_size
     if size is not None and size >= 1:
         size = int(size)
     rows = diagnose(args.model, args.weights, args.calib, size, args.sparsity, args.shrinkage, args.seed, args.include, args.exclude, args.blocks, args.device)
     title = f"{args.model} at {args.sparsity:g} sparsity per layer, {size or 'all'} calibration images"
     out = Path(args.out)
-    write_diagnosis(rows, out, title)
+    write_diagnosis(rows, out, title, args.force)
     worst = max((r for r in rows if r["rr"] is not None), key=lambda r: r["rr"], default=None)
     amplified = sum(1 for r in rows if r["rr"] is not None and r["rr"] > 1)
     print(render_rr_markdown(rows, title))

@@ -24,7 +24,7 @@ from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model
 from starfish.outputs import atomic_output_dir, check_output_dir, save_weights, write_json
 from starfish.pruning import PruneConfig, prune_with_notes
-from starfish.repair import apply_repair, list_repairs
+from starfish.repair import AUTO, apply_repair, list_repairs, resolve_repair
 
 
 @dataclass
@@ -41,7 +41,7 @@ class RunConfig:
     seed: int = 0
     masks: str | None = None  # start from saved masks instead of pruning
     prune: PruneConfig = field(default_factory=PruneConfig)
-    repair: str = "none"  # label-free repair after pruning: none | bn | varmatch | bn+varmatch
+    repair: str = "auto"  # label-free repair after pruning: auto | none | bn | varmatch | bn+varmatch
     repair_shrinkage: float = 0.0  # varmatch: > 0 keeps (nearly) collapsed channels from being blown up
     heal_from: str = "pruned"  # "pruned": start healing from the pruner's weights; "dense-masked": dense x mask
     heal: HealConfig = field(default_factory=HealConfig)
@@ -96,9 +96,9 @@ def validate(config: RunConfig) -> None:
         check_output_dir(config.out, config.force, (config.weights, config.calib, config.eval, config.masks))
     if config.calib is None and config.heal.healer != "none":
         raise StarfishError("healing needs calibration images: pass --calib DIR (or --healer none).")
-    if config.repair not in list_repairs():
-        raise StarfishError(f"unknown repair '{config.repair}'; choose one of {', '.join(list_repairs())}.")
-    if config.calib is None and config.repair != "none":
+    if config.repair not in (AUTO, *list_repairs()):
+        raise StarfishError(f"unknown repair '{config.repair}'; choose one of {AUTO}, {', '.join(list_repairs())}.")
+    if config.calib is None and config.repair not in ("none", AUTO):
         raise StarfishError(f"repair '{config.repair}' needs calibration images: pass --calib DIR (or --repair none).")
     if config.heal_from not in ("pruned", "dense-masked"):
         raise StarfishError(f"--heal-from must be 'pruned' or 'dense-masked'; got '{config.heal_from}'.")
@@ -146,10 +146,11 @@ def run(config: RunConfig, command: str | None = None) -> dict:
         sparse.load_state_dict(dense.state_dict())
         masks.apply_(sparse)
     pruned_pred = score(sparse, "pruned")
+    repair, repair_reason = resolve_repair(config.repair, sparse, config.heal.healer != "none", config.heal.bn_mode, calib is not None)
     repair_stats = {"repair": "none"}
     repaired_pred = None
-    if config.repair != "none":
-        repair_stats = apply_repair(config.repair, dense, sparse, masks, images_only(calib), shrinkage=config.repair_shrinkage)
+    if repair != "none":
+        repair_stats = apply_repair(repair, dense, sparse, masks, images_only(calib), shrinkage=config.repair_shrinkage)
         repaired_pred = score(sparse, "repaired")
     probe = AlignmentProbe.choose(evalset, calib, config.seed)
     block_pattern = config.prune.blocks or loaded.block_pattern
@@ -167,7 +168,9 @@ def run(config: RunConfig, command: str | None = None) -> dict:
         raise RuntimeError(f"mask contract violated after healing: {broken}")
 
     report = build_report(config, loaded, masks, calib_size, evalset, dense_pred, pruned_pred, healed_pred, heal_result, prune_seconds, command)
-    report["repair"] = config.repair
+    report["repair"] = repair
+    report["repair_requested"] = config.repair
+    report["repair_reason"] = repair_reason
     report["repair_stats"] = repair_stats
     report["heal_from"] = config.heal_from
     if repaired_pred is not None:

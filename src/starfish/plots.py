@@ -6,8 +6,9 @@ global pyplot backend of a user's session and everything works headless.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 # Fixed colours so a healer looks the same in every plot of every report.
 COLORS = {
@@ -29,16 +30,21 @@ WIDE = ("none", "starfish")
 
 
 def style_of(healer: str, uses_labels: bool = False, markers: bool = True) -> dict:
+    """A healer's line style. ``REPAIR+HEALER`` shares HEALER's colour and marker, drawn dash-dotted
+    with hollow markers, so "with and without the repair" reads as a pair."""
     wide = healer in WIDE
+    after_repair = "+" in healer and healer not in COLORS
     style = {
         "color": color_of(healer),
         "linewidth": 4.0 if wide else 1.5,
         "alpha": 0.75 if wide else 1.0,
         "zorder": 2 if wide else 3,
-        "linestyle": "--" if uses_labels else "-",
+        "linestyle": "--" if uses_labels else "-." if after_repair else "-",
     }
     if markers:
         style.update(marker=MARKERS.get(healer.split("+")[-1], "o"), markersize=8 if wide else 5)
+        if after_repair:
+            style.update(markerfacecolor="white", markeredgewidth=1.5, markersize=7)
     return style
 
 
@@ -61,9 +67,32 @@ def label_of(healer: str, uses_labels: bool = False) -> str:
 def _figure(panels: int, width: float = 6.4, height: float = 4.2):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * panels, height), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width * panels + 2.4, height), dpi=100, layout="constrained")  # + the legend
     axes = fig.subplots(1, panels, squeeze=False)[0]
     return fig, list(axes)
+
+
+def draw_each(jobs: Sequence[tuple[str, Callable[[Path], object]]], folder: Path) -> list[str]:
+    """Draw every (file name, drawer) into ``folder``; returns the names drawn. A plot that fails
+    is a warning on stderr, never a failed run: the numbers matter more than the pictures."""
+    made: list[str] = []
+    for name, draw in jobs:
+        try:
+            draw(folder / name)
+            made.append(name)
+        except Exception as exc:  # noqa: BLE001
+            print(f"starfish: warning: could not draw {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return made
+
+
+def _legend(fig, axes) -> None:
+    """One legend for the whole figure, outside the panels so no line is hidden under it."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize=8)
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -102,7 +131,7 @@ def accuracy_vs_sparsity(
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.set_title(f"{title}" + (f" — {allocation} allocation" if allocation and len(allocations) > 1 else ""))
-        ax.legend(fontsize=8, loc="lower left")
+    _legend(fig, axes)
     return _save(fig, path)
 
 
@@ -139,7 +168,7 @@ def block_alignment(
         ax.set_ylabel("mean cosine with the dense block output")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
+    _legend(fig, axes)
     for ax in axes:
         ax.set_ylim(max(-1.0, min(0.0, lowest) if lowest < 0 else lowest - 0.05), 1.01)
     return _save(fig, path)
@@ -172,5 +201,5 @@ def loss_curves(
         ax.set_ylabel("loss / loss at step 1 (log)" if relative else "healing loss (log)")
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8, loc="lower left")
+    _legend(fig, axes)
     return _save(fig, path)

@@ -40,7 +40,8 @@ def render_markdown(report: dict) -> str:
         f"- Model: `{report['model']}`, weights `{report['weights']}` (sha256 `{report.get('weights_sha256')}`)",
         f"- Pruning: {report['pruner']}, allocation {report['allocation']}, requested sparsity "
         f"{report['requested_sparsity']}, achieved {report['sparsity']:.6f} over {report['prunable_weights']} prunable weights"
-        f"; label-free repair: {report.get('repair', 'none')}",
+        f"; label-free repair: {report.get('repair', 'none')}"
+        + (f" (requested {report['repair_requested']}: {report.get('repair_reason')})" if report.get("repair_requested") == "auto" else ""),
         f"- Calibration: {report['calibration']['size']} images from `{report['calibration']['source']}`, "
         f"seed {report['calibration']['seed']} (labels not used{' — except by this healer' if report.get('uses_labels') else ''})",
         f"- Evaluation: {report['eval']['size']} images from `{report['eval']['source']}` (class-balanced, seed {report['eval']['seed']})",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 RUN_PLOTS = {
@@ -17,7 +16,6 @@ def write_run_plots(folder: Path, report: dict, loss_history: list[float] | None
 
     healer = report.get("healer", "healed")
     uses = {healer: bool(report.get("uses_labels"))}
-    made: list[str] = []
     jobs = []
     if loss_history:
         jobs.append(("loss_curve.png", lambda p: plots.loss_curves([(f"{report['model']} — {healer}", {healer: loss_history})], p, relative=False, uses_labels=uses)))
@@ -28,10 +26,4 @@ def write_run_plots(folder: Path, report: dict, loss_history: list[float] | None
         series = {f"{start}, before healing": align["before"], healer: align["after"]}
         title = f"{report['model']} at {100 * report['sparsity']:.0f}% sparsity"
         jobs.append(("block_alignment.png", lambda p: plots.block_alignment([(title, series)], p, uses)))
-    for name, job in jobs:
-        try:
-            job(folder / name)
-            made.append(name)
-        except Exception as exc:  # noqa: BLE001
-            print(f"starfish: warning: could not draw {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
-    return made
+    return plots.draw_each(jobs, folder)

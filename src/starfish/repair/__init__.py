@@ -13,7 +13,7 @@ from torch import nn
 
 from starfish.errors import StarfishError
 from starfish.masks import Masks
-from starfish.repair.bn import recalibrate_batchnorm
+from starfish.repair.bn import BN_TYPES, recalibrate_batchnorm
 from starfish.repair.varmatch import variance_match
 
 
@@ -35,10 +35,36 @@ def _bn_then_varmatch(dense, sparse, masks, calibration, **options) -> dict:
 
 
 REPAIRS: dict[str, Callable[..., dict]] = {"none": _none, "bn": _bn, "varmatch": _varmatch, "bn+varmatch": _bn_then_varmatch}
+AUTO = "auto"
 
 
 def list_repairs() -> list[str]:
     return list(REPAIRS)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, BN_TYPES) for m in model.modules())
+
+
+def resolve_repair(name: str, model: nn.Module, trained_healer: bool, bn_mode: str, has_calibration: bool = True) -> tuple[str, str]:
+    """The concrete repair for ``name`` and, for ``auto``, why it was chosen.
+
+    ``auto`` picks variance matching, except where something else already does its job:
+    - a network with BatchNorm healed with BatchNorm in train mode: every BatchNorm re-normalises its
+      channels on the sparse network's own batch statistics while healing, and the repair on top is
+      a gamble (ResNet-20: -1.5 points at 50%, +2.7 on average at 90-96%; ResNet-56: -3.6 on average
+      at 90-96%, down to -9.8), so nothing is added;
+    - no calibration images: nothing to measure on.
+    Everywhere else it helps a lot (ViT before STARFISH healing: +0.4 / +7.4 / +20 points at
+    50 / 75 / 90%; ResNet-20 without healing: 40.5 -> 69.2% at 75%); see BENCHMARKS.md, SWEEP.md.
+    """
+    if name != AUTO:
+        return name, "as requested"
+    if not has_calibration:
+        return "none", "auto: no calibration images to measure on"
+    if trained_healer and bn_mode == "train" and has_batchnorm(model):
+        return "none", "auto: BatchNorm in train mode re-normalises every channel while healing"
+    return "varmatch", "auto: variance matching before " + ("healing" if trained_healer else "evaluation")
 
 
 def apply_repair(name: str, dense: nn.Module, sparse: nn.Module, masks: Masks, calibration: torch.Tensor | None, **options) -> dict:
@@ -56,4 +82,4 @@ def apply_repair(name: str, dense: nn.Module, sparse: nn.Module, masks: Masks, c
     return {"repair": name, **stats}
 
 
-__all__ = ["REPAIRS", "apply_repair", "list_repairs"]
+__all__ = ["AUTO", "REPAIRS", "apply_repair", "has_batchnorm", "list_repairs", "resolve_repair"]

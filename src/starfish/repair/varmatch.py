@@ -6,11 +6,15 @@ measured on calibration images with every earlier correction already in place. T
 into existing parameters, so no module is added and masked weights stay exactly zero:
 
 - a layer with a bias: its weight row scales by a_c (zeros stay zero), its bias absorbs the shift;
-- a bias-free conv feeding a BatchNorm: the whole map goes into that BatchNorm's affine (gamma, beta).
-  A correction placed *before* the normalisation (conv weight + running mean) would be exactly
-  undone by a later BatchNorm recalibration, and recalibration also already matches those
-  statistics; in gamma/beta it takes effect with the statistics the BatchNorm has now. To combine
-  both repairs use ``bn+varmatch`` (recalibrate first, then match), never the other order;
+- a bias-free conv feeding a BatchNorm: the BatchNorm is re-based on the pruned output (its running
+  mean and variance become the pruned channel's own, as a recalibration would set them) and the
+  rest of the map goes into its affine (gamma, beta). In eval mode this is the same function as
+  folding the whole map into gamma/beta against the dense running statistics, but it is the only
+  placement that survives what comes next: a BatchNorm recalibration re-estimates the same
+  statistics (a no-op), and healing with BatchNorm in train mode (batch statistics) keeps the
+  correction. A map folded against the *dense* statistics would be applied twice there (the batch
+  statistics already normalise the pruned output, then gamma scales by std_d/std_p again), and a
+  map folded into the conv weight would be undone by any re-normalisation;
 - a bias-free layer without a BatchNorm after it: only the scale is folded (reported).
 """
 
@@ -78,7 +82,41 @@ def following_batchnorm(model: nn.Module, targets: list[Target], sample: torch.T
     return found
 
 
-def _fold(model: nn.Module, target: Target, bn_name: str | None, scale: torch.Tensor, shift: torch.Tensor) -> str:
+def _rebase_batchnorm(
+    bn: nn.Module, dense_bn: nn.Module, scale: torch.Tensor, shift: torch.Tensor, mean_p: torch.Tensor, var_p: torch.Tensor
+) -> None:
+    """Make ``bn`` compute f(y) = BN_dense(scale*y + shift) with running stats = the pruned moments.
+
+    The dense model's BatchNorm is the reference (not ``bn``'s current state, which an earlier
+    recalibration or repair may have changed), so the result does not depend on what ran before.
+    With the dense BatchNorm's s = sqrt(running_var + eps): f(y) = gamma*(scale*y + shift - rm)/s + beta.
+    Re-based on (mean_p, var_p): f(y) = gamma'*(y - mean_p)/s' + beta' with s' = sqrt(var_p + eps),
+    gamma' = gamma*scale*s'/s and beta' = f(mean_p). Identical in eval mode; and since the running
+    statistics now are the pruned output's own, batch statistics (train mode) or a recalibration
+    reproduce them instead of stacking a second normalisation on top of the correction.
+    """
+    s = (dense_bn.running_var.double() + dense_bn.eps).sqrt()
+    rm = dense_bn.running_mean.double()
+    gamma, beta = dense_bn.weight.double(), dense_bn.bias.double()
+    s_new = (var_p.double() + bn.eps).sqrt()
+    new_gamma = gamma * scale * s_new / s
+    new_beta = gamma * (scale * mean_p.double() + shift - rm) / s + beta
+    bn.weight.copy_(new_gamma.to(bn.weight))
+    bn.bias.copy_(new_beta.to(bn.bias))
+    bn.running_mean.copy_(mean_p.to(bn.running_mean))
+    bn.running_var.copy_(var_p.to(bn.running_var))
+
+
+def _fold(
+    model: nn.Module,
+    dense: nn.Module,
+    target: Target,
+    bn_name: str | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    pruned_mean: torch.Tensor,
+    pruned_var: torch.Tensor,
+) -> str:
     """Fold y -> scale*y + shift (per output channel) into parameters; returns where it went."""
     module = target.module(model)
     weight = getattr(module, target.param_name)
@@ -94,15 +132,11 @@ def _fold(model: nn.Module, target: Target, bn_name: str | None, scale: torch.Te
         return "bias"
     if bn_name is not None:
         bn = model.get_submodule(bn_name)
-        s = (bn.running_var.double() + bn.eps).sqrt()
-        rm = bn.running_mean.double()
         if bn.affine:
-            gamma, beta = bn.weight.double(), bn.bias.double()
-            new_beta = beta + gamma * (scale * rm + shift - rm) / s
-            bn.weight.copy_((gamma * scale).to(bn.weight))
-            bn.bias.copy_(new_beta.to(bn.bias))
+            _rebase_batchnorm(bn, dense.get_submodule(bn_name), scale, shift, pruned_mean, pruned_var)
         else:  # no affine to use: scale the weight rows, shift through the running mean
             weight.mul_(scale.to(weight).view(view))
+            rm = bn.running_mean.double()
             bn.running_mean.copy_((rm - shift).to(bn.running_mean))
         return "batchnorm"
     weight.mul_(scale.to(weight).view(view))
@@ -121,7 +155,7 @@ def variance_match(dense: nn.Module, sparse: nn.Module, masks: Masks, calibratio
         dm = dense_moments[t.name]
         scale = match_scale(dm.std, pm.std, shrinkage)
         shift = dm.mean - scale * pm.mean
-        where = _fold(sparse, t, bn_of.get(t.name), scale, shift)
+        where = _fold(sparse, dense, t, bn_of.get(t.name), scale, shift, pm.mean, pm.var)
         placed[where] = placed.get(where, 0) + 1
         scales.append(float(scale.median()))
     masks.apply_(sparse)  # a no-op by construction; kept as the contract's guard

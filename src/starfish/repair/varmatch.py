@@ -82,15 +82,14 @@ def following_batchnorm(model: nn.Module, targets: list[Target], sample: torch.T
     return found
 
 
-def _rebase_batchnorm(
-    bn: nn.Module, dense_bn: nn.Module, scale: torch.Tensor, shift: torch.Tensor, mean_p: torch.Tensor, var_p: torch.Tensor
-) -> None:
+def _rebase_batchnorm(bn: nn.Module, dense_bn: nn.Module, scale: torch.Tensor, shift: torch.Tensor, pruned: Moments) -> None:
     """Make ``bn`` compute f(y) = BN_dense(scale*y + shift) with running stats = the pruned moments.
 
     The dense model's BatchNorm is the reference (not ``bn``'s current state, which an earlier
     recalibration or repair may have changed), so the result does not depend on what ran before.
     With the dense BatchNorm's s = sqrt(running_var + eps): f(y) = gamma*(scale*y + shift - rm)/s + beta.
-    Re-based on (mean_p, var_p): f(y) = gamma'*(y - mean_p)/s' + beta' with s' = sqrt(var_p + eps),
+    Re-based on the pruned moments (mean_p, var_p): f(y) = gamma'*(y - mean_p)/s' + beta',
+    with s' = sqrt(var_p + eps),
     gamma' = gamma*scale*s'/s and beta' = f(mean_p). Identical in eval mode; and since the running
     statistics now are the pruned output's own, batch statistics (train mode) or a recalibration
     reproduce them instead of stacking a second normalisation on top of the correction.
@@ -98,25 +97,16 @@ def _rebase_batchnorm(
     s = (dense_bn.running_var.double() + dense_bn.eps).sqrt()
     rm = dense_bn.running_mean.double()
     gamma, beta = dense_bn.weight.double(), dense_bn.bias.double()
-    s_new = (var_p.double() + bn.eps).sqrt()
+    s_new = (pruned.var + bn.eps).sqrt()
     new_gamma = gamma * scale * s_new / s
-    new_beta = gamma * (scale * mean_p.double() + shift - rm) / s + beta
+    new_beta = gamma * (scale * pruned.mean + shift - rm) / s + beta
     bn.weight.copy_(new_gamma.to(bn.weight))
     bn.bias.copy_(new_beta.to(bn.bias))
-    bn.running_mean.copy_(mean_p.to(bn.running_mean))
-    bn.running_var.copy_(var_p.to(bn.running_var))
+    bn.running_mean.copy_(pruned.mean.to(bn.running_mean))
+    bn.running_var.copy_(pruned.var.to(bn.running_var))
 
 
-def _fold(
-    model: nn.Module,
-    dense: nn.Module,
-    target: Target,
-    bn_name: str | None,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    pruned_mean: torch.Tensor,
-    pruned_var: torch.Tensor,
-) -> str:
+def _fold(model: nn.Module, dense: nn.Module, target: Target, bn_name: str | None, scale: torch.Tensor, shift: torch.Tensor, pruned: Moments) -> str:
     """Fold y -> scale*y + shift (per output channel) into parameters; returns where it went."""
     module = target.module(model)
     weight = getattr(module, target.param_name)
@@ -133,7 +123,7 @@ def _fold(
     if bn_name is not None:
         bn = model.get_submodule(bn_name)
         if bn.affine:
-            _rebase_batchnorm(bn, dense.get_submodule(bn_name), scale, shift, pruned_mean, pruned_var)
+            _rebase_batchnorm(bn, dense.get_submodule(bn_name), scale, shift, pruned)
         else:  # no affine to use: scale the weight rows, shift through the running mean
             weight.mul_(scale.to(weight).view(view))
             rm = bn.running_mean.double()
@@ -155,7 +145,7 @@ def variance_match(dense: nn.Module, sparse: nn.Module, masks: Masks, calibratio
         dm = dense_moments[t.name]
         scale = match_scale(dm.std, pm.std, shrinkage)
         shift = dm.mean - scale * pm.mean
-        where = _fold(sparse, dense, t, bn_of.get(t.name), scale, shift, pm.mean, pm.var)
+        where = _fold(sparse, dense, t, bn_of.get(t.name), scale, shift, pm)
         placed[where] = placed.get(where, 0) + 1
         scales.append(float(scale.median()))
     masks.apply_(sparse)  # a no-op by construction; kept as the contract's guard

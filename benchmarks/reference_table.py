@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     parser.add_argument("--merge", action="store_true", help="keep rows of other models from the last results file")
+    parser.add_argument("--bn-mode", default=HealConfig().bn_mode, choices=["train", "frozen"], help="BatchNorm while healing")
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "reference_table.json"), help="per-seed results file")
+    parser.add_argument("--no-markdown", action="store_true", help="write only --json (e.g. for the frozen-BatchNorm comparison)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -70,9 +73,9 @@ def main() -> None:
             masks = prune(base, PruneConfig(sparsity=sparsity))
             pruned_acc = top1(predict(base, evalset, device="cpu"))
             healed, seconds, peaks, defaults = [], [], [], []
-            repair, _ = resolve_repair("auto", base, True, HealConfig().bn_mode)
+            repair, _ = resolve_repair("auto", base, True, args.bn_mode)
             for seed in seeds:
-                config = HealConfig(seed=seed, device="cpu", progress=False)
+                config = HealConfig(seed=seed, device="cpu", progress=False, bn_mode=args.bn_mode)
                 sparse = copy.deepcopy(base)
                 result = heal(dense, sparse, masks, calibs[seed], config)
                 assert masks.violations(sparse) == {}
@@ -89,23 +92,24 @@ def main() -> None:
                     defaults.append(healed[-1])
                 print(f"{spec} s={sparsity} seed={seed}: dense {dense_acc:.4f} pruned {pruned_acc:.4f} healed {healed[-1]:.4f} "
                       f"({result.seconds:.1f} s); default pipeline ({repair} + starfish) {defaults[-1]:.4f}", flush=True)
-            rows.append({"bn_mode": HealConfig().bn_mode,
+            rows.append({"bn_mode": args.bn_mode,
                 "model": spec, "sparsity": sparsity, "achieved_sparsity": masks.sparsity(), "dense": dense_acc,
                 "pruned": pruned_acc, "healed": healed, "seeds": seeds, "heal_seconds": seconds, "peak_memory_mb": max(peaks),
                 "default_repair": repair, "healed_default_pipeline": defaults,
             })
-    results = REPO / "benchmarks" / "results" / "reference_table.json"
+    results = Path(args.json)
     if args.merge and results.exists():  # keep earlier rows of models not rerun now
         rerun = {r["model"] for r in rows}
         rows = [r for r in json.loads(results.read_text()) if r["model"] not in rerun] + rows
         rows.sort(key=lambda r: (list(MODELS).index(r["model"]), r["sparsity"]))
-    write(rows, args)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(rows, indent=2) + "\n")
+    if not args.no_markdown:
+        write(rows, args)
 
 
 def write(rows: list[dict], args: argparse.Namespace) -> None:
     out = Path(args.out)
-    (REPO / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-    (REPO / "benchmarks" / "results" / "reference_table.json").write_text(json.dumps(rows, indent=2) + "\n")
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     lines = [
         "# Benchmarks",

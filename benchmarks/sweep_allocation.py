@@ -236,6 +236,7 @@ def render(store: Store, args) -> str:
                 row = [pct(cells.get(f"cifar10-vit|{s}|{p}|uniform|{r}|{h}", {}).get("top1")) for r in ("none", "varmatch") for h in ("none", "starfish")]
                 lines.append(f"| {100 * s:.0f}% | {p} | " + " | ".join(row) + " |")
         lines.append("")
+    lines += derived(store)
     best = [c for c in store.cells() if c.get("best")]
     if best:
         lines += ["## Best pipelines found (longer heal)", "", "| model | sparsity | pruner | allocation | repair | heal | top-1 | agreement with dense |", "|---|---|---|---|---|---|---|---|"]
@@ -245,6 +246,47 @@ def render(store: Store, args) -> str:
     lines += ["Plots: `benchmarks/results/sweep_resnet20.png`, `sweep_resnet56.png`, `sweep_vit.png` (top-1 vs sparsity per allocation "
               "or pruner, one panel per repair × heal, dotted line = dense).", ""]
     return "\n".join(lines)
+
+
+def derived(store: Store) -> list[str]:
+    """Summary figures the written reading quotes, computed here from the cells (not by hand)."""
+    lines = ["## Derived from the cells above (ResNets)", ""]
+    for net in ("cifar10-resnet20", "cifar10-resnet56"):
+        data = store.data.get(net)
+        if not data:
+            continue
+        c = {(x["sparsity"], x["allocation"], x["repair"], x["heal"]): x["top1"] for x in data["cells"] if not x.get("best")}
+        grid = [(s, a) for s in RESNET_SPARSITIES for a in ALLOCATIONS]
+        if not all((s, a, r, h) in c for s, a in grid for r in RESNET_REPAIRS for h in ("none", "starfish")):
+            continue
+        pts = lambda d: f"{100 * d:+.1f}"  # noqa: E731
+        vm_bn = [c[(s, a, "varmatch", "none")] - c[(s, a, "bn", "none")] for s, a in grid]
+        vm_heal = [c[(s, a, "varmatch", "starfish")] - c[(s, a, "none", "starfish")] for s, a in grid]
+        bn_heal = [c[(s, a, "bn", "starfish")] - c[(s, a, "none", "starfish")] for s, a in grid]
+        best_free = [max(c[(s, a, r, "none")] for a in ALLOCATIONS for r in RESNET_REPAIRS) for s in RESNET_SPARSITIES]
+        best_healed = [max(c[(s, a, r, "starfish")] for a in ALLOCATIONS for r in RESNET_REPAIRS) for s in RESNET_SPARSITIES]
+        over_uniform = [c[(s, a, "none", "starfish")] - c[(s, "uniform", "none", "starfish")] for s in (0.90, 0.93) for a in ("global", "erk", "lamp")]
+        sparsities = " / ".join(f"{100 * s:.0f}" for s in RESNET_SPARSITIES)
+        lines += [
+            f"**{SHORT[net]}** (points; {len(grid)} sparsity × allocation cells)",
+            "",
+            f"- best cell without healing at {sparsities}%: " + " / ".join(pct(v) for v in best_free) + "%; best healed: " + " / ".join(pct(v) for v in best_healed) + "%",
+            f"- varmatch minus bn, no healing: varmatch ahead in {sum(d > 0 for d in vm_bn)} of {len(grid)} cells, range {pts(min(vm_bn))} to {pts(max(vm_bn))}",
+            f"- varmatch / starfish minus none / starfish: mean {pts(sum(vm_heal) / len(vm_heal))}, range {pts(min(vm_heal))} to {pts(max(vm_heal))}",
+            f"- bn / starfish minus none / starfish: largest difference {pts(max(bn_heal, key=abs))}",
+            f"- healed global / erk / lamp minus uniform at 90–93%: {pts(min(over_uniform))} to {pts(max(over_uniform))}",
+        ]
+        rr = [r["rr"] for rows in data.get("rr", {}).values() for r in rows if r["rr"] is not None]
+        if rr:
+            lines.append(f"- RR of single layers at {sparsities}%: {min(rr):.2f} to {max(rr):.2f}; {sum(v > 1 for v in rr)} above 1")
+        layers = data.get("layer_sparsity", {})
+        lamp, by_rr = layers.get("0.9|magnitude|lamp"), layers.get("0.9|magnitude|rr")
+        if lamp and by_rr:
+            moves = sorted(lamp, key=lambda k: abs(by_rr[k] - lamp[k]), reverse=True)[:3]
+            lines.append("- largest per-layer moves, LAMP → RR allocation at 90%: " + ", ".join(
+                f"`{k.removesuffix('.weight')}` {pct(lamp[k])} → {pct(by_rr[k])}%" for k in moves))
+        lines.append("")
+    return lines if len(lines) > 2 else []
 
 
 def plot(store: Store, out: Path) -> None:
@@ -323,8 +365,7 @@ def main() -> int:
     md = Path(args.out) / "SWEEP.md"
     mine = [n for n in SHORT if SHORT[n] in args.nets]
 
-    def save(net: str) -> None:
-        store.save(net, command)
+    def render_all() -> None:
         store.reload_others(mine)
         reading = ""
         if md.exists() and "<!-- reading -->" in md.read_text():
@@ -333,6 +374,11 @@ def main() -> int:
         tmp.write_text(render(store, args) + "\n<!-- reading -->" + reading)
         tmp.replace(md)
         plot(store, results_dir)
+
+    def save(net: str) -> None:
+        """New cells for ``net``: its results file records them with the command that made them."""
+        store.save(net, command)
+        render_all()
 
     for n, job in enumerate(jobs(args)):
         if args.max_jobs is not None and n >= args.max_jobs:
@@ -346,8 +392,7 @@ def main() -> int:
             print(f"{SHORT[net]} dense top-1 {100 * results['dense_top1']:.2f}% on {len(evalset)} images", flush=True)
             save(net)
         run_job(job, material, store, save)
-    for net in mine:
-        save(net)
+    render_all()  # tables and plots from every results file; a run with nothing left to do only re-renders
     print(f"done: {len(store.cells())} cells in {store.folder}")
     return 0
 

@@ -52,11 +52,12 @@ def resolve_repair(name: str, model: nn.Module, trained_healer: bool, bn_mode: s
     ``auto`` picks variance matching, except where something else already does its job:
     - a network with BatchNorm healed with BatchNorm in train mode: every BatchNorm re-normalises its
       channels on the sparse network's own batch statistics while healing, and the repair on top is
-      a gamble (ResNet-20: -1.5 points at 50%, +2.7 on average at 90-96%; ResNet-56: -3.6 on average
-      at 90-96%, down to -9.8), so nothing is added;
+      a gamble (ResNet-20: -1.7 points at 50%, +2.7 on average at 90-96%; ResNet-56: -3.5 on average
+      at 90-96%, down to -9.8; benchmarks/COMPARE.md and SWEEP.md), so nothing is added;
     - no calibration images: nothing to measure on.
-    Everywhere else it helps a lot (ViT before STARFISH healing: +0.4 / +7.4 / +20 points at
-    50 / 75 / 90%; ResNet-20 without healing: 40.5 -> 69.2% at 75%); see BENCHMARKS.md, SWEEP.md.
+    Everywhere else it helps a lot (ViT before STARFISH healing, mean of five calibration draws:
+    +0.5 / +7.3 / +21.0 points at 50 / 75 / 90%, BENCHMARKS.md; ResNet-20 without healing:
+    40.9 -> 69.4% at 75%, benchmarks/COMPARE.md).
     """
     if name != AUTO:
         return name, "as requested"

@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from starfish.batch import calibration_set, call_model, iter_batches, model_device, position_weights, to_device
+from starfish.blockio import StopForward
 from starfish.errors import StarfishError
 from starfish.structure import Target
 
 _QKV = {"q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}
 
-
-class StopForward(Exception):
-    """Raised from a hook to end a forward pass once the needed activation has been seen."""
+# visit(i, module, input, weights): ``weights`` are the batch's per-position weights (None for images)
+Visit = Callable[[int, nn.Module, torch.Tensor, "torch.Tensor | None"], None]
 
 
 @contextmanager
@@ -96,6 +97,26 @@ def input_matrix(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def real_rows(rows: torch.Tensor, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``rows`` (one per position of ``x``, as ``input_matrix``/``channels_last_2d`` make them for a
+    token input) without the padding positions: statistics over tokens count real tokens only.
+
+    ``weights`` are the batch's (N, L) position weights; they apply when the positions of ``x`` are
+    (N, L) (batch first) or (L, N). Anything else (images, convolutions) keeps every row.
+    """
+    if weights is None or x.dim() < 2:
+        return rows
+    prefix = tuple(x.shape[:-1])
+    w = weights.to(x.device)
+    if prefix == tuple(w.shape):
+        flat = w.reshape(-1)
+    elif prefix == tuple(w.T.shape):
+        flat = w.T.reshape(-1)
+    else:
+        return rows
+    return rows if rows.shape[0] != flat.shape[0] else rows[flat > 0]
+
+
 def _explicit_mha_forward(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
     """Self-contained attention that calls ``self.out_proj`` as a module, so its hooks fire.
 
@@ -149,57 +170,69 @@ def observable_attention(model: nn.Module) -> Iterator[None]:
             del module.forward
 
 
-def batches(calibration: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for i in range(0, calibration.shape[0], batch_size):
-        yield calibration[i : i + batch_size]
+@contextmanager
+def hooked_targets(model: nn.Module, targets: list[Target], visit: Visit, weights: list, stop_after: int | None = None) -> Iterator[None]:
+    """Forward pre-hooks calling ``visit(i, module, input, weights[0])`` for target i; ``weights`` is
+    a one-element list the caller updates with the current batch's position weights."""
+    handles = []
+    for i, target in enumerate(targets):
+        module = target.module(model)
+
+        def hook(mod, args, i=i, target=target):
+            visit(i, mod, target_input(target, args), weights[0])
+            if stop_after is not None and i == stop_after:
+                raise StopForward
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
-def model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+@contextmanager
+def evaluation(model: nn.Module) -> Iterator[None]:
+    """Eval mode with every submodule observable (no fused fast paths), restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with no_fastpath(), observable_attention(model):
+            yield
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
 def watch(
     model: nn.Module,
     targets: list[Target],
-    calibration: torch.Tensor,
-    visit: Callable[[int, nn.Module, torch.Tensor], None],
+    calibration: object,
+    visit: Callable[..., None],
     batch_size: int = 64,
     stop_after: int | None = None,
+    weighted: bool = False,
 ) -> None:
-    """Run the model on calibration data; call ``visit(i, module, input)`` for target i.
+    """Run the whole model on calibration data (a mapping or an image tensor) through ``call_model``;
+    call ``visit(i, module, input)`` for target i (``visit(i, module, input, position_weights)``
+    when ``weighted``).
 
     ``stop_after`` ends each forward pass right after target ``stop_after`` was visited (saves
     the rest of the network when only an early layer is needed).
     """
     device = model_device(model)
-    handles = []
-    for i, target in enumerate(targets):
-        module = target.module(model)
-
-        def hook(mod, args, i=i, target=target):
-            visit(i, mod, target_input(target, args))
-            if stop_after is not None and i == stop_after:
-                raise StopForward
-
-        handles.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with no_fastpath(), observable_attention(model):
-            for x in batches(calibration, batch_size):
-                try:
-                    model(x.to(device))
-                except StopForward:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    current: list = [None]
+    call = visit if weighted else (lambda i, module, x, w: visit(i, module, x))
+    with evaluation(model), hooked_targets(model, targets, call, current, stop_after):
+        for batch in iter_batches(calibration_set(calibration), batch_size):
+            current[0] = position_weights(batch)
+            try:
+                call_model(model, to_device(batch, device))
+            except StopForward:
+                pass
 
 
-def forward_order(model: nn.Module, targets: list[Target], sample: torch.Tensor) -> list[Target]:
+def forward_order(model: nn.Module, targets: list[Target], sample: object) -> list[Target]:
     """Targets sorted by when their module first runs (a packed attention module runs once)."""
     first: dict[str, int] = {}
     counter = [0]
@@ -208,5 +241,6 @@ def forward_order(model: nn.Module, targets: list[Target], sample: torch.Tensor)
         first.setdefault(targets[i].name, counter[0])
         counter[0] += 1
 
-    watch(model, targets, sample[:1], visit, batch_size=1)
+    one = {k: v[:1] for k, v in calibration_set(sample).items()}
+    watch(model, targets, one, visit, batch_size=1)
     return sorted(targets, key=lambda t: first.get(t.name, len(first) + targets.index(t)))

@@ -27,10 +27,12 @@ class PruneConfig:
         from starfish.pruning.masking import parse_pattern
 
         nm = parse_pattern(self.pattern)
-        if nm is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+        # the pattern fixes the sparsity at 1 - N/M; any value within half a weight per group of M
+        # names it (so a rounded 0.666667 means 1:3), and the pattern's exact value is what is pruned
+        if nm is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 0.5 / nm[1]:
             raise StarfishError(
-                f"pattern {self.pattern} fixes the sparsity at {1 - nm[0] / nm[1]:g}; "
-                f"pass --sparsity {1 - nm[0] / nm[1]:g} with it (got {self.sparsity})."
+                f"pattern {self.pattern} fixes the sparsity at {1 - nm[0] / nm[1]:.6g}; "
+                f"pass --sparsity {1 - nm[0] / nm[1]:.6g} with it (got {self.sparsity})."
             )
         if self.damp <= 0 or self.blocksize < 1:
             raise StarfishError(f"sparsegpt needs damping > 0 and block size >= 1; got {self.damp} and {self.blocksize}.")

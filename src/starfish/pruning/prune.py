@@ -1,9 +1,11 @@
-"""The single verb: ``prune(model, config)`` allocates, scores, builds masks and zeroes weights.
+"""The single verb: ``prune(model, config)`` allocates, calibrates, compresses and zeroes weights.
 
 Order of work: the allocation fixes how many weights each layer loses (from the dense weights);
-then each layer's pruner picks which ones. Score-based pruners see statistics of the dense
-model's inputs (one pass); SparseGPT runs layer by layer in forward order, each layer seeing the
-inputs produced by the already pruned and reconstructed layers before it.
+then the pruner picks which ones. Pruners that need calibration data are fed block by block
+(``starfish.sequential``): one prefix pass per calibration batch, then per block one calibration
+pass and, for pruners that rewrite weights (SparseGPT), one pass of the pruned block whose output
+the next block calibrates on. Where the blocks do not form a chain or targets lie outside them,
+whole-model passes are used instead and the notes say so.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ from starfish.pruning.allocation import AllocationContext, allocate
 from starfish.pruning.config import PruneConfig
 from starfish.pruning.masking import lowest_k_mask, mask_from_scores, parse_pattern  # noqa: F401 (re-exported)
 from starfish.pruning.pruners import Pruner, get_pruner
-from starfish.pruning.sparsegpt import sparsegpt_layer
+from starfish.sequential import plan_blocks, walk
 from starfish.structure import Target, prunable_targets
+
+BATCH_SIZE = 64  # calibration samples per forward call
 
 
 def input_statistics(
-    model: nn.Module, targets: list[Target], calibration: torch.Tensor, kind: str, batch_size: int = 64
+    model: nn.Module, targets: list[Target], calibration: object, kind: str, batch_size: int = BATCH_SIZE
 ) -> dict[str, torch.Tensor]:
-    """Per target: sum of squares per input feature (``norms``) or the Gram matrix X^T X (``gram``)."""
+    """Per target (dense model, one whole-model pass): sum of squares per input feature (``norms``)
+    or the Gram matrix X^T X (``gram``), in float64 on the CPU. For tests and diagnostics."""
     acc: dict[str, torch.Tensor] = {}
 
     def visit(i: int, module: nn.Module, x: torch.Tensor) -> None:
@@ -48,43 +53,50 @@ def _counts(config: PruneConfig, targets: list[Target], params: dict, model: nn.
     return counts, context.notes
 
 
-def _sparsegpt(model: nn.Module, config: PruneConfig, targets: list[Target], counts: dict[str, int], calibration: torch.Tensor) -> Masks:
-    masks = Masks()
-    pattern = parse_pattern(config.pattern)
+class _Compressor:
+    """Applies the pruner's ``compress`` to targets and records their masks."""
+
+    def __init__(self, model: nn.Module, pruner: Pruner, counts: dict[str, int], pattern: tuple[int, int] | None) -> None:
+        self.params = dict(model.named_parameters())
+        self.pruner, self.counts, self.pattern = pruner, counts, pattern
+        self.masks = Masks()
+
+    @torch.no_grad()
+    def __call__(self, targets: list[Target]) -> None:
+        for t in targets:
+            weight = self.params[t.name]
+            new, keep = self.pruner.compress(t, weight.detach(), self.counts[t.name], self.pattern)
+            weight.data.copy_(new.to(weight.device, weight.dtype))
+            weight.data.mul_(keep.to(weight.device, weight.dtype))  # exactly zero, whatever compress returned
+            self.masks[t.name] = keep.cpu()
+
+
+def _whole_model(model: nn.Module, pruner: Pruner, targets: list[Target], calibration, compressor: _Compressor) -> None:
+    """Fallback: one whole-model pass for statistics of the dense model, or, for a pruner that
+    rewrites weights, one (truncated) pass per target in forward order (O(targets x blocks))."""
+    calibrate = lambda targets: lambda i, module, x, w: pruner.calibrate(targets[i], module, x, w)  # noqa: E731
+    if not pruner.reconstructs:
+        watch(model, targets, calibration, calibrate(targets), BATCH_SIZE, weighted=True)
+        compressor(targets)
+        return
     ordered = forward_order(model, targets, calibration)
-    params = dict(model.named_parameters())
     for j, target in enumerate(ordered):
-        gram = input_statistics_one(model, ordered, j, calibration)
-        weight = params[target.name]
-        new, keep = sparsegpt_layer(weight.detach().cpu(), gram, counts[target.name], pattern, config.blocksize, config.damp)
-        weight.data.copy_(new.to(weight.device, weight.dtype))
-        masks[target.name] = keep
-    return Masks({t.name: masks[t.name] for t in targets})  # the caller's target order
-
-
-def input_statistics_one(model: nn.Module, ordered: list[Target], j: int, calibration: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Gram matrix of target ``j``'s inputs, stopping each forward pass as soon as it is seen."""
-    acc: list[torch.Tensor] = []
-
-    def visit(i: int, module: nn.Module, x: torch.Tensor) -> None:
-        if i == j:
-            cols = input_matrix(module, x.detach()).double()
-            acc.append(cols.T @ cols)
-
-    watch(model, ordered, calibration, visit, batch_size, stop_after=j)
-    return torch.stack(acc).sum(0).cpu()
+        only = lambda i, module, x, w, j=j: i == j and pruner.calibrate(ordered[j], module, x, w)  # noqa: E731
+        watch(model, ordered, calibration, only, BATCH_SIZE, stop_after=j, weighted=True)
+        compressor([target])
 
 
 def prune(
     model: nn.Module,
     config: PruneConfig | float,
     seed: int = 0,
-    calibration: torch.Tensor | None = None,
+    calibration: object = None,
 ) -> Masks:
     """Prune ``model`` in place and return its masks. Accepts a sparsity as a shortcut.
 
-    ``calibration`` (a tensor of preprocessed images) is needed by the ``wanda`` and ``sparsegpt``
-    pruners and by the ``rr`` allocation; magnitude/random with uniform/global/erk/lamp ignore it.
+    ``calibration`` (a batch mapping, or a tensor of preprocessed images) is needed by the
+    ``wanda`` and ``sparsegpt`` pruners and by the ``rr`` allocation; magnitude/random with
+    uniform/global/erk/lamp ignore it.
     """
     return prune_with_notes(model, config, seed, calibration)[0]
 
@@ -94,29 +106,33 @@ def prune_with_notes(
     model: nn.Module,
     config: PruneConfig | float,
     seed: int = 0,
-    calibration: torch.Tensor | None = None,
+    calibration: object = None,
 ) -> tuple[Masks, dict]:
-    """``prune``, plus what the allocation measured on the way (e.g. the RR table of ``rr``)."""
+    """``prune``, plus notes: what the allocation measured (e.g. the RR table of ``rr``) and, under
+    ``"calibration"``, whether the pruner was fed block by block or by whole-model passes (and why)."""
     if not isinstance(config, PruneConfig):
         config = PruneConfig(sparsity=float(config))
     config.validate()
-    pruner: Pruner = get_pruner(config.pruner)
-    if (pruner.needs_calibration or config.allocation == "rr") and calibration is None:
+    pruner_type = get_pruner(config.pruner)
+    if (pruner_type.needs_calibration or config.allocation == "rr") and calibration is None:
         raise StarfishError(
             f"pruner '{config.pruner}' with allocation '{config.allocation}' needs calibration images; pass --calib DIR."
         )
     targets = prunable_targets(model, config.include, config.exclude, config.blocks)
     params = dict(model.named_parameters())
     counts, notes = _counts(config, targets, params, model, calibration)
-    if pruner.reconstructs:
-        masks = _sparsegpt(model, config, targets, counts, calibration)
+    pruner = pruner_type(seed=seed, blocksize=config.blocksize, damp=config.damp)
+    compressor = _Compressor(model, pruner, counts, parse_pattern(config.pattern))
+    if not pruner.needs_calibration:
+        compressor(targets)
     else:
-        stats = input_statistics(model, targets, calibration, pruner.statistics) if pruner.statistics else {}
-        generator = torch.Generator().manual_seed(seed)
-        pattern = parse_pattern(config.pattern)
-        masks = Masks()
-        for t in targets:
-            scores = pruner.score(params[t.name].detach().cpu(), generator, stats.get(t.name))
-            masks[t.name] = mask_from_scores(scores, counts[t.name], pruner.group, pattern)
+        plan = plan_blocks(model, targets, calibration, config.blocks)
+        notes["calibration"] = plan.note
+        if plan.sequential:
+            change = lambda stage: compressor(stage.targets)  # noqa: E731
+            walk(model, plan, calibration, BATCH_SIZE, pruner.calibrate, change, propagate_changed=pruner.reconstructs)
+        else:
+            _whole_model(model, pruner, targets, calibration, compressor)
+    masks = Masks({t.name: compressor.masks[t.name] for t in targets})  # the caller's target order
     masks.apply_(model)
     return masks, notes

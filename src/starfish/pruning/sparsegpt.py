@@ -8,6 +8,11 @@ calibration inputs changes as little as possible (Frantar & Alistarh, 2023).
 
 The number removed per block follows the layer's budget cumulatively, so the layer loses exactly
 ``k`` weights whatever its allocation; with an N:M pattern the choice is made per group of M.
+
+Everything runs in float32 on the device of the Gram matrix (the model's device): the Gram matrix
+is the *mean* of x x^T over samples (entries stay O(activation^2) whatever the calibration size)
+and is damped by ``damp`` x its mean diagonal before the Cholesky factorisations; a failed or
+non-finite factorisation retries with ten times more damping (``inverse_hessian_factor``).
 """
 
 from __future__ import annotations
@@ -17,20 +22,20 @@ import torch
 from starfish.errors import StarfishError
 
 
-def inverse_hessian_factor(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, with dead inputs made harmless."""
-    h = gram.double().clone()
+def inverse_hessian_factor(gram: torch.Tensor, damp: float, retries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 in float32, dead inputs made harmless."""
+    h = gram.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     mean_diag = torch.diag(h).mean().item()
-    h += torch.eye(h.shape[0], dtype=h.dtype) * damp * mean_diag
-    for attempt in range(6):
-        try:
-            chol = torch.linalg.cholesky(h)
-            hinv = torch.cholesky_inverse(chol)
-            return torch.linalg.cholesky(hinv, upper=True)
-        except torch.linalg.LinAlgError:
-            h += torch.eye(h.shape[0], dtype=h.dtype) * damp * mean_diag * (10**attempt)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(retries):
+        damped = h + eye * (damp * mean_diag * (10**attempt))
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper
     raise StarfishError("the calibration Hessian is singular even after damping; raise --sparsegpt-damp.")
 
 
@@ -52,7 +57,7 @@ def sparsegpt_layer(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (new weight, keep-mask) with exactly ``k`` weights removed (or the N:M pattern)."""
     shape = weight.shape
-    w = weight.detach().reshape(shape[0], -1).double().clone()
+    w = weight.detach().reshape(shape[0], -1).to(gram.device, torch.float32).clone()
     rows, cols = w.shape
     if gram.shape != (cols, cols):
         raise ValueError(f"Gram matrix {tuple(gram.shape)} does not fit a weight with {cols} columns")
@@ -89,4 +94,4 @@ def sparsegpt_layer(
         removed[:, start:end] = gone
         w[:, end:] -= err1 @ u[start:end, end:]
     w[removed] = 0.0
-    return w.to(weight.dtype).view(shape), (~removed).view(shape)
+    return w.to(weight.device, weight.dtype).view(shape), (~removed).to(weight.device).view(shape)

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from starfish.batch import batch_len, calibration_set
 from starfish.errors import StarfishError
 from starfish.masks import Masks
 from starfish.repair.bn import BN_TYPES, recalibrate_batchnorm
@@ -25,8 +26,8 @@ def _bn(dense, sparse, masks, calibration, batch_size: int = 100, **options) -> 
     return recalibrate_batchnorm(sparse, calibration, batch_size)
 
 
-def _varmatch(dense, sparse, masks, calibration, shrinkage: float = 0.0, batch_size: int = 64, **options) -> dict:
-    return variance_match(dense, sparse, masks, calibration, shrinkage, batch_size)
+def _varmatch(dense, sparse, masks, calibration, shrinkage: float = 0.0, batch_size: int = 64, scheme: str = "layer", **options) -> dict:
+    return variance_match(dense, sparse, masks, calibration, shrinkage, batch_size, scheme)
 
 
 def _bn_then_varmatch(dense, sparse, masks, calibration, **options) -> dict:
@@ -68,13 +69,14 @@ def resolve_repair(name: str, model: nn.Module, trained_healer: bool, bn_mode: s
     return "varmatch", "auto: variance matching before " + ("healing" if trained_healer else "evaluation")
 
 
-def apply_repair(name: str, dense: nn.Module, sparse: nn.Module, masks: Masks, calibration: torch.Tensor | None, **options) -> dict:
-    """Repair ``sparse`` in place against ``dense`` on unlabeled ``calibration`` images."""
+def apply_repair(name: str, dense: nn.Module, sparse: nn.Module, masks: Masks, calibration: object, **options) -> dict:
+    """Repair ``sparse`` in place against ``dense`` on unlabeled ``calibration`` data (a batch
+    mapping, or an image tensor / TensorDataset)."""
     if name not in REPAIRS:
         raise StarfishError(f"unknown repair '{name}'; choose one of {', '.join(list_repairs())}.")
     if name == "none":
         return {"repair": "none"}
-    if calibration is None or len(calibration) == 0:
+    if calibration is None or batch_len(calibration_set(calibration)) == 0:
         raise StarfishError(f"repair '{name}' needs calibration images; pass --calib DIR (or --repair none).")
     stats = REPAIRS[name](dense, sparse, masks, calibration, **options)
     broken = masks.violations(sparse)

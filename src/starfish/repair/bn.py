@@ -9,13 +9,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from starfish.layerops import batches, model_device, no_fastpath
+from starfish.batch import batch_len, calibration_set, call_model, iter_batches, model_device, to_device
+from starfish.layerops import no_fastpath
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, calibration: torch.Tensor, batch_size: int = 100) -> dict:
+def recalibrate_batchnorm(model: nn.Module, calibration: object, batch_size: int = 100) -> dict:
+    """One forward pass per calibration batch (a mapping or an image tensor), every BatchNorm
+    averaging its batch statistics over all of them.
+
+    This is already O(blocks) work, so it does not need the block-by-block walk; it stays a
+    whole-model pass because each BatchNorm must see its inputs normalised the way training did.
+    """
     bns = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats]
     if not bns:
         return {"batchnorm_layers": 0}
@@ -27,12 +34,13 @@ def recalibrate_batchnorm(model: nn.Module, calibration: torch.Tensor, batch_siz
         m.momentum = None  # cumulative average over all batches
         m.train()
     device = model_device(model)
+    data = calibration_set(calibration)
     try:
         with no_fastpath():
-            for x in batches(calibration, batch_size):
-                model(x.to(device))
+            for batch in iter_batches(data, batch_size):
+                call_model(model, to_device(batch, device))
     finally:
         for m, momentum in saved:
             m.momentum = momentum
         model.train(was_training)
-    return {"batchnorm_layers": len(bns), "images": int(calibration.shape[0])}
+    return {"batchnorm_layers": len(bns), "samples": batch_len(data)}

@@ -1,9 +1,22 @@
 """Channelwise variance matching: give every pruned layer's output the dense output's statistics.
 
-Layer by layer in forward order, each output channel c of the pruned layer is mapped
-y -> a_c (y - mean_p) + mean_d with a_c = std_d / std_p (optionally shrunk, see ``match_scale``),
-measured on calibration images with every earlier correction already in place. The map is folded
-into existing parameters, so no module is added and masked weights stay exactly zero:
+Each output channel c of a pruned layer is mapped y -> a_c (y - mean_p) + mean_d with
+a_c = std_d / std_p (optionally shrunk, see ``match_scale``), measured on calibration data.
+
+When the blocks form a chain (``starfish.sequential``) the dense and the pruned network are walked
+side by side, block by block. One pass of the dense block gives the dense moments of all its
+layers (and the order they run in); the pruned block is then measured and corrected one group of
+layers at a time (layers reading the same input form a group), each with every earlier correction
+in place, by a pass that stops right after the group's input is seen; a last full pass of the
+corrected block feeds the next one. The corrections are those of correcting layer by layer over
+the whole network (``scheme="layer"``, the default); ``scheme="block"`` measures a block's layers
+together before any of its corrections (two passes of the pruned block per batch), which costs
+less but changes the result (see the module's benchmark note in the report). Otherwise (the
+whole-model fallback) layers are corrected one by one in forward order at one truncated
+whole-model pass per layer. Padding tokens never count.
+
+The map is folded into existing parameters, so no module is added and masked weights stay exactly
+zero:
 
 - a layer with a bias: its weight row scales by a_c (zeros stay zero), its bias absorbs the shift;
 - a bias-free conv feeding a BatchNorm: the BatchNorm is re-based on the pruned output (its running
@@ -23,10 +36,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from starfish.layerops import channel_axis, channels_last_2d, forward_order, layer_output, watch
+from contextlib import contextmanager
+from typing import Iterator
+
+from starfish.batch import calibration_set, select
+from starfish.layerops import channel_axis, channels_last_2d, forward_order, layer_output, real_rows, watch
 from starfish.masks import Masks
 from starfish.repair.bn import BN_TYPES
 from starfish.repair.moments import Moments, match_scale
+from starfish.errors import StarfishError
+from starfish.sequential import InputOrder, Stream, plan_blocks
 from starfish.structure import Target, all_weights
 
 
@@ -34,27 +53,37 @@ def masked_targets(model: nn.Module, masks: Masks) -> list[Target]:
     return [t for t in all_weights(model) if t.name in masks]
 
 
-def output_moments(model: nn.Module, targets: list[Target], calibration: torch.Tensor, only: int | None = None, batch_size: int = 64) -> dict[str, Moments]:
-    """Per-channel moments of each target's own output (or of target ``only``, stopping there)."""
-    acc: dict[str, Moments] = {}
-    params = dict(model.named_parameters())
+class MomentsOf:
+    """A visit for ``watch``/``Stream.run``: per-channel moments of each target's own output."""
 
-    def visit(i: int, module: nn.Module, x: torch.Tensor) -> None:
-        if only is not None and i != only:
-            return
-        t = targets[i]
-        y = layer_output(module, t, x, params[t.name])
-        acc.setdefault(t.name, Moments()).add(channels_last_2d(y, channel_axis(module)))
+    def __init__(self, model: nn.Module) -> None:
+        self.params = dict(model.named_parameters())
+        self.moments: dict[str, Moments] = {}
 
-    watch(model, targets, calibration, visit, batch_size, stop_after=only)
-    return acc
+    def __call__(self, target: Target, module: nn.Module, x: torch.Tensor, weights: torch.Tensor | None) -> None:
+        y = channels_last_2d(layer_output(module, target, x, self.params[target.name]), channel_axis(module))
+        self.moments.setdefault(target.name, Moments()).add(real_rows(y, x, weights))
 
 
-def following_batchnorm(model: nn.Module, targets: list[Target], sample: torch.Tensor) -> dict[str, str]:
-    """Target name -> name of the BatchNorm that directly consumes its output (same tensor object)."""
+def output_moments(model: nn.Module, targets: list[Target], calibration: object, only: int | None = None, batch_size: int = 64) -> dict[str, Moments]:
+    """Per-channel moments of each target's own output (or of target ``only``, stopping there),
+    from whole-model passes."""
+    acc = MomentsOf(model)
+
+    def visit(i: int, module: nn.Module, x: torch.Tensor, weights: torch.Tensor | None) -> None:
+        if only is None or i == only:
+            acc(targets[i], module, x, weights)
+
+    watch(model, targets, calibration, visit, batch_size, stop_after=only, weighted=True)
+    return acc.moments
+
+
+@contextmanager
+def batchnorm_consumers(model: nn.Module, targets: list[Target], found: dict[str, str]) -> Iterator[None]:
+    """While active, record in ``found`` target name -> the BatchNorm that directly consumes its
+    output (the same tensor object) in whatever forward passes run."""
     names = {id(m): n for n, m in model.named_modules()}
     last_out: dict[int, str] = {}
-    found: dict[str, str] = {}
     handles = []
     for t in targets:
         module = t.module(model)
@@ -75,10 +104,17 @@ def following_batchnorm(model: nn.Module, targets: list[Target], sample: torch.T
 
             handles.append(m.register_forward_pre_hook(bn_hook))
     try:
-        watch(model, [], sample[:2], lambda *a: None, batch_size=2)
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def following_batchnorm(model: nn.Module, targets: list[Target], sample: object) -> dict[str, str]:
+    """Target name -> name of the BatchNorm that directly consumes its output (same tensor object)."""
+    found: dict[str, str] = {}
+    with batchnorm_consumers(model, targets, found):
+        watch(model, [], select(calibration_set(sample), slice(0, 2)), lambda *a: None, batch_size=2)
     return found
 
 
@@ -133,20 +169,73 @@ def _fold(model: nn.Module, dense: nn.Module, target: Target, bn_name: str | Non
     return "scale only"
 
 
-@torch.no_grad()
-def variance_match(dense: nn.Module, sparse: nn.Module, masks: Masks, calibration: torch.Tensor, shrinkage: float = 0.0, batch_size: int = 64) -> dict:
-    targets = forward_order(sparse, masked_targets(sparse, masks), calibration)
+class _Corrector:
+    """Folds each target's correction and tallies where it went."""
+
+    def __init__(self, dense: nn.Module, sparse: nn.Module, shrinkage: float) -> None:
+        self.dense, self.sparse, self.shrinkage = dense, sparse, shrinkage
+        self.placed: dict[str, int] = {}
+        self.scales: list[float] = []
+
+    def __call__(self, target: Target, dense: Moments, pruned: Moments, bn_name: str | None) -> None:
+        scale = match_scale(dense.std, pruned.std, self.shrinkage)
+        shift = dense.mean - scale * pruned.mean
+        where = _fold(self.sparse, self.dense, target, bn_name, scale, shift, pruned)
+        self.placed[where] = self.placed.get(where, 0) + 1
+        self.scales.append(float(scale.median()))
+
+
+def _block_by_block(dense: nn.Module, sparse: nn.Module, stages, calibration: object, batch_size: int, correct: _Corrector, scheme: str) -> None:
+    dense_stream = Stream.start(dense, stages[0].name, calibration, batch_size)
+    sparse_stream = Stream.start(sparse, stages[0].name, calibration, batch_size)
+    bn_of: dict[str, str] = {}
+    for stage in stages:
+        dense_moments, order = MomentsOf(dense), InputOrder()
+        both = lambda *a: (dense_moments(*a), order(*a))  # noqa: E731
+        with batchnorm_consumers(dense, stage.targets, bn_of):
+            dense_out = dense_stream.run(stage.name, stage.targets, both)
+        groups = order.groups(stage.targets) if scheme == "layer" else [stage.targets]
+        for group in groups if stage.targets else []:
+            sparse_moments = MomentsOf(sparse)
+            sparse_stream.run(stage.name, group, sparse_moments, stop=True)
+            for t in group:
+                correct(t, dense_moments.moments[t.name], sparse_moments.moments[t.name], bn_of.get(t.name))
+        sparse_stream.advance(sparse_stream.run(stage.name))
+        dense_stream.advance(dense_out)
+
+
+def _layer_by_layer(dense: nn.Module, sparse: nn.Module, targets: list[Target], calibration: object, batch_size: int, correct: _Corrector) -> None:
+    targets = forward_order(sparse, targets, calibration)
     dense_moments = output_moments(dense, targets, calibration, batch_size=batch_size)
     bn_of = following_batchnorm(sparse, targets, calibration)
-    placed: dict[str, int] = {}
-    scales: list[float] = []
     for j, t in enumerate(targets):
-        pm = output_moments(sparse, targets, calibration, only=j, batch_size=batch_size)[t.name]
-        dm = dense_moments[t.name]
-        scale = match_scale(dm.std, pm.std, shrinkage)
-        shift = dm.mean - scale * pm.mean
-        where = _fold(sparse, dense, t, bn_of.get(t.name), scale, shift, pm)
-        placed[where] = placed.get(where, 0) + 1
-        scales.append(float(scale.median()))
+        pruned = output_moments(sparse, targets, calibration, only=j, batch_size=batch_size)[t.name]
+        correct(t, dense_moments[t.name], pruned, bn_of.get(t.name))
+
+
+@torch.no_grad()
+def variance_match(
+    dense: nn.Module, sparse: nn.Module, masks: Masks, calibration: object, shrinkage: float = 0.0, batch_size: int = 64, scheme: str = "layer"
+) -> dict:
+    """Correct ``sparse`` in place. ``scheme`` (block-by-block walk only): ``"layer"`` measures each
+    layer with every earlier correction in place (one truncated pass of the pruned block per group
+    of layers reading the same input, then one full pass); ``"block"`` measures a block's layers
+    together (one pass, then one full pass)."""
+    if scheme not in ("layer", "block"):
+        raise StarfishError(f"varmatch scheme must be 'layer' or 'block'; got '{scheme}'.")
+    targets = masked_targets(sparse, masks)
+    plan = plan_blocks(sparse, targets, calibration)
+    correct = _Corrector(dense, sparse, shrinkage)
+    if plan.sequential:
+        _block_by_block(dense, sparse, plan.stages, calibration, batch_size, correct, scheme)
+    else:
+        _layer_by_layer(dense, sparse, targets, calibration, batch_size, correct)
     masks.apply_(sparse)  # a no-op by construction; kept as the contract's guard
-    return {"layers": len(targets), "placed": placed, "shrinkage": shrinkage, "median_scale": float(torch.tensor(scales).median()) if scales else None}
+    scales = correct.scales
+    return {
+        "layers": len(targets),
+        "placed": correct.placed,
+        "shrinkage": shrinkage,
+        "median_scale": float(torch.tensor(scales).median()) if scales else None,
+        "calibration": plan.note,
+    }

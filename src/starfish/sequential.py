@@ -192,3 +192,16 @@ def walk(
         if propagate_changed and stage.targets:
             outputs = stream.run(stage.name)
         stream.advance(outputs)
+
+
+def observe(model: nn.Module, targets: list[Target], calibration: object, batch_size: int, visit: TargetVisit, block_pattern: str | None = None) -> str:
+    """Show ``visit`` every target's inputs on the unchanged model: block by block where the blocks
+    form a chain (one pass per block), else whole-model passes. Returns the plan's note."""
+    from starfish.layerops import watch
+
+    plan = plan_blocks(model, targets, calibration, block_pattern)
+    if plan.sequential:
+        walk(model, plan, calibration, batch_size, visit, lambda stage: None, propagate_changed=False)
+    else:
+        watch(model, targets, calibration, lambda i, module, x, w: visit(targets[i], module, x, w), batch_size, weighted=True)
+    return plan.note

@@ -22,7 +22,7 @@ class AllocationContext:
 
     model: object = None
     targets: list = field(default_factory=list)
-    calibration: torch.Tensor | None = None
+    calibration: object = None  # a batch mapping or an image tensor
     options: dict = field(default_factory=dict)  # keyword options for the allocation's measurement
     notes: dict = field(default_factory=dict)  # what the allocation measured, for the report
 

@@ -5,7 +5,8 @@ with the dense output on unlabeled calibration images (raw distortion), apply th
 variance-matching correction, compare again (residual distortion). RR = residual / raw:
 0 = fully repairable, 1 = the repair does nothing, > 1 = the repair amplifies the damage.
 Both distortions are normalised by the dense output's energy. Everything comes from per-channel
-moments gathered in one forward pass of the dense model, so no activations are stored.
+moments gathered in one forward pass of the dense model (block by block where the blocks form a
+chain, ``starfish.sequential.observe``), so no activations are stored. Padding tokens never count.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import math
 import torch
 from torch import nn
 
-from starfish.layerops import channel_axis, channels_last_2d, layer_output, watch
+from starfish.layerops import channel_axis, channels_last_2d, layer_output, real_rows
 from starfish.pruning.masking import lowest_k_mask
 from starfish.repair.moments import PairMoments, match_scale
+from starfish.sequential import observe
 from starfish.structure import Target
 
 RAW_FLOOR = 1e-10  # below this relative distortion a layer counts as undamaged: RR is not defined
@@ -27,7 +29,7 @@ RAW_FLOOR = 1e-10  # below this relative distortion a layer counts as undamaged:
 def measure_rr(
     model: nn.Module,
     targets: list[Target],
-    calibration: torch.Tensor,
+    calibration: object,
     sparsity: float,
     shrinkage: float = 0.0,
     batch_size: int = 64,
@@ -42,14 +44,13 @@ def measure_rr(
         pruned_weight[t.name] = w * keep
     pairs = {t.name: PairMoments.empty() for t in targets}
 
-    def visit(i: int, module: nn.Module, x: torch.Tensor) -> None:
-        t = targets[i]
+    def visit(t: Target, module: nn.Module, x: torch.Tensor, weights: torch.Tensor | None) -> None:
         axis = channel_axis(module)
-        dense = channels_last_2d(layer_output(module, t, x, params[t.name]), axis)
-        pruned = channels_last_2d(layer_output(module, t, x, pruned_weight[t.name]), axis)
+        dense = real_rows(channels_last_2d(layer_output(module, t, x, params[t.name]), axis), x, weights)
+        pruned = real_rows(channels_last_2d(layer_output(module, t, x, pruned_weight[t.name]), axis), x, weights)
         pairs[t.name].add(dense, pruned)
 
-    watch(model, targets, calibration, visit, batch_size)
+    observe(model, targets, calibration, batch_size, visit)
     rows = []
     for t in targets:
         pm = pairs[t.name]

@@ -30,7 +30,7 @@ from torch import nn
 
 from starfish.batch import Batch, calibration_set, iter_batches, model_device, position_weights, select
 from starfish.blockio import BlockCall, StopForward, capture_block_calls, is_chain
-from starfish.layerops import evaluation, hooked_targets
+from starfish.layerops import evaluation, hooked_targets, watch
 from starfish.structure import Target, find_blocks
 
 
@@ -197,8 +197,6 @@ def walk(
 def observe(model: nn.Module, targets: list[Target], calibration: object, batch_size: int, visit: TargetVisit, block_pattern: str | None = None) -> str:
     """Show ``visit`` every target's inputs on the unchanged model: block by block where the blocks
     form a chain (one pass per block), else whole-model passes. Returns the plan's note."""
-    from starfish.layerops import watch
-
     plan = plan_blocks(model, targets, calibration, block_pattern)
     if plan.sequential:
         walk(model, plan, calibration, batch_size, visit, lambda stage: None, propagate_changed=False)

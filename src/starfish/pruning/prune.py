@@ -74,15 +74,19 @@ class _Compressor:
 def _whole_model(model: nn.Module, pruner: Pruner, targets: list[Target], calibration, compressor: _Compressor) -> None:
     """Fallback: one whole-model pass for statistics of the dense model, or, for a pruner that
     rewrites weights, one (truncated) pass per target in forward order (O(targets x blocks))."""
-    calibrate = lambda targets: lambda i, module, x, w: pruner.calibrate(targets[i], module, x, w)  # noqa: E731
     if not pruner.reconstructs:
-        watch(model, targets, calibration, calibrate(targets), BATCH_SIZE, weighted=True)
+        visit = lambda i, module, x, w: pruner.calibrate(targets[i], module, x, w)  # noqa: E731
+        watch(model, targets, calibration, visit, BATCH_SIZE, weighted=True)
         compressor(targets)
         return
     ordered = forward_order(model, targets, calibration)
     for j, target in enumerate(ordered):
-        only = lambda i, module, x, w, j=j: i == j and pruner.calibrate(ordered[j], module, x, w)  # noqa: E731
-        watch(model, ordered, calibration, only, BATCH_SIZE, stop_after=j, weighted=True)
+
+        def visit_one(i: int, module: nn.Module, x: torch.Tensor, w: torch.Tensor | None, j: int = j) -> None:
+            if i == j:
+                pruner.calibrate(ordered[j], module, x, w)
+
+        watch(model, ordered, calibration, visit_one, BATCH_SIZE, stop_after=j, weighted=True)
         compressor([target])
 
 

@@ -10,8 +10,9 @@ layers at a time (layers reading the same input form a group), each with every e
 in place, by a pass that stops right after the group's input is seen; a last full pass of the
 corrected block feeds the next one. The corrections are those of correcting layer by layer over
 the whole network (``scheme="layer"``, the default); ``scheme="block"`` measures a block's layers
-together before any of its corrections (two passes of the pruned block per batch), which costs
-less but changes the result (see the module's benchmark note in the report). Otherwise (the
+together before any of its corrections (two passes of the pruned block per batch): cheaper, but
+on the CIFAR-10 ViT followed by STARFISH healing it loses 1.3-1.8 points at 50% and 13.6 at 75%
+(benchmarks/varmatch_block_scheme.py, results/varmatch_block_scheme.json), so it is not the default. Otherwise (the
 whole-model fallback) layers are corrected one by one in forward order at one truncated
 whole-model pass per layer. Padding tokens never count.
 

@@ -126,11 +126,10 @@ def free_host_bytes() -> int:
 
 
 def free_device_bytes(device: torch.device) -> int:
+    """Free bytes on a CUDA device or in host memory."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    if device.type == "cpu":
-        return free_host_bytes()
-    raise StarfishError(f"cannot query free memory on a {device.type} device; pass --memory-limit-gb to plan for it.")
+    return free_host_bytes()
 
 
 @dataclass
@@ -199,8 +198,11 @@ def availability(places: list[str], models: list[nn.Module], limit_gb: float | N
     out: dict[str, int] = {}
     for place in places:
         device = torch.device(place)
-        resident = sum(tensor_bytes(m, device) for m in models)
-        free = free_device_bytes(device) + resident
+        if device.type not in ("cpu", "cuda"):  # no portable query: only an explicit limit applies
+            if limit_gb is not None:
+                out[place] = int(limit_gb * GB)
+            continue
+        free = free_device_bytes(device) + sum(tensor_bytes(m, device) for m in models)
         out[place] = min(free, int(limit_gb * GB)) if limit_gb is not None else free
     return out
 

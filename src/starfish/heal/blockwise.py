@@ -15,7 +15,7 @@ checked on one real batch with ``blockio.is_chain``. The per-step recipe is the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from starfish.batch import batch_len, iter_batches, model_device, position_weights, select
 from starfish.blockio import BlockCall, capture_block_calls, is_chain
 from starfish.errors import StarfishError
-from starfish.heal.config import HealConfig
+from starfish.heal.job import HealJob
 from starfish.heal.objectives import Objective, Signals
 from starfish.heal.steps import StepsOutcome, set_heal_mode, train_steps
 from starfish.heal.targets import TensorStore
@@ -109,21 +109,12 @@ def check_blockwise(objective: Objective) -> None:
         )
 
 
-def heal_blockwise(
-    dense: nn.Module,
-    sparse: nn.Module,
-    masks: Masks,
-    calibration: Mapping[str, torch.Tensor],
-    config: HealConfig,
-    objective: Objective,
-    block_names: list[str],
-    device: torch.device,
-    store: TensorStore,
-    snapshot_device: torch.device,
-) -> list[tuple[str, StepsOutcome]]:
-    """Heal ``sparse`` one block at a time; returns each block's training outcome in order."""
+def heal_blockwise(job: HealJob) -> list[tuple[str, StepsOutcome]]:
+    """Heal ``job.sparse`` one block at a time; returns each block's training outcome in order."""
     from tqdm.auto import tqdm
 
+    dense, sparse, masks, calibration, config = job.dense, job.sparse, job.masks, job.calibration, job.config
+    objective, block_names, device, store = job.objective, job.block_names, job.device, job.store
     check_blockwise(objective)
     n = batch_len(calibration)
     dense_blocks = [dense.get_submodule(b) for b in block_names]
@@ -167,7 +158,7 @@ def heal_blockwise(
 
         set_heal_mode(sparse_block, config)
         try:
-            outcome = train_steps(sparse_block, block_masks, loss_of, n, config, config.seed + k, f"healing {name}", snapshot_device)
+            outcome = train_steps(sparse_block, block_masks, loss_of, n, config, config.seed + k, f"healing {name}", job.snapshot_device)
         finally:
             sparse_block.eval()
         outcomes.append((name, outcome))

@@ -26,6 +26,7 @@ from starfish.evaluate import logits_of
 from starfish.heal.blockwise import check_blockwise, heal_blockwise
 from starfish.heal.capture import record_outputs
 from starfish.heal.config import HealConfig
+from starfish.heal.job import HealJob
 from starfish.heal.objectives import Objective, Signals, get_objective
 from starfish.heal.steps import StepsOutcome, cosine_lr, set_heal_mode, train_steps, warn_divergence
 from starfish.heal.targets import CACHE_DTYPES, TargetCache, TensorStore, cache_location
@@ -105,31 +106,22 @@ def _check_inputs(objective: Objective, calib: Batch, config: HealConfig) -> Non
         check_blockwise(objective)
 
 
-def _heal_joint(
-    dense: nn.Module,
-    sparse: nn.Module,
-    masks: Masks,
-    calib: Batch,
-    config: HealConfig,
-    objective: Objective,
-    block_names: list[str],
-    device: torch.device,
-    store: TensorStore,
-    snapshot_device: torch.device,
-) -> StepsOutcome:
+def _heal_joint(job: HealJob) -> StepsOutcome:
     """The published recipe: the whole sparse network trains at once against cached dense targets."""
+    dense, sparse, calib, config, objective, device = job.dense, job.sparse, job.calibration, job.config, job.objective, job.device
+    block_names = job.block_names
     n = batch_len(calib)
     if objective.needs_dense:
         dense.to(device).eval()
     sparse.to(device)
     set_heal_mode(sparse, config)
-    masks = masks.to(device)
+    masks = job.masks.to(device)
     masks.apply_(sparse)
     dense_run = _Runner(dense, [dense.get_submodule(b) for b in block_names], device)
     sparse_run = _Runner(sparse, [sparse.get_submodule(b) for b in block_names], device)
     cache: TargetCache | None = None
     if objective.needs_dense and not config.recompute_targets:
-        cache = TargetCache.build(dense_run, calib, config.batch_size, store, objective.needs_logits, config.progress)
+        cache = TargetCache.build(dense_run, calib, config.batch_size, job.store, objective.needs_logits, config.progress)
     labels_all = calib.get("labels")
 
     def loss_of(index: torch.Tensor) -> torch.Tensor:
@@ -145,7 +137,7 @@ def _heal_joint(
         return objective.loss(sparse_run(batch), target, labels, config)
 
     try:
-        return train_steps(sparse, masks, loss_of, n, config, config.seed, f"healing ({objective.name})", snapshot_device)
+        return train_steps(sparse, masks, loss_of, n, config, config.seed, f"healing ({objective.name})", job.snapshot_device)
     finally:
         sparse.eval()
 
@@ -183,9 +175,10 @@ def heal(
     reset_peak_memory(device)
     started = time.perf_counter()
     per_block: list[dict] = []
+    job = HealJob(dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device)
     try:
         if config.scope == "blockwise":
-            outcomes = heal_blockwise(dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device)
+            outcomes = heal_blockwise(job)
             outcome = _merge(outcomes)
             per_block = [
                 {
@@ -198,7 +191,7 @@ def heal(
                 for name, o in outcomes
             ]
         else:
-            outcome = _heal_joint(dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device)
+            outcome = _heal_joint(job)
     finally:
         store.close()
     if device.type == "cuda":
@@ -206,7 +199,7 @@ def heal(
     seconds = time.perf_counter() - started
     peak, measure = peak_memory_mb(device)
     if outcome.diverged:
-        warn_divergence(outcome, "", config)
+        warn_divergence(outcome, config)
     return HealResult(
         objective.name, outcome.steps, seconds, peak, measure, objective.uses_labels, outcome.losses, outcome.lrs,
         block_names, config.scope, outcome.stopped_reason, outcome.best_step, estimate.to_dict(), per_block,
@@ -216,11 +209,14 @@ def heal(
 def _merge(outcomes: list[tuple[str, StepsOutcome]]) -> StepsOutcome:
     """One history for block-wise healing: every block's steps in order; the first divergence named."""
     merged = StepsOutcome()
-    for name, o in outcomes:
+    stopped = [(name, o) for name, o in outcomes if o.stopped_reason is not None]
+    for _, o in outcomes:
         merged.steps += o.steps
         merged.losses += o.losses
         merged.lrs += o.lrs
-        if o.stopped_reason is not None and merged.stopped_reason is None:
-            merged.stopped_reason = f"block {name}: {o.stopped_reason}"
-            merged.best_step, merged.best_loss = o.best_step, o.best_loss
+    if stopped:
+        name, first = stopped[0]
+        others = f" (and {len(stopped) - 1} later blocks)" if len(stopped) > 1 else ""
+        merged.stopped_reason = f"block {name}{others}: {first.stopped_reason}"
+        merged.best_step, merged.best_loss = first.best_step, first.best_loss
     return merged

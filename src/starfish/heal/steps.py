@@ -187,11 +187,11 @@ def train_steps(
     return outcome
 
 
-def warn_divergence(outcome: StepsOutcome, where: str, config: HealConfig) -> None:
+def warn_divergence(outcome: StepsOutcome, config: HealConfig) -> None:
     """One line on stderr: what happened, what was kept, and the fix."""
     kept = (
         f"kept the weights of step {outcome.best_step} (smoothed loss {outcome.best_loss:.4g})"
         if outcome.best_step is not None
         else "kept the last weights"
     )
-    sys.stderr.write(f"starfish: warning: healing{where} stopped: {outcome.stopped_reason}; {kept}; lower --lr (now {config.lr:g}).\n")
+    sys.stderr.write(f"starfish: warning: healing stopped: {outcome.stopped_reason}; {kept}; lower --lr (now {config.lr:g}).\n")

@@ -99,12 +99,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "heal_scope.json"))
     parser.add_argument("--md", default=str(REPO / "benchmarks" / "HEAL_SCOPE.md"))
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="only merge these results files into --json and --md")
+    parser.add_argument("--run-command", action="append", default=[], help="with --render: a command that made the results")
     parser.add_argument("--cell", nargs=3, metavar=("MODEL", "SPARSITY", "SCOPE"), help=argparse.SUPPRESS)
     parser.add_argument("--cell-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.cell:
         heal_cell(args.cell[0], float(args.cell[1]), args.cell[2], args.calib_size, args.seed, Path(args.cell_out))
+        return
+    if args.render:  # results of several runs (e.g. one per model, run side by side) in one table
+        rows = [row for path in args.render for row in json.loads(Path(path).read_text())]
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        write_markdown(rows, args, args.run_command)
         return
 
     from starfish.data import load_folder
@@ -140,15 +147,15 @@ def main() -> None:
                 write_markdown(rows, args)
 
 
-def write_markdown(rows: list[dict], args: argparse.Namespace) -> None:
+def write_markdown(rows: list[dict], args: argparse.Namespace, commands: list[str] | None = None) -> None:
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     lines = [
         "# Joint vs block-wise healing",
         "",
-        "Command (from the repository root, with `../shared` beside it):",
+        "Commands (from the repository root, with `../shared` beside it):",
         "",
         "```",
-        "OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/heal_scope.py"] + sys.argv[1:]),
+        *(commands or ["OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/heal_scope.py"] + sys.argv[1:])]),
         "```",
         "",
         f"Protocol: per-layer uniform magnitude pruning, no repair (`--repair none`); {args.calib_size} calibration "

@@ -206,3 +206,63 @@ def test_cli_flags_reach_the_heal_config():
     assert (heal_config.scope, heal_config.blockwise_inputs, heal_config.cache_device, heal_config.memory_limit_gb) == (
         "blockwise", "dense", "disk", 3.0,
     )
+
+
+class KeywordBlock(nn.Module):
+    """Called like a Hugging Face decoder layer: the stream plus a per-sample keyword tensor."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, hidden_states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.fc2(torch.relu(self.fc1(hidden_states))) * keep
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 20, d: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList([KeywordBlock(d) for _ in range(3)])
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        h = self.embed(input_ids)
+        keep = attention_mask[..., None].float()
+        for layer in self.layers:
+            h = layer(h, keep=keep)
+        return self.head(h)
+
+
+def _text_setup():
+    torch.manual_seed(1)
+    dense = TinyLM().eval()
+    sparse = copy.deepcopy(dense)
+    masks = Masks()
+    for name, p in sparse.named_parameters():
+        if name.startswith("layers.") and name.endswith("weight"):
+            masks[name] = torch.rand(p.shape) > 0.6
+    masks.apply_(sparse)
+    ids = torch.randint(0, 20, (24, 7))
+    attention = torch.ones(24, 7, dtype=torch.long)
+    attention[::2, -3:] = 0  # right padding on half the samples
+    return dense, sparse, masks, {"input_ids": ids, "attention_mask": attention}
+
+
+@pytest.mark.parametrize("scope,healer", [("blockwise", "starfish"), ("joint", "starfish"), ("joint", "kd")])
+def test_token_models_heal_with_keyword_block_arguments(scope, healer):
+    dense, sparse, masks, calib = _text_setup()
+    result = heal(dense, sparse, masks, calib, _config(scope=scope, healer=healer, epochs=8, batch_size=8), block_pattern=r"layers\.\d+")
+    assert masks.violations(sparse) == {} and not result.diverged
+    if scope == "blockwise":  # the history runs block after block: compare within each block
+        assert all(b["loss_last"] < b["loss_first"] for b in result.per_block), result.per_block
+    else:
+        assert result.loss_history[-1] < result.loss_history[0]
+
+
+def test_finetune_refuses_token_models_with_the_fix():
+    dense, sparse, masks, calib = _text_setup()
+    calib["labels"] = torch.zeros(24, dtype=torch.long)
+    with pytest.raises(StarfishError, match="--healer starfish"):
+        heal(dense, sparse, masks, calib, _config(healer="finetune", max_steps=1), block_pattern=r"layers\.\d+")

@@ -109,7 +109,11 @@ def main() -> None:
         heal_cell(args.cell[0], float(args.cell[1]), args.cell[2], args.calib_size, args.seed, Path(args.cell_out))
         return
     if args.render:  # results of several runs (e.g. one per model, run side by side) in one table
-        rows = [row for path in args.render for row in json.loads(Path(path).read_text())]
+        cells: dict[tuple, dict] = {}
+        for path in args.render:  # the first file that has a cell wins
+            for row in json.loads(Path(path).read_text()):
+                cells.setdefault((row["model"], row["sparsity"], row["scope"]), row)
+        rows = sorted(cells.values(), key=lambda r: (r["model"] != "cifar10-resnet20", r["sparsity"], list(SCOPES).index(r["scope"])))
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         write_markdown(rows, args, args.run_command)
         return

@@ -17,9 +17,16 @@ class HealConfig:
     optimizer: str = "adam"  # adam | adamw | sgd
     weight_decay: float = 0.0
     max_steps: int | None = None  # cap on optimizer steps (None = epochs over the calibration set)
-    cache_dtype: str = "float32"  # float32 | float16 | bfloat16: storage of cached dense targets
+    cache_dtype: str = "float16"  # float32 | float16 | bfloat16: storage of cached dense targets
     recompute_targets: bool = False  # True: run the dense model every step instead of caching
-    cache_device: str | None = None  # None = the compute device; "cpu" saves accelerator memory
+    cache_device: str | None = None  # None/"auto": pinned CPU memory when computing on an accelerator,
+    # else the compute device; "cpu", a device name, or "disk" (memory-mapped files, removed afterwards)
+    scope: str = "joint"  # "joint": one backward through the whole network (the published recipe);
+    # "blockwise": each block trained alone against the dense block's output (memory of one block)
+    blockwise_inputs: str = "sparse"  # blockwise: a block sees the healed network's stream or the dense one
+    memory_limit_gb: float | None = None  # cap on the memory healing may plan to use (None = what is free)
+    divergence_factor: float = 1.5  # stop when the smoothed loss rises above this many times the first loss
+    keep_best: bool = True  # on divergence, restore the weights seen at the best smoothed loss
     train_mode: bool = False  # True turns dropout on during healing (off by default)
     bn_mode: str = "train"  # "train": BatchNorm normalizes with batch statistics and re-estimates its
     # running statistics while healing (its affine parameters stay frozen); "frozen": eval-mode BN
@@ -40,6 +47,14 @@ class HealConfig:
             raise StarfishError(f"bn mode must be 'train' or 'frozen'; got {self.bn_mode}.")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise StarfishError(f"optimizer must be adam, adamw or sgd; got {self.optimizer}.")
+        if self.scope not in ("joint", "blockwise"):
+            raise StarfishError(f"--heal-scope must be 'joint' or 'blockwise'; got '{self.scope}'.")
+        if self.blockwise_inputs not in ("sparse", "dense"):
+            raise StarfishError(f"--blockwise-inputs must be 'sparse' or 'dense'; got '{self.blockwise_inputs}'.")
+        if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
+            raise StarfishError(f"--memory-limit-gb must be > 0; got {self.memory_limit_gb}.")
+        if self.divergence_factor <= 1:
+            raise StarfishError(f"divergence factor must be > 1; got {self.divergence_factor}.")
         return self
 
     def to_dict(self) -> dict:

@@ -1,4 +1,9 @@
-"""One training loop for every healer: dense targets cached once, masked Adam, cosine LR per step.
+"""``heal``: train the surviving weights of a pruned model against the dense one.
+
+Two scopes share one per-step recipe (``heal.steps``): *joint* (the published STARFISH recipe:
+one backward through the whole network per step, dense targets cached once) and *blockwise*
+(``heal.blockwise``: one block at a time, memory of one block). Before anything moves, the memory
+the run needs is estimated and a run that cannot fit is refused with the flags that fix it.
 
 Only the surviving entries of the prunable weights train. Gradients are multiplied by the mask and
 the mask is re-applied after every optimizer step, so pruned entries stay exactly zero.
@@ -6,24 +11,30 @@ the mask is re-applied after every optimizer step, so pruned entries stay exactl
 
 from __future__ import annotations
 
-import math
+import sys
 import time
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
 
+from starfish.batch import Batch, batch_len, calibration_set, call_model, position_weights, select, to_device
 from starfish.device import peak_memory_mb, reset_peak_memory, resolve_device
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
+from starfish.heal.blockwise import check_blockwise, heal_blockwise
 from starfish.heal.capture import record_outputs
 from starfish.heal.config import HealConfig
+from starfish.heal.job import HealJob
 from starfish.heal.objectives import Objective, Signals, get_objective
+from starfish.heal.steps import StepsOutcome, cosine_lr, set_heal_mode, train_steps, warn_divergence
+from starfish.heal.targets import CACHE_DTYPES, TargetCache, TensorStore, cache_location
 from starfish.masks import Masks
+from starfish.memory import MemoryEstimate, estimate_heal_memory
 from starfish.structure import find_blocks
 
-CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["CACHE_DTYPES", "HealResult", "cosine_lr", "heal"]
 
 
 @dataclass
@@ -37,10 +48,20 @@ class HealResult:
     loss_history: list[float] = field(default_factory=list)  # one value per optimizer step
     lr_history: list[float] = field(default_factory=list)
     blocks: list[str] = field(default_factory=list)
+    scope: str = "joint"
+    stopped_reason: str | None = None  # why healing stopped early (divergence); None = full budget
+    best_step: int | None = None  # the step whose weights were kept after a divergence
+    memory_estimate: dict | None = None
+    per_block: list[dict] = field(default_factory=list)  # blockwise: steps and first/last loss per block
+
+    @property
+    def diverged(self) -> bool:
+        return self.stopped_reason is not None
 
     def to_dict(self) -> dict:
         return {
             "healer": self.healer,
+            "scope": self.scope,
             "steps": self.steps,
             "seconds": self.seconds,
             "peak_memory_mb": self.peak_memory_mb,
@@ -49,178 +70,153 @@ class HealResult:
             "blocks": self.blocks,
             "loss_first": self.loss_history[0] if self.loss_history else None,
             "loss_last": self.loss_history[-1] if self.loss_history else None,
+            "diverged": self.diverged,
+            "stopped_reason": self.stopped_reason,
+            "best_step": self.best_step,
+            "memory_estimate": self.memory_estimate,
+            "per_block": self.per_block,
         }
 
 
-def _as_tensors(calibration: Dataset | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(calibration, torch.Tensor):
-        return calibration, None
-    if isinstance(calibration, TensorDataset):
-        x = calibration.tensors[0]
-        y = calibration.tensors[1] if len(calibration.tensors) > 1 else None
-        return x, y
-    items = [calibration[i] for i in range(len(calibration))]
-    x = torch.stack([it[0] for it in items])
-    y = torch.as_tensor([int(it[1]) for it in items]) if isinstance(items[0], (tuple, list)) else None
-    return x, y
-
-
 class _Runner:
-    """Runs a model and returns the Signals an objective needs."""
+    """Runs a model on a batch and returns the Signals an objective needs."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module]) -> None:
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], device: torch.device) -> None:
         self.model = model
         self.blocks = blocks
+        self.device = device
 
-    def __call__(self, x: torch.Tensor) -> Signals:
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> Signals:
+        batch = to_device(batch, self.device)
         with record_outputs(self.blocks) as slots:
-            logits = logits_of(self.model(x))
-        return Signals([s for s in slots if s is not None], logits)
+            logits = logits_of(call_model(self.model, batch))
+        return Signals([s for s in slots if s is not None], logits, position_weights(batch))
 
 
-def _optimizer(params: list[nn.Parameter], config: HealConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+def _check_inputs(objective: Objective, calib: Batch, config: HealConfig) -> None:
+    labels = calib.get("labels")
+    if objective.uses_labels and (labels is None or bool((labels < 0).any())):
+        raise StarfishError(
+            f"healer '{objective.name}' needs labelled calibration images; "
+            "use a calibration folder with class sub-folders."
+        )
+    if batch_len(calib) == 0:
+        raise StarfishError("the calibration set is empty; pass at least one image.")
+    if config.scope == "blockwise":
+        check_blockwise(objective)
 
 
-def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
-    """Learning rate for optimizer step ``step`` (0-based) of ``total``, decaying to ``min_lr``."""
-    if total <= 1:
-        return lr
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * step / (total - 1)))
+def _heal_joint(job: HealJob) -> StepsOutcome:
+    """The published recipe: the whole sparse network trains at once against cached dense targets."""
+    dense, sparse, calib, config, objective, device = job.dense, job.sparse, job.calibration, job.config, job.objective, job.device
+    block_names = job.block_names
+    n = batch_len(calib)
+    if objective.needs_dense:
+        dense.to(device).eval()
+    sparse.to(device)
+    set_heal_mode(sparse, config)
+    masks = job.masks.to(device)
+    masks.apply_(sparse)
+    dense_run = _Runner(dense, [dense.get_submodule(b) for b in block_names], device)
+    sparse_run = _Runner(sparse, [sparse.get_submodule(b) for b in block_names], device)
+    cache: TargetCache | None = None
+    if objective.needs_dense and not config.recompute_targets:
+        cache = TargetCache.build(dense_run, calib, config.batch_size, job.store, objective.needs_logits, config.progress)
+    labels_all = calib.get("labels")
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
+        batch = select(calib, index)
+        if cache is not None:
+            target = cache.get(index, device)
+        elif objective.needs_dense:
+            with torch.no_grad():
+                target = dense_run(batch)
+        else:
+            target = None
+        labels = labels_all[index].to(device) if labels_all is not None else None
+        return objective.loss(sparse_run(batch), target, labels, config)
+
+    try:
+        return train_steps(sparse, masks, loss_of, n, config, config.seed, f"healing ({objective.name})", job.snapshot_device)
+    finally:
+        sparse.eval()
 
 
 def heal(
     dense: nn.Module,
     sparse: nn.Module,
     masks: Masks,
-    calibration: Dataset | torch.Tensor,
+    calibration: object,
     config: HealConfig | None = None,
     block_pattern: str | None = None,
 ) -> HealResult:
-    """Heal ``sparse`` in place against ``dense`` on unlabeled ``calibration`` images."""
-    from tqdm.auto import tqdm
-
+    """Heal ``sparse`` in place against ``dense`` on unlabeled calibration data (a batch mapping,
+    an image tensor or a TensorDataset; see ``batch.calibration_set``)."""
     config = (config or HealConfig()).validate()
     objective: Objective = get_objective(config.healer)
     device = resolve_device(config.device)
-    x_all, y_all = _as_tensors(calibration)
-    if objective.uses_labels and (y_all is None or bool((y_all < 0).any())):
-        raise StarfishError(
-            f"healer '{objective.name}' needs labelled calibration images; "
-            "use a calibration folder with class sub-folders."
-        )
-    n = x_all.shape[0]
-    if n == 0:
-        raise StarfishError("the calibration set is empty; pass at least one image.")
+    calib = calibration_set(calibration)
+    _check_inputs(objective, calib, config)
 
     block_names: list[str] = []
-    dense_blocks: list[nn.Module] = []
-    sparse_blocks: list[nn.Module] = []
     if objective.needs_blocks:
-        found = find_blocks(sparse, block_pattern)
-        block_names = [name for name, _ in found]
-        sparse_blocks = [m for _, m in found]
-        dense_blocks = [dense.get_submodule(name) for name in block_names]
+        block_names = [name for name, _ in find_blocks(sparse, block_pattern)]
+    location = cache_location(config.cache_device, device)
+    estimate: MemoryEstimate = estimate_heal_memory(
+        dense, sparse, masks.names(), calib, config, objective, block_names, device, location
+    )
+    estimate.check()
+    if config.progress:
+        sys.stderr.write(f"starfish: {estimate.summary()}\n")
 
-    dense.to(device).eval()
-    sparse.to(device)
-    sparse.train(config.train_mode)
-    if config.bn_mode == "train":  # pruning shifts every activation's statistics; let BN follow them
-        for module in sparse.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.train()
-    masks = masks.to(device)
+    store = TensorStore(location, CACHE_DTYPES[config.cache_dtype], pin=device.type != "cpu")
+    snapshot_device = torch.device("cpu") if device.type != "cpu" else device
     masks.apply_(sparse)
     reset_peak_memory(device)
     started = time.perf_counter()
-
-    dense_run = _Runner(dense, dense_blocks)
-    sparse_run = _Runner(sparse, sparse_blocks)
-    cache_dtype = CACHE_DTYPES[config.cache_dtype]
-    cache_device = torch.device(config.cache_device) if config.cache_device else device
-
-    cache: Signals | None = None
-    if objective.needs_dense and not config.recompute_targets:
-        chunks: list[Signals] = []
-        with torch.no_grad():
-            for i in tqdm(range(0, n, config.batch_size), desc="caching dense targets", disable=not config.progress, leave=False):
-                out = dense_run(x_all[i : i + config.batch_size].to(device))
-                chunks.append(
-                    Signals(
-                        [b.to(cache_device, cache_dtype) for b in out.blocks],
-                        out.logits.to(cache_device, cache_dtype),
-                    )
-                )
-        cache = Signals(
-            [torch.cat([c.blocks[j] for c in chunks]) for j in range(len(block_names))],
-            torch.cat([c.logits for c in chunks]),
-        )
-        del chunks
-
-    params = dict(sparse.named_parameters())
-    trainable = [params[name] for name in masks.names()]
-    was_trainable = {name: p.requires_grad for name, p in params.items()}
-    for name, p in params.items():
-        p.requires_grad_(name in masks)
-    handles = masks.register_gradient_masks(sparse)
-    optimizer = _optimizer(trainable, config)
-
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    generator = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
-    lrs: list[float] = []
-    step = 0
-    bar = tqdm(total=total, desc=f"healing ({objective.name})", disable=not config.progress, leave=False)
+    per_block: list[dict] = []
+    job = HealJob(dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device)
     try:
-        while step < total:
-            order = torch.randperm(n, generator=generator)
-            for i in range(0, n, config.batch_size):
-                if step >= total:
-                    break
-                idx = order[i : i + config.batch_size]
-                x = x_all[idx].to(device)
-                labels = y_all[idx].to(device) if y_all is not None else None
-                if cache is not None:
-                    cidx = idx.to(cache_device)
-                    target = Signals([b[cidx].to(device) for b in cache.blocks], cache.logits[cidx].to(device))
-                elif objective.needs_dense:
-                    with torch.no_grad():
-                        target = dense_run(x)
-                else:
-                    target = None
-                lr = cosine_lr(step, total, config.lr, config.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = objective.loss(sparse_run(x), target, labels, config)
-                if not torch.isfinite(loss):
-                    raise StarfishError(
-                        f"healing diverged at step {step} (loss {loss.item()}); lower --lr or check the inputs."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                masks.apply_(sparse)
-                losses.append(float(loss.detach()))
-                lrs.append(lr)
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if config.scope == "blockwise":
+            outcomes = heal_blockwise(job)
+            outcome = _merge(outcomes)
+            per_block = [
+                {
+                    "block": name,
+                    "steps": o.steps,
+                    "loss_first": o.losses[0] if o.losses else None,
+                    "loss_last": o.losses[-1] if o.losses else None,
+                    "stopped_reason": o.stopped_reason,
+                }
+                for name, o in outcomes
+            ]
+        else:
+            outcome = _heal_joint(job)
     finally:
-        bar.close()
-        for h in handles:
-            h.remove()
-        for name, p in params.items():
-            p.requires_grad_(was_trainable[name])
-        sparse.eval()
+        store.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     peak, measure = peak_memory_mb(device)
-    return HealResult(objective.name, step, seconds, peak, measure, objective.uses_labels, losses, lrs, block_names)
+    if outcome.diverged:
+        warn_divergence(outcome, config)
+    return HealResult(
+        objective.name, outcome.steps, seconds, peak, measure, objective.uses_labels, outcome.losses, outcome.lrs,
+        block_names, config.scope, outcome.stopped_reason, outcome.best_step, estimate.to_dict(), per_block,
+    )
+
+
+def _merge(outcomes: list[tuple[str, StepsOutcome]]) -> StepsOutcome:
+    """One history for block-wise healing: every block's steps in order; the first divergence named."""
+    merged = StepsOutcome()
+    stopped = [(name, o) for name, o in outcomes if o.stopped_reason is not None]
+    for _, o in outcomes:
+        merged.steps += o.steps
+        merged.losses += o.losses
+        merged.lrs += o.lrs
+    if stopped:
+        name, first = stopped[0]
+        others = f" (and {len(stopped) - 1} later blocks)" if len(stopped) > 1 else ""
+        merged.stopped_reason = f"block {name}{others}: {first.stopped_reason}"
+        merged.best_step, merged.best_loss = first.best_step, first.best_loss
+    return merged

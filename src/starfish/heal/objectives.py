@@ -17,10 +17,12 @@ from starfish.errors import StarfishError
 
 @dataclass
 class Signals:
-    """What one forward pass produced: block outputs (in block order) and logits."""
+    """What one forward pass produced: block outputs (in block order) and logits, plus the batch's
+    per-position weights ((N, L), padding = 0; None for images) that every loss honours."""
 
     blocks: list[torch.Tensor]
     logits: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Objective:
     needs_blocks: bool = False
     needs_dense: bool = True
     uses_labels: bool = False
+    needs_logits: bool = True  # False: the dense logits are never read, so they are not cached
     description: str = ""
 
 
@@ -51,22 +54,39 @@ def get_objective(name: str) -> Objective:
     return OBJECTIVES[name]
 
 
-def cosine_distance(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` over the positions that count (weights of ``values``' shape, 0 = padding)."""
+    if weights is None:
+        return values.mean()
+    weights = weights.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def _position_weights(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor | None:
+    """The (N, L) weights when ``values`` is per position (N, L); None (plain mean) otherwise."""
+    if weights is None or tuple(values.shape[:2]) != tuple(weights.shape):
+        return None
+    return weights
+
+
+def cosine_distance(sparse: torch.Tensor, dense: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of (1 - cosine similarity).
 
-    Token sequences (3-D) compare each token's channel vector (every token, CLS included);
-    feature maps (4-D) compare each sample's flattened C*H*W map; 2-D compares rows.
+    Token sequences (3-D) compare each token's channel vector (every real token, CLS included;
+    padding positions with weight 0 do not count); feature maps (4-D) compare each sample's
+    flattened C*H*W map; 2-D compares rows.
     """
     dense = dense.to(sparse.dtype)
     if sparse.dim() >= 4:
         sparse, dense = sparse.flatten(1), dense.flatten(1)
-    return (1.0 - F.cosine_similarity(sparse, dense, dim=-1, eps=1e-8)).mean()
+    distance = 1.0 - F.cosine_similarity(sparse, dense, dim=-1, eps=1e-8)
+    return weighted_mean(distance, _position_weights(distance, weights))
 
 
 def starfish_loss(sparse: Signals, dense: Signals | None, labels, config) -> torch.Tensor:
     """Mean over blocks (equal weights) of the block's mean cosine distance to the dense output."""
     assert dense is not None
-    terms = [cosine_distance(s, d) for s, d in zip(sparse.blocks, dense.blocks)]
+    terms = [cosine_distance(s, d, sparse.weights) for s, d in zip(sparse.blocks, dense.blocks)]
     return torch.stack(terms).mean()
 
 
@@ -75,13 +95,15 @@ register_objective(
         "starfish",
         starfish_loss,
         needs_blocks=True,
+        needs_logits=False,
         description="per-block 1 - cosine alignment with the dense model's block outputs (label-free)",
     )
 )
 
 
 def kd_loss(sparse: Signals, dense: Signals | None, labels, config) -> torch.Tensor:
-    """Hinton distillation: T^2 * KL(softmax(dense/T) || softmax(sparse/T)), averaged over images.
+    """Hinton distillation: T^2 * KL(softmax(dense/T) || softmax(sparse/T)), averaged over images
+    (or over the real token positions when logits are (N, L, V), as for language models).
 
     The T^2 factor keeps gradient magnitudes comparable across temperatures.
     """
@@ -89,25 +111,37 @@ def kd_loss(sparse: Signals, dense: Signals | None, labels, config) -> torch.Ten
     t = float(getattr(config, "temperature", 1.0))
     log_q = F.log_softmax(sparse.logits / t, dim=-1)
     log_p = F.log_softmax(dense.logits.to(sparse.logits.dtype) / t, dim=-1)
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
+    per_position = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    return weighted_mean(per_position, _position_weights(per_position, sparse.weights)) * (t * t)
 
 
 def finetune_loss(sparse: Signals, dense: Signals | None, labels, config) -> torch.Tensor:
     """Plain cross-entropy with the calibration labels: the supervised reference point."""
     assert labels is not None and sparse.logits is not None
+    if sparse.logits.dim() != 2:
+        raise StarfishError(
+            "the finetune healer works on image classifiers only (one label per sample); "
+            "heal language models with --healer starfish, nmse or kd."
+        )
     return F.cross_entropy(sparse.logits, labels)
 
 
-def normalized_mse(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """||sparse - dense||^2 / ||dense||^2 over the batch: MSE that ignores each block's scale."""
+def normalized_mse(sparse: torch.Tensor, dense: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """||sparse - dense||^2 / ||dense||^2 over the batch (real token positions only when weighted):
+    MSE that ignores each block's scale."""
     dense = dense.to(sparse.dtype)
-    return (sparse - dense).pow(2).sum() / dense.pow(2).sum().clamp_min(1e-12)
+    error, energy = (sparse - dense).pow(2), dense.pow(2)
+    weights = _position_weights(error, weights)
+    if weights is not None:
+        shape = (*weights.shape, *([1] * (error.dim() - 2)))
+        error, energy = error * weights.reshape(shape).to(error.dtype), energy * weights.reshape(shape).to(error.dtype)
+    return error.sum() / energy.sum().clamp_min(1e-12)
 
 
 def nmse_loss(sparse: Signals, dense: Signals | None, labels, config) -> torch.Tensor:
     """Sum over blocks of the normalized MSE to the dense block output (global activation matching)."""
     assert dense is not None
-    return torch.stack([normalized_mse(s, d) for s, d in zip(sparse.blocks, dense.blocks)]).sum()
+    return torch.stack([normalized_mse(s, d, sparse.weights) for s, d in zip(sparse.blocks, dense.blocks)]).sum()
 
 
 register_objective(
@@ -131,6 +165,7 @@ register_objective(
         "nmse",
         nmse_loss,
         needs_blocks=True,
+        needs_logits=False,
         description="per-block output MSE normalized by the dense output's energy, summed over blocks (label-free)",
     )
 )

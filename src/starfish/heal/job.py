@@ -1,0 +1,28 @@
+"""Everything one healing run works on, resolved once by ``heal`` and handed to a scope."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from starfish.batch import Batch
+from starfish.heal.config import HealConfig
+from starfish.heal.objectives import Objective
+from starfish.heal.targets import TensorStore
+from starfish.masks import Masks
+
+
+@dataclass
+class HealJob:
+    dense: nn.Module
+    sparse: nn.Module
+    masks: Masks
+    calibration: Batch  # one mapping of stacked tensors (batch.calibration_set)
+    config: HealConfig
+    objective: Objective
+    block_names: list[str]
+    device: torch.device  # where training computes
+    store: TensorStore  # where cached targets / block inputs live
+    snapshot_device: torch.device  # where the divergence guard keeps the best weights

@@ -1,0 +1,197 @@
+"""The per-step recipe shared by joint and block-wise healing, and its divergence guard.
+
+Adam (or AdamW/SGD) over the surviving entries of the masked weights only, cosine learning rate
+per optimizer step, shuffled minibatches over the calibration set for the configured epochs.
+Gradients are multiplied by the mask and the mask is re-applied after every step, so pruned
+entries stay exactly zero. A loss that turns non-finite or whose smoothed value climbs well
+above where it started stops the run, and the weights seen at the best smoothed loss come back.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from starfish.heal.config import HealConfig
+from starfish.masks import Masks
+
+SMOOTHING = 0.1  # weight of the newest loss in the exponential moving average
+MIN_STEPS_BEFORE_STOP = 5  # a rise must last a few steps before it counts as divergence
+SNAPSHOTS = 50  # at most this many copies of the best weights are taken over a run
+
+
+def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total``, decaying to ``min_lr``."""
+    if total <= 1:
+        return lr
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * step / (total - 1)))
+
+
+def total_steps(n: int, config: HealConfig) -> int:
+    steps = math.ceil(n / config.batch_size) * config.epochs
+    return min(steps, config.max_steps) if config.max_steps is not None else steps
+
+
+def set_heal_mode(module: nn.Module, config: HealConfig) -> None:
+    """Dropout per --train-mode; BatchNorm in train mode when --bn-mode train (pruning shifts every
+    activation's statistics, so BN normalizes with batch statistics and re-estimates its running ones)."""
+    module.train(config.train_mode)
+    if config.bn_mode == "train":
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+
+
+def make_optimizer(params: list[nn.Parameter], config: HealConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+
+@dataclass
+class StepsOutcome:
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)  # one value per optimizer step
+    lrs: list[float] = field(default_factory=list)
+    stopped_reason: str | None = None  # None = ran its full budget
+    best_step: int | None = None  # the step whose (pre-update) weights were restored
+    best_loss: float | None = None  # smoothed loss at that step
+
+    @property
+    def diverged(self) -> bool:
+        return self.stopped_reason is not None
+
+
+class DivergenceGuard:
+    """Follows the smoothed loss, keeps a copy of the weights at its best, and says when to stop."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: HealConfig, total: int, store: torch.device) -> None:
+        self.tensors = tensors  # what a snapshot holds: trainable weights and float buffers (BN statistics)
+        self.factor = config.divergence_factor
+        self.keep_best = config.keep_best
+        self.every = max(1, total // SNAPSHOTS)
+        self.store = store
+        self.start: float | None = None
+        self.smoothed: float | None = None
+        self.best: float = math.inf
+        self.snapshot: dict[str, torch.Tensor] | None = None
+        self.snapshot_step: int | None = None
+        self.snapshot_loss: float | None = None
+
+    def observe(self, step: int, loss: float) -> str | None:
+        """Record the loss of the weights *before* step ``step``'s update; a reason to stop, or None."""
+        if not math.isfinite(loss):
+            return f"the loss became non-finite ({loss}) at step {step}"
+        self.start = loss if self.start is None else self.start
+        self.smoothed = loss if self.smoothed is None else (1 - SMOOTHING) * self.smoothed + SMOOTHING * loss
+        if self.smoothed < self.best:
+            self.best = self.smoothed
+            if self.keep_best and (self.snapshot_step is None or step - self.snapshot_step >= self.every):
+                self._take(step)
+        if step >= MIN_STEPS_BEFORE_STOP and self.smoothed > self.factor * self.start:
+            return (
+                f"the smoothed loss rose to {self.smoothed:.4g} at step {step}, above "
+                f"{self.factor:g} x its starting value {self.start:.4g}"
+            )
+        return None
+
+    @torch.no_grad()
+    def _take(self, step: int) -> None:
+        self.snapshot = {k: v.detach().to(self.store, copy=True) for k, v in self.tensors.items()}
+        self.snapshot_step, self.snapshot_loss = step, self.smoothed
+
+    @torch.no_grad()
+    def restore(self) -> bool:
+        if not self.keep_best or self.snapshot is None:
+            return False
+        for k, v in self.tensors.items():
+            v.copy_(self.snapshot[k])
+        return True
+
+
+def snapshot_tensors(module: nn.Module, masks: Masks) -> dict[str, torch.Tensor]:
+    """The tensors a divergence rollback restores: the masked (trained) weights and float buffers."""
+    params = dict(module.named_parameters())
+    out = {k: params[k] for k in masks.names()}
+    out.update({k: b for k, b in module.named_buffers() if b.is_floating_point()})
+    return out
+
+
+def train_steps(
+    module: nn.Module,
+    masks: Masks,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    config: HealConfig,
+    seed: int,
+    desc: str,
+    snapshot_device: torch.device,
+) -> StepsOutcome:
+    """Train the masked weights of ``module`` (mask names relative to it) on ``loss_of(sample indices)``.
+
+    Every other parameter of ``module`` is frozen for the run; trainability is restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    params = dict(module.named_parameters())
+    trainable = [params[name] for name in masks.names()]
+    was_trainable = {name: p.requires_grad for name, p in params.items()}
+    for name, p in params.items():
+        p.requires_grad_(name in masks)
+    handles = masks.register_gradient_masks(module)
+    optimizer = make_optimizer(trainable, config)
+    total = total_steps(n, config)
+    guard = DivergenceGuard(snapshot_tensors(module, masks), config, total, snapshot_device)
+    generator = torch.Generator().manual_seed(seed)
+    outcome = StepsOutcome()
+    bar = tqdm(total=total, desc=desc, disable=not config.progress, leave=False)
+    try:
+        while outcome.steps < total and outcome.stopped_reason is None:
+            order = torch.randperm(n, generator=generator)
+            for i in range(0, n, config.batch_size):
+                if outcome.steps >= total:
+                    break
+                lr = cosine_lr(outcome.steps, total, config.lr, config.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = loss_of(order[i : i + config.batch_size])
+                value = float(loss.detach())
+                outcome.stopped_reason = guard.observe(outcome.steps, value)
+                if outcome.stopped_reason is not None:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                masks.apply_(module)
+                outcome.losses.append(value)
+                outcome.lrs.append(lr)
+                outcome.steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}")
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+        for name, p in params.items():
+            p.requires_grad_(was_trainable[name])
+    if outcome.stopped_reason is not None and guard.restore():
+        masks.apply_(module)
+        outcome.best_step, outcome.best_loss = guard.snapshot_step, guard.snapshot_loss
+    return outcome
+
+
+def warn_divergence(outcome: StepsOutcome, config: HealConfig) -> None:
+    """One line on stderr: what happened, what was kept, and the fix."""
+    kept = (
+        f"kept the weights of step {outcome.best_step} (smoothed loss {outcome.best_loss:.4g})"
+        if outcome.best_step is not None
+        else "kept the last weights"
+    )
+    sys.stderr.write(f"starfish: warning: healing stopped: {outcome.stopped_reason}; {kept}; lower --lr (now {config.lr:g}).\n")

@@ -1,0 +1,275 @@
+"""How much memory healing will need, said before it starts, and a clear refusal when it won't fit.
+
+The estimate adds up, per place (the compute device, host memory), the weights that sit there,
+the gradients and optimizer state of the trainable weights, the cached dense targets, the
+divergence guard's copy of the best weights, and the activations autograd keeps for one
+backward pass. Activations are *measured*, not guessed: one sample goes through the sparse model
+with ``saved_tensors_hooks`` counting every tensor saved for backward (parameters excluded), per
+block and in total, and that is scaled by the batch size. Block outputs' shapes come from the same
+pass and size the target cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from starfish.batch import call_model, select, to_device
+from starfish.errors import StarfishError
+
+GB = 1024**3
+FIX_FLAGS = "--cache-dtype float16, --cache-device disk, --recompute-targets, --heal-scope blockwise or a smaller --batch-size"
+
+
+@dataclass
+class ActivationProbe:
+    """What one sample costs: bytes saved for backward (total and per block) and output sizes."""
+
+    saved_total: int
+    saved_per_block: list[int]
+    block_output_numel: list[int]  # per sample
+    logits_numel: int  # per sample
+
+
+def probe_activations(model: nn.Module, blocks: list[nn.Module], sample: Mapping[str, torch.Tensor], trainable: set[str]) -> ActivationProbe:
+    """Run ``model`` on one sample with gradients on (only ``trainable`` parameters requiring them,
+    as in healing) and count what autograd stores; the model's state and modes are left unchanged."""
+    from starfish.evaluate import logits_of
+    from starfish.blockio import first_tensor
+
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    per_block = [0] * len(blocks)
+    outputs = [0] * len(blocks)
+    current: list[int | None] = [None]
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            ptr = t.untyped_storage().data_ptr()
+            size = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            return t
+        if ptr in param_storages or ptr in seen:
+            return t
+        seen.add(ptr)
+        total[0] += size
+        if current[0] is not None:
+            per_block[current[0]] += size
+        return t
+
+    handles = []
+    for i, block in enumerate(blocks):
+
+        def pre(_m, _args, i=i):
+            current[0] = i
+
+        def post(_m, _args, out, i=i):
+            current[0] = None
+            try:
+                outputs[i] = first_tensor(out).numel()
+            except TypeError:
+                pass
+
+        handles.append(block.register_forward_pre_hook(pre))
+        handles.append(block.register_forward_hook(post))
+    modes = {m: m.training for m in model.modules()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.eval()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = logits_of(call_model(model, sample))
+        logits_numel = logits.numel()
+        del logits
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads[n])
+    return ActivationProbe(total[0], per_block, outputs, logits_numel)
+
+
+def sample_of(calibration: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    from starfish.batch import model_device
+
+    return to_device(select(calibration, slice(0, 1)), model_device(model))
+
+
+def tensor_bytes(module: nn.Module, where: torch.device | None = None) -> int:
+    """Bytes of a module's parameters and buffers (only those on ``where`` when given)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if where is None or _same_place(t.device, where))
+
+
+def _same_place(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def free_host_bytes() -> int:
+    """Memory the OS can still give this process: MemAvailable on Linux, else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free bytes on a CUDA device or in host memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return free_host_bytes()
+
+
+@dataclass
+class MemoryEstimate:
+    """Planned bytes per part and place; ``available`` already counts what the models occupy there."""
+
+    scope: str
+    parts: dict[str, tuple[str, int]] = field(default_factory=dict)  # part -> (place, bytes)
+    available: dict[str, int] = field(default_factory=dict)  # place -> bytes it may use
+    limit_gb: float | None = None
+
+    def add(self, part: str, place: str, nbytes: int) -> None:
+        self.parts[part] = (place, int(nbytes))
+
+    def need(self, place: str) -> int:
+        return sum(b for p, b in self.parts.values() if p == place)
+
+    def places(self) -> list[str]:
+        return [p for p in dict.fromkeys(p for p, _ in self.parts.values()) if p != "disk"]
+
+    def shortfall(self) -> tuple[str, int, int] | None:
+        for place in self.places():
+            if place in self.available and self.need(place) > self.available[place]:
+                return place, self.need(place), self.available[place]
+        return None
+
+    def summary(self) -> str:
+        needs = ", ".join(f"{self.need(p) / GB:.2f} GB on {p}" for p in self.places())
+        disk = self.need("disk")
+        if disk:
+            needs += f", {disk / GB:.2f} GB on disk"
+        free = ", ".join(f"{v / GB:.1f} GB on {k}" for k, v in self.available.items())
+        return f"healing ({self.scope}) plans {needs} (available: {free})"
+
+    def to_dict(self) -> dict:
+        return {
+            "scope": self.scope,
+            "parts_mb": {k: {"place": p, "mb": b / 2**20} for k, (p, b) in self.parts.items()},
+            "need_mb": {p: self.need(p) / 2**20 for p in [*self.places(), *(["disk"] if self.need("disk") else [])]},
+            "available_mb": {k: v / 2**20 for k, v in self.available.items()},
+            "limit_gb": self.limit_gb,
+            "activations": "measured: tensors saved for backward on one sample, times the batch size",
+        }
+
+    def check(self) -> None:
+        """Refuse, in one line naming the fixes, a run that would run out of memory halfway."""
+        short = self.shortfall()
+        if short is None:
+            return
+        place, need, have = short
+        cap = f" (capped by --memory-limit-gb {self.limit_gb:g})" if self.limit_gb is not None else ""
+        biggest = max(((k, b) for k, (p, b) in self.parts.items() if p == place), key=lambda kv: kv[1])
+        raise StarfishError(
+            f"healing needs about {need / GB:.2f} GB on {place} but {have / GB:.2f} GB is available{cap} "
+            f"(largest part: {biggest[0]} {biggest[1] / GB:.2f} GB); reduce it with {FIX_FLAGS}."
+        )
+
+
+def place_name(device: torch.device | str) -> str:
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    return "cpu" if device.type == "cpu" else str(device)
+
+
+def availability(places: list[str], models: list[nn.Module], limit_gb: float | None) -> dict[str, int]:
+    """Free bytes per place plus what the models already occupy there (they are part of the plan)."""
+    out: dict[str, int] = {}
+    for place in places:
+        device = torch.device(place)
+        if device.type not in ("cpu", "cuda"):  # no portable query: only an explicit limit applies
+            if limit_gb is not None:
+                out[place] = int(limit_gb * GB)
+            continue
+        free = free_device_bytes(device) + sum(tensor_bytes(m, device) for m in models)
+        out[place] = min(free, int(limit_gb * GB)) if limit_gb is not None else free
+    return out
+
+
+def _trainable_bytes(module: nn.Module, names: list[str]) -> int:
+    params = dict(module.named_parameters())
+    return sum(params[k].numel() * params[k].element_size() for k in names if k in params)
+
+
+def estimate_heal_memory(
+    dense: nn.Module,
+    sparse: nn.Module,
+    mask_names: list[str],
+    calibration: Mapping[str, torch.Tensor],
+    config,
+    objective,
+    block_names: list[str],
+    device: torch.device,
+    cache_place: str,
+) -> MemoryEstimate:
+    """The memory plan of ``heal`` for this config, before anything is moved or trained."""
+    from starfish.batch import batch_len, model_device
+    from starfish.heal.targets import CACHE_DTYPES
+
+    n = batch_len(calibration)
+    batch = min(config.batch_size, n)
+    compute = place_name(device)
+    home = place_name(model_device(sparse))  # where the models stay in block-wise healing
+    cache = "disk" if cache_place == "disk" else place_name(cache_place)
+    host_copy = "cpu" if device.type != "cpu" else compute
+    cache_size = torch.tensor([], dtype=CACHE_DTYPES[config.cache_dtype]).element_size()
+    optimizer_slots = 1 if config.optimizer == "sgd" else 2
+    blocks = [sparse.get_submodule(b) for b in block_names]
+    probe = probe_activations(sparse, blocks, sample_of(calibration, sparse), set(mask_names))
+    models = [dense, sparse] if objective.needs_dense else [sparse]
+    plan = MemoryEstimate(config.scope, limit_gb=config.memory_limit_gb)
+    float_size = 4
+
+    if config.scope == "blockwise":
+        prefixes = [b + "." for b in block_names]
+        per_block = [[k for k in mask_names if k.startswith(p)] for p in prefixes]
+        largest = max(range(len(blocks)), key=lambda i: tensor_bytes(blocks[i])) if blocks else 0
+        train = _trainable_bytes(sparse, per_block[largest]) if blocks else 0
+        numel = sum(sparse.get_parameter(k).numel() for k in per_block[largest]) if blocks else 0
+        plan.add("weights (both models, staying in place)", home, sum(tensor_bytes(m) for m in models))
+        plan.add("one dense + one sparse block", compute, 2 * tensor_bytes(blocks[largest]) if blocks else 0)
+        plan.add("gradients", compute, train)
+        plan.add("optimizer state", compute, optimizer_slots * train)
+        plan.add("masks", compute, numel * 5)
+        stream = max(probe.block_output_numel, default=0)
+        plan.add("activations", compute, max(probe.saved_per_block, default=0) * batch + 3 * stream * batch * float_size)
+        copies = 3 if config.blockwise_inputs == "sparse" else 2
+        plan.add("block inputs and targets", cache, copies * n * stream * cache_size)
+        plan.add("best-weights copy", host_copy, train)
+    else:
+        train = _trainable_bytes(sparse, mask_names)
+        numel = sum(sparse.get_parameter(k).numel() for k in mask_names)
+        plan.add("weights", compute, sum(tensor_bytes(m) for m in models))
+        plan.add("gradients", compute, train)
+        plan.add("optimizer state", compute, optimizer_slots * train)
+        plan.add("masks", compute, numel * 5)
+        per_sample_targets = (sum(probe.block_output_numel) if objective.needs_blocks else 0) + (
+            probe.logits_numel if objective.needs_logits else 0
+        )
+        plan.add("activations", compute, probe.saved_total * batch + per_sample_targets * batch * float_size)
+        if objective.needs_dense and not config.recompute_targets:
+            plan.add("dense targets", cache, n * per_sample_targets * cache_size)
+        plan.add("best-weights copy", host_copy, train)
+    plan.available = availability(plan.places(), models, config.memory_limit_gb)
+    return plan

@@ -170,7 +170,7 @@ def compare(
     for allocation in allocations:
         for sparsity in sparsities:
             cell_config = config.with_prune(sparsity=sparsity, allocation=allocation)
-            pruned, masks, notes, _ = prune_step(cell_config, dense, data.calibration)
+            pruned, masks, notes, prune_seconds = prune_step(cell_config, dense, data.calibration)
             prunable = masks.numel()
             start = state_fingerprint(pruned)
             before = reference.alignment(pruned)
@@ -203,6 +203,7 @@ def compare(
                         "agreement": stats["agreement"],
                         "kl": stats["kl"],
                         "heal_seconds": seconds,
+                        "prune_seconds": prune_seconds,
                         "steps": result.steps if result else 0,
                         "peak_memory_mb": result.peak_memory_mb if result else None,
                         "achieved_sparsity": own_masks.sparsity(),

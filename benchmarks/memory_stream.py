@@ -27,17 +27,20 @@ SHARED = Path(os.environ.get("STARFISH_SHARED", REPO.parent / "shared"))
 
 def run_args(eval_size: int, out: Path, args: argparse.Namespace) -> list[str]:
     return [
-        "run", "--model", "torchvision:resnet18", "--num-classes", "10", "--input-size", "224", "--sparsity", "0.5",
+        "run", "--model", args.model, "--num-classes", "10", "--input-size", "224", "--sparsity", "0.5",
         "--healer", "none", "--repair", args.repair, "--calib", str(SHARED / "data/cifar10/train"), "--calib-size", str(args.calib_size),
         "--eval", str(SHARED / "data/cifar10/test"), "--eval-size", str(eval_size), "--eval-batch-size", str(args.eval_batch_size),
         "--seed", "0", "--device", "cpu", "--no-progress", "--out", str(out),
     ]
 
 
-def measure(argv: list[str]) -> tuple[float, float]:
-    """(peak RSS in MiB, wall seconds) of ``python -m starfish ARGV`` run as a fresh child process."""
-    started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "starfish", *argv], stdout=subprocess.DEVNULL)
+def start(argv: list[str]) -> tuple[subprocess.Popen, float]:
+    """``python -m starfish ARGV`` as a fresh child process."""
+    return subprocess.Popen([sys.executable, "-m", "starfish", *argv], stdout=subprocess.DEVNULL), time.perf_counter()
+
+
+def finish(child: subprocess.Popen, started: float, argv: list[str]) -> tuple[float, float]:
+    """(peak RSS in MiB, wall seconds) of that child alone, from ``os.wait4``."""
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
@@ -48,6 +51,8 @@ def measure(argv: list[str]) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eval-sizes", default="1000,10000")
+    parser.add_argument("--model", default="torchvision:resnet18", help="any spec taking --num-classes 10 (default torchvision:resnet18)")
+    parser.add_argument("--parallel", action="store_true", help="run the cases side by side (each is still its own process)")
     parser.add_argument("--calib-size", type=int, default=64)
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--repair", default="none", help="none (default: keeps each case to two evaluation passes on a 2-core machine) or auto")
@@ -56,10 +61,11 @@ def main() -> int:
     sizes = [int(s) for s in args.eval_sizes.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="starfish-memory-") as scratch:
-        for n in sizes:
-            out = Path(scratch) / f"run-{n}"
+        cases = [(n, Path(scratch) / f"run-{n}") for n in sizes]
+        running = {n: start(run_args(n, out, args)) for n, out in cases} if args.parallel else {}
+        for n, out in cases:
             argv = run_args(n, out, args)
-            peak, seconds = measure(argv)
+            peak, seconds = finish(*(running.get(n) or start(argv)), argv)
             report = json.loads((out / "report.json").read_text())
             rows.append({"eval_size": n, "peak_rss_mib": peak, "seconds": seconds, "scored": report["eval"]["size"],
                          "sparsity": report["sparsity"], "argv": argv})
@@ -86,7 +92,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         *shown,
         "```",
         "",
-        "Protocol: random-init torchvision ResNet-18 (10 classes; memory does not depend on the weights' values) on "
+        f"Protocol: random-init `{args.model}` (10 classes; memory does not depend on the weights' values) on "
         "CIFAR-10 images resized to 224 px, i.e. ImageNet-size input tensors; magnitude pruning to 50%, repair "
         f"`{args.repair}`, no healing; {args.calib_size} calibration images "
         "from `train/` decoded once into one mapping; evaluation images from `test/` streamed through a DataLoader in "
@@ -94,7 +100,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         f"{', repaired' if args.repair != 'none' else ''}), plus the fixed 256-image alignment probe. Peak RSS is "
         "`ru_maxrss` of the `starfish` process itself, read with `os.wait4`. CPU only, "
         f"{platform.platform()}, Python {platform.python_version()}; wall times are on a shared, busy 2-core machine "
-        "and only indicative.",
+        f"and only indicative{' (the cases ran side by side)' if args.parallel else ''}.",
         "",
         "| --eval-size | images scored | peak RSS | vs first row | wall time |",
         "|---|---|---|---|---|",

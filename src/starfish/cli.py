@@ -179,6 +179,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     from starfish.heal.objectives import OBJECTIVES
 
     print(f"healers: {', '.join(n + (' (uses labels)' if OBJECTIVES[n].uses_labels else '') for n in list_healers())}, none")
+    from starfish.tasks import list_tasks
+
+    print(f"evaluation tasks: {', '.join(list_tasks())}")
     return 0
 
 

@@ -6,7 +6,10 @@ healing (Adam, lr 6e-4 -> 1e-6 cosine per step, batch 32, 10 epochs, per-block 1
 top-1 on all 10,000 test images. Each seed draws a different calibration set; pruning is
 deterministic, so the "pruned" column does not depend on the seed. A second column heals the
 same pruned weights the way ``starfish run`` does by default (``--repair auto``: variance
-matching first where it is chosen, see ``starfish.repair.resolve_repair``).
+matching first where it is chosen, see ``starfish.repair.resolve_repair``). Every cell runs through
+the public API: one ``starfish.compare.compare`` grid per (network, seed), so pruning, repairs,
+healing and scoring are the very steps ``starfish run`` and ``starfish compare`` take. (With
+--eval-size below 10,000, each seed also draws its own class-balanced evaluation subset.)
 
     python benchmarks/reference_table.py --seeds 0,1,2
 """
@@ -14,7 +17,6 @@ matching first where it is chosen, see ``starfish.repair.resolve_repair``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -24,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-from starfish.data import load_folder
-from starfish.evaluate import predict, top1
-from starfish.heal import HealConfig, heal
-from starfish.models import create_model
-from starfish.pruning import PruneConfig, prune
-from starfish.repair import apply_repair, resolve_repair
+from starfish.compare import compare
+from starfish.heal import HealConfig
+from starfish.repair import resolve_repair
+from starfish.run_config import RunConfig
+from starfish.steps import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STARFISH_SHARED", REPO.parent / "shared"))
@@ -60,42 +61,34 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
+    sparsities = [float(x) for x in args.sparsities.split(",")]
     rows = []
     for spec in args.models.split(","):
-        loaded = create_model(spec, SHARED / "models" / MODELS[spec][1])
-        transform = loaded.preprocess.transform()
-        evalset, _, _ = load_folder(SHARED / "data/cifar10/test", transform, args.eval_size, 0, "eval", balanced=True, progress=False)
-        dense = loaded.module
-        dense_acc = top1(predict(dense, evalset, device="cpu"))
-        calibs = {s: load_folder(SHARED / "data/cifar10/train", transform, args.calib_size, s, "calibration", balanced=False, progress=False)[0] for s in seeds}
-        for sparsity in [float(x) for x in args.sparsities.split(",")]:
-            base = copy.deepcopy(dense)
-            masks = prune(base, PruneConfig(sparsity=sparsity))
-            pruned_acc = top1(predict(base, evalset, device="cpu"))
-            healed, seconds, peaks, defaults = [], [], [], []
-            repair, _ = resolve_repair("auto", base, True, args.bn_mode)
-            for seed in seeds:
-                config = HealConfig(seed=seed, device="cpu", progress=False, bn_mode=args.bn_mode)
-                sparse = copy.deepcopy(base)
-                result = heal(dense, sparse, masks, calibs[seed], config)
-                assert masks.violations(sparse) == {}
-                healed.append(top1(predict(sparse, evalset, device="cpu")))
-                seconds.append(result.seconds)
-                peaks.append(result.peak_memory_mb)
-                if repair != "none":  # the default pipeline differs from the recipe: run it too
-                    sparse = copy.deepcopy(base)
-                    apply_repair(repair, dense, sparse, masks, calibs[seed].tensors[0])
-                    heal(dense, sparse, masks, calibs[seed], config)
-                    assert masks.violations(sparse) == {}
-                    defaults.append(top1(predict(sparse, evalset, device="cpu")))
-                else:
-                    defaults.append(healed[-1])
-                print(f"{spec} s={sparsity} seed={seed}: dense {dense_acc:.4f} pruned {pruned_acc:.4f} healed {healed[-1]:.4f} "
-                      f"({result.seconds:.1f} s); default pipeline ({repair} + starfish) {defaults[-1]:.4f}", flush=True)
+        cells: dict[tuple[float, str], list[dict]] = {}  # (sparsity, healer) -> one row per seed
+        protocol: dict = {}
+        repair = "none"
+        for seed in seeds:
+            config = RunConfig(
+                model=spec, weights=str(SHARED / "models" / MODELS[spec][1]), calib=str(SHARED / "data/cifar10/train"),
+                calib_size=args.calib_size, eval=str(SHARED / "data/cifar10/test"), eval_size=args.eval_size, seed=seed,
+                heal=HealConfig(device="cpu", progress=False, bn_mode=args.bn_mode),
+            )
+            repair, _ = resolve_repair("auto", build_model(config).module, True, args.bn_mode)
+            healers = ["none", "starfish"] + ([f"{repair}+starfish"] if repair != "none" else [])  # default pipeline too
+            result = compare(config, sparsities, healers)
+            protocol = result["protocol"]
+            for row in result["rows"]:
+                assert row["mask_violations"] == 0
+                cells.setdefault((row["sparsity"], row["healer"]), []).append(row)
+                print(f"{spec} s={row['sparsity']} seed={seed} {row['healer']}: top-1 {row['top1']:.4f} ({row['heal_seconds']:.1f} s)", flush=True)
+        default = f"{repair}+starfish" if repair != "none" else "starfish"
+        for sparsity in sparsities:
+            recipe = cells[(sparsity, "starfish")]
             rows.append({"bn_mode": args.bn_mode,
-                "model": spec, "sparsity": sparsity, "achieved_sparsity": masks.sparsity(), "dense": dense_acc,
-                "pruned": pruned_acc, "healed": healed, "seeds": seeds, "heal_seconds": seconds, "peak_memory_mb": max(peaks),
-                "default_repair": repair, "healed_default_pipeline": defaults,
+                "model": spec, "sparsity": sparsity, "achieved_sparsity": recipe[0]["achieved_sparsity"], "dense": protocol["dense_top1"],
+                "pruned": cells[(sparsity, "none")][0]["top1"], "healed": [r["top1"] for r in recipe], "seeds": seeds,
+                "heal_seconds": [r["heal_seconds"] for r in recipe], "peak_memory_mb": max(r["peak_memory_mb"] for r in recipe),
+                "default_repair": repair, "healed_default_pipeline": [r["top1"] for r in cells[(sparsity, default)]],
             })
     results = Path(args.json)
     if args.merge and results.exists():  # keep earlier rows of models not rerun now

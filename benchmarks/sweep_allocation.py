@@ -7,12 +7,14 @@ results file per network, so networks can run in parallel processes (one thread 
 
     python benchmarks/sweep_allocation.py --nets ResNet-20,ViT &
     python benchmarks/sweep_allocation.py --nets ResNet-56
+
+Every cell runs through the public API: one ``starfish.compare.compare`` grid per pruning and heal
+budget, so pruning, repairs, healing and scoring are the steps ``starfish run`` takes.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -23,12 +25,10 @@ from pathlib import Path
 
 import torch
 
-from starfish.data import load_folder
-from starfish.evaluate import predict, summarize
-from starfish.heal import HealConfig, heal
-from starfish.models import create_model
-from starfish.pruning import PruneConfig, prune_with_notes
-from starfish.repair import apply_repair
+from starfish.compare import compare
+from starfish.heal import HealConfig
+from starfish.pruning import PruneConfig
+from starfish.run_config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STARFISH_SHARED", REPO.parent / "shared"))
@@ -81,23 +81,22 @@ def cell_key(c: dict) -> str:
     return f"{c['net']}|{c['sparsity']}|{c['pruner']}|{c['allocation']}|{c['repair']}|{c['heal']}"
 
 
-class Material:
-    """Models, calibration and evaluation tensors, loaded once per network."""
+def run_config(net: str, args, pruner: str = "magnitude", heal: str = "starfish") -> RunConfig:
+    """The job of one network: seed-0 calibration and evaluation images, one pruner, one heal budget."""
+    size = args.r56_eval_size if net == "cifar10-resnet56" else args.eval_size
+    return RunConfig(
+        model=net, weights=str(WEIGHTS[net]), calib=str(SHARED / "data/cifar10/train"), calib_size=args.calib_size,
+        eval=str(SHARED / "data/cifar10/test"), eval_size=size, seed=0, prune=PruneConfig(pruner=pruner),
+        heal=HealConfig(progress=False, device="cpu", **HEALS.get(heal, {})), eval_batch_size=500,
+    )
 
-    def __init__(self, args) -> None:
-        self.args = args
-        self.cache: dict[str, tuple] = {}
 
-    def get(self, net: str):
-        if net not in self.cache:
-            loaded = create_model(net, WEIGHTS[net])
-            tf = loaded.preprocess.transform()
-            calib, _, _ = load_folder(SHARED / "data/cifar10/train", tf, self.args.calib_size, 0, "calibration", balanced=False, progress=False)
-            size = self.args.r56_eval_size if net == "cifar10-resnet56" else self.args.eval_size
-            evalset, _, _ = load_folder(SHARED / "data/cifar10/test", tf, size, 0, "eval", balanced=True, progress=False)
-            dense_pred = predict(loaded.module, evalset, 500, "cpu")
-            self.cache[net] = (loaded.module, calib.tensors[0], evalset, dense_pred)
-        return self.cache[net]
+def healer_name(repair: str, heal: str) -> str:
+    """The compare healer for a (repair, heal) cell, e.g. varmatch + starfish-long -> varmatch+starfish."""
+    objective = None if heal == "none" else HEALS[heal].get("healer", "starfish")
+    if repair == "none":
+        return objective or "none"
+    return f"{repair}+{objective}" if objective else repair
 
 
 class Store:
@@ -135,55 +134,42 @@ class Store:
         return [c for net in SHORT for c in self.data.get(net, {}).get("cells", [])]
 
 
-def run_job(job: dict, material: Material, store: Store, save) -> None:
+def run_job(job: dict, args, store: Store, save) -> None:
     net = job["net"]
     results = store.of(net)
     done = {cell_key(c) for c in results["cells"]}
-    wanted = [(r, h) for r in job["repairs"] for h in job["heals"]]
-    keys = {(r, h): cell_key({**job, "repair": r, "heal": h}) for r, h in wanted}
-    if all(k in done for k in keys.values()):
-        return
-    dense, calib, evalset, dense_pred = material.get(net)
-    t0 = time.perf_counter()
-    pruned = copy.deepcopy(dense)
-    config = PruneConfig(job["sparsity"], pruner=job["pruner"], allocation=job["allocation"])
-    masks, notes = prune_with_notes(pruned, config, seed=0, calibration=calib)
-    prune_s = time.perf_counter() - t0
-    results["layer_sparsity"][f"{job['sparsity']}|{job['pruner']}|{job['allocation']}"] = masks.layer_sparsity()
-    if "rr" in notes:
-        results["rr"][str(job["sparsity"])] = notes["rr"]
-    for repair in job["repairs"]:
-        if all(keys[(repair, h)] in done for h in job["heals"]):
-            continue
-        model = copy.deepcopy(pruned)
-        t1 = time.perf_counter()
-        apply_repair(repair, dense, model, masks, calib)
-        repair_s = time.perf_counter() - t1
-        base_state = copy.deepcopy(model.state_dict())
-        for h in job["heals"]:
-            key = keys[(repair, h)]
-            if key in done:
-                continue
-            model.load_state_dict(base_state)
-            heal_s, steps, heal_config = 0.0, 0, None
-            if h != "none":
-                hc = HealConfig(progress=False, device="cpu", **HEALS[h])
-                heal_config = asdict(hc)
-                r = heal(dense, model, masks, calib, hc)
-                heal_s, steps = r.seconds, r.steps
-            assert masks.violations(model) == {}
-            stats = summarize(predict(model, evalset, 500, "cpu"), dense_pred)
+    keys = {(r, h): cell_key({**job, "repair": r, "heal": h}) for r in job["repairs"] for h in job["heals"]}
+    budgets: dict[str, list[tuple[str, str]]] = {}  # one compare grid per heal budget; "none" rides along
+    for (r, h), key in keys.items():
+        if key not in done:
+            budgets.setdefault("starfish" if h == "none" else h, []).append((r, h))
+    for budget, cells in budgets.items():
+        config = run_config(net, args, job["pruner"], budget)
+        names = {healer_name(r, h): (r, h) for r, h in cells}
+        layers: dict = {}
+        result = compare(config, [job["sparsity"]], list(names), [job["allocation"]],
+                         inspect=lambda stage, row, model, masks: layers.update(masks.layer_sparsity()))
+        if results["dense_top1"] is None:
+            results["dense_top1"] = result["protocol"]["dense_top1"]
+            results["eval_images"] = result["protocol"]["eval"]["size"]
+            print(f"{SHORT[net]} dense top-1 {100 * results['dense_top1']:.2f}% on {results['eval_images']} images", flush=True)
+        results["layer_sparsity"][f"{job['sparsity']}|{job['pruner']}|{job['allocation']}"] = layers
+        rr = result["curves"][0].get("relative_repairability")
+        if rr:
+            results["rr"][str(job["sparsity"])] = rr
+        for row in result["rows"]:
+            repair, h = names[row["healer"]]
             cell = {
                 "net": net, "sparsity": job["sparsity"], "pruner": job["pruner"], "allocation": job["allocation"],
-                "repair": repair, "heal": h, "top1": stats["top1"], "agreement": stats["agreement"], "kl": stats["kl"],
-                "achieved_sparsity": masks.sparsity(), "prune_seconds": prune_s, "repair_seconds": repair_s,
-                "heal_seconds": heal_s, "heal_steps": steps, "heal_config": heal_config, "eval_images": len(evalset),
+                "repair": repair, "heal": h, "top1": row["top1"], "agreement": row["agreement"], "kl": row["kl"],
+                "achieved_sparsity": row["achieved_sparsity"], "prune_seconds": row["prune_seconds"],
+                "repair_and_heal_seconds": row["heal_seconds"], "heal_steps": row["steps"],
+                "heal_config": asdict(config.heal) if h != "none" else None, "eval_images": result["protocol"]["eval"]["size"],
                 "best": bool(job.get("best")),
             }
             results["cells"].append(cell)
-            done.add(key)
             print(f"{SHORT[net]:9s} {100 * job['sparsity']:.0f}% {job['pruner']:9s} {job['allocation']:7s} {repair:8s} {h:13s} "
-                  f"top-1 {100 * stats['top1']:.2f}%  (prune {prune_s:.0f}s, repair {repair_s:.0f}s, heal {heal_s:.0f}s)", flush=True)
+                  f"top-1 {100 * row['top1']:.2f}%  (prune {row['prune_seconds']:.0f}s, repair + heal {row['heal_seconds']:.0f}s)", flush=True)
             save(net)
 
 
@@ -361,7 +347,6 @@ def main() -> int:
     command = "python benchmarks/sweep_allocation.py " + " ".join(sys.argv[1:])
     results_dir = Path(args.out) / "results"
     store = Store(results_dir / "sweep", args.fresh)
-    material = Material(args)
     md = Path(args.out) / "SWEEP.md"
     mine = [n for n in SHORT if SHORT[n] in args.nets]
 
@@ -383,15 +368,7 @@ def main() -> int:
     for n, job in enumerate(jobs(args)):
         if args.max_jobs is not None and n >= args.max_jobs:
             break
-        net = job["net"]
-        results = store.of(net)
-        if results["dense_top1"] is None:
-            _, _, evalset, dense_pred = material.get(net)
-            results["dense_top1"] = summarize(dense_pred)["top1"]
-            results["eval_images"] = len(evalset)
-            print(f"{SHORT[net]} dense top-1 {100 * results['dense_top1']:.2f}% on {len(evalset)} images", flush=True)
-            save(net)
-        run_job(job, material, store, save)
+        run_job(job, args, store, save)
     render_all()  # tables and plots from every results file; a run with nothing left to do only re-renders
     print(f"done: {len(store.cells())} cells in {store.folder}")
     return 0

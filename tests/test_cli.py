@@ -175,3 +175,58 @@ def test_unlabeled_flat_calibration_folder_works(tmp_path, shared):
     assert main(run_args(out, **{"--calib": str(flat), "--calib-size": "0.5", "--epochs": "1", "--eval-size": "50"})) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["calibration"]["size"] == 8
+
+
+def test_saved_config_carries_neither_out_nor_force(finished_run, tmp_path, capsys):
+    saved = json.loads((finished_run / "config.json").read_text())
+    assert "out" not in saved and "force" not in saved and saved["model"] == "cifar10-resnet20"
+    # without --out a rerun asks for one, instead of writing over (or beside) the first run
+    assert_refused(capsys, ["run", "--config", str(finished_run / "config.json"), "--no-progress"], "--out")
+    # --out to an existing folder is refused: a config never implies --force, not even an older
+    # config.json that still holds out/force
+    legacy = tmp_path / "legacy.json"
+    legacy.write_text(json.dumps({**saved, "out": str(finished_run), "force": True}))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    assert_refused(capsys, ["run", "--config", str(legacy), "--out", str(taken), "--no-progress"], "already exists")
+    assert_refused(capsys, ["run", "--config", str(legacy), "--no-progress"], "--out")
+    assert (finished_run / "report.json").is_file()
+
+
+def compare_args(out: Path, **overrides) -> list[str]:
+    args = run_args(out, **{"--sparsity": None, "--epochs": None, **overrides})
+    return ["compare", *args[1:], "--sparsities", "0.5", "--healers", "none"]
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--pruner", "bogus", "unknown pruner 'bogus'"), ("--sparsegpt-damp", "-0.1", "damping > 0")])
+def test_compare_refuses_what_run_refuses_with_the_same_message(capsys, tmp_path, shared, flag, value, needle):
+    out = tmp_path / "out"
+    errors = []
+    for args in (run_args(out, **{flag: value}), compare_args(out, **{flag: value})):
+        assert_refused(capsys, args, needle, out)  # one line, exit 2, nothing written
+        assert main(args) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1]
+
+
+def test_calibration_over_budget_is_refused_naming_the_flag(capsys, tmp_path, shared):
+    out = tmp_path / "out"
+    assert_refused(capsys, run_args(out, **{"--calib-max-gb": "0.0001"}), "--calib-max-gb", out)
+
+
+def test_diagnose_and_compare_take_the_run_model_data_and_preprocessing_flags():
+    from starfish.cli import DATA_FLAGS, MODEL_FLAGS, PREPROCESS_FLAGS, RUN_FLAGS, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    shared_flags = {*MODEL_FLAGS, *PREPROCESS_FLAGS, *DATA_FLAGS}
+    assert shared_flags <= {flag for flag, _, _ in RUN_FLAGS}
+    for name in ("run", "compare", "diagnose"):
+        offered = {s for a in sub[name]._actions for s in a.option_strings}
+        assert shared_flags <= offered, (name, shared_flags - offered)
+    args = parser.parse_args(["diagnose", "--model", "torchvision:resnet18", "--num-classes", "10", "--input-size", "64",
+                              "--mean", "0.5,0.5,0.5", "--calib", "c", "--calib-max-gb", "1", "--sparsity", "0.9", "--out", "o"])
+    from starfish.cli import config_from_args
+
+    config = config_from_args(args)
+    assert (config.num_classes, config.preprocess["input_size"], config.calib_max_gb) == (10, 64, 1.0)

@@ -7,7 +7,7 @@
     starfish.heal(loaded.module, sparse, masks, calibration_images, starfish.HealConfig())
 """
 
-__version__ = "0.1.0"
+from starfish.version import __version__
 
 from starfish.errors import StarfishError
 from starfish.evaluate import Predictions, predict, summarize

@@ -7,9 +7,14 @@ as the STARFISH objective measures them). 1.0 means the block behaves like the d
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
+from starfish.batch import Batch, as_batch, batch_len, call_model, iter_batches, select, to_device
+from starfish.data import item_pair
 from starfish.device import resolve_device
 from starfish.heal.capture import record_outputs
 from starfish.heal.objectives import cosine_distance
@@ -24,23 +29,23 @@ class DenseReference:
     def __init__(
         self,
         dense: nn.Module,
-        images: torch.Tensor,
+        images: torch.Tensor | Mapping[str, torch.Tensor],
         block_pattern: str | None = None,
         batch_size: int = 128,
         device: str | torch.device = "auto",
     ) -> None:
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.names = [name for name, _ in find_blocks(dense, block_pattern)]
-        self.images = images
+        self.inputs = as_batch(images)  # the fixed probe set (small), as a Batch mapping
         self.batch_size = batch_size
         blocks = [dense.get_submodule(n) for n in self.names]
         was_training = dense.training
         dense.to(self.device).eval()
         self.outputs: list[list[torch.Tensor]] = []  # per batch, per block (kept on CPU)
         try:
-            for i in range(0, images.shape[0], batch_size):
+            for batch in iter_batches(self.inputs, batch_size):
                 with record_outputs(blocks) as out:
-                    dense(images[i : i + batch_size].to(self.device))
+                    call_model(dense, to_device(batch, self.device))
                 self.outputs.append([o.float().cpu() for o in out])
         finally:
             dense.train(was_training)
@@ -54,13 +59,13 @@ class DenseReference:
         totals = torch.zeros(len(self.names), dtype=torch.float64)
         count = 0
         try:
-            for b, i in enumerate(range(0, self.images.shape[0], self.batch_size)):
-                x = self.images[i : i + self.batch_size].to(self.device)
+            for b, batch in enumerate(iter_batches(self.inputs, self.batch_size)):
+                n = batch_len(batch)
                 with record_outputs(blocks) as out:
-                    sparse(x)
+                    call_model(sparse, to_device(batch, self.device))
                 for j, (s, d) in enumerate(zip(out, self.outputs[b])):
-                    totals[j] += (1.0 - cosine_distance(s.float().cpu(), d)).item() * x.shape[0]
-                count += x.shape[0]
+                    totals[j] += (1.0 - cosine_distance(s.float().cpu(), d)).item() * n
+                count += n
         finally:
             sparse.train(was_training)
         return {n: float(totals[j] / max(count, 1)) for j, n in enumerate(self.names)}
@@ -69,7 +74,7 @@ class DenseReference:
 def block_alignment(
     dense: nn.Module,
     sparse: nn.Module,
-    images: torch.Tensor,
+    images: torch.Tensor | Mapping[str, torch.Tensor],
     block_pattern: str | None = None,
     batch_size: int = 128,
     device: str | torch.device = "auto",
@@ -78,26 +83,34 @@ def block_alignment(
     return DenseReference(dense, images, block_pattern, batch_size, device).alignment(sparse)
 
 
+def probe_sample(data: Dataset | Mapping[str, torch.Tensor], seed: int, size: int) -> Batch:
+    """A seeded subset of at most ``size`` samples, decoding only those (model inputs; labels dropped)."""
+    n = batch_len(data) if isinstance(data, Mapping) else len(data)  # type: ignore[arg-type]
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    if isinstance(data, Mapping):
+        return {k: v for k, v in select(data, pick).items() if k != "labels"}
+    return {"pixel_values": torch.stack([item_pair(data[int(i)])[0] for i in pick])}
+
+
 class AlignmentProbe:
     """A fixed, seeded set of images on which a run measures alignment before and after healing.
 
     Held-out evaluation images are preferred (alignment on the calibration images would flatter
-    the healer that trained on them); labels are never used.
+    the healer that trained on them); labels are never used. Only the probe's own samples are
+    decoded, so it costs the same whatever the size of the evaluation set.
     """
 
-    def __init__(self, images: torch.Tensor, source: str) -> None:
+    def __init__(self, images: torch.Tensor | Batch, source: str) -> None:
         self.images = images
         self.source = source
 
     @classmethod
-    def choose(cls, evalset, calibration, seed: int, size: int = 256) -> "AlignmentProbe | None":
-        from starfish.data import images_only
-
+    def choose(cls, evalset: Dataset | None, calibration: Dataset | Mapping[str, torch.Tensor] | None, seed: int, size: int = 256) -> "AlignmentProbe | None":
         for data, source in ((evalset, "evaluation"), (calibration, "calibration")):
-            if data is not None and len(data) > 0:
-                images = images_only(data)
-                pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:size]
-                return cls(images[pick.sort().values], f"{len(pick)} {source} images (seeded random subset, labels unused)")
+            n = 0 if data is None else (batch_len(data) if isinstance(data, Mapping) else len(data))  # type: ignore[arg-type]
+            if n > 0:
+                probe = probe_sample(data, seed, size)  # type: ignore[arg-type]
+                return cls(probe, f"{batch_len(probe)} {source} images (seeded random subset, labels unused)")
         return None
 
     def measure(self, dense: nn.Module, sparse: nn.Module, block_pattern: str | None, device) -> dict[str, float] | None:

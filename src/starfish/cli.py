@@ -1,7 +1,9 @@
-"""The ``starfish`` command: run, demo, models (and more subcommands registered by modules).
+"""The ``starfish`` command: run, compare, diagnose, demo, models.
 
-Every flag maps onto a field of ``RunConfig``; ``--config FILE`` loads a saved config (for example
-an earlier run's ``config.json``) and any flag given on the command line overrides it.
+Every flag maps onto a field of ``RunConfig`` through one flag table shared by run, compare and
+diagnose; ``--config FILE`` loads a saved config (for example an earlier run's ``config.json``)
+and any flag given on the command line overrides it. Where to write (``--out``) and whether to
+replace (``--force``) always come from the command line, never from a config file.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--std", "preprocess.std", dict(type=floats_arg, help="override normalization std")),
     ("--calib", "calib", dict(help="folder of unlabeled calibration images (class sub-folders allowed, labels unused)")),
     ("--calib-size", "calib_size", dict(type=size_arg, help="number of calibration images, or a fraction of the folder (default all)")),
-    ("--eval", "eval", dict(help="evaluation folder with one sub-folder per class")),
+    ("--calib-max-gb", "calib_max_gb", dict(type=float, help="refuse a calibration set larger than this once decoded (default 4)")),
+    ("--eval", "eval", dict(help="evaluation folder with one sub-folder per class (streamed, never held in memory)")),
     ("--eval-size", "eval_size", dict(type=int, help="fixed, seeded, class-balanced evaluation subset (default all)")),
+    ("--task", "task", dict(help="how models are scored on --eval: classification (default)")),
     ("--seed", "seed", dict(type=int, help="seed for sampling, pruning and healing (default 0)")),
     ("--masks", "masks", dict(help="apply saved masks.safetensors instead of pruning")),
     ("--sparsity", "prune.sparsity", dict(type=float, help="fraction of prunable weights removed, in [0, 1)")),
@@ -91,15 +95,25 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--device", "heal.device", dict(help="auto (default), cpu, cuda, cuda:1, ...")),
     ("--no-progress", "heal.progress", dict(action="store_false", help="hide progress bars")),
     ("--eval-batch-size", "eval_batch_size", dict(type=int)),
-    ("--workers", "workers", dict(type=int, help="data-loader worker processes")),
+    ("--workers", "workers", dict(type=int, help="data-loader worker processes (default 0)")),
     ("--out", "out", dict(help="output directory (refused if it exists unless --force)")),
     ("--force", "force", dict(action="store_true", help="replace an existing output directory")),
 ]
 
 
-def add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+# The model, preprocessing and data flags: every subcommand that loads a model and images takes them.
+MODEL_FLAGS = ("--config", "--model", "--weights", "--pretrained", "--num-classes")
+PREPROCESS_FLAGS = ("--input-size", "--resize", "--mean", "--std")
+DATA_FLAGS = ("--calib", "--calib-size", "--calib-max-gb", "--eval", "--eval-size", "--task", "--seed", "--eval-batch-size", "--workers")
+# What ``diagnose`` takes besides those: which weights, its per-layer sparsity, where to run and write.
+DIAGNOSE_FLAGS = (*MODEL_FLAGS, *PREPROCESS_FLAGS, *DATA_FLAGS, "--sparsity", "--include", "--exclude", "--blocks",
+                  "--device", "--no-progress", "--out", "--force")
+COMPARE_SKIPS = ("--sparsity", "--healer", "--masks", "--repair")  # the grid supplies these
+
+
+def add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
     for flag, dest, kwargs in RUN_FLAGS:
-        if flag not in skip:
+        if flag not in skip and (only is None or flag in only):
             if kwargs.get("action") is None and "choices" not in kwargs:
                 kwargs = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
             parser.add_argument(flag, dest=dest, default=S, **kwargs)
@@ -107,7 +121,7 @@ def add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
 
 def config_from_args(args: argparse.Namespace):
     """Merge --config (if any) with the flags that were actually given."""
-    from starfish.pipeline import RunConfig
+    from starfish.run_config import INVOCATION_KEYS, RunConfig
 
     given = vars(args)
     base: dict = {}
@@ -119,6 +133,10 @@ def config_from_args(args: argparse.Namespace):
             raise StarfishError(f"config file {path} does not exist.") from None
         except json.JSONDecodeError as exc:
             raise StarfishError(f"config file {path} is not valid JSON ({exc}).") from None
+        if not isinstance(base, dict):
+            raise StarfishError(f"config file {path} does not hold a JSON object.")
+        for key in INVOCATION_KEYS:  # older config.json files carried them; a rerun names its own
+            base.pop(key, None)
     merged = RunConfig.from_dict(base).to_dict()
     for dest, value in given.items():
         if dest.startswith("_") or dest in ("command", "handler"):
@@ -140,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.out is None:
         raise StarfishError("pass --out DIR for the healed model, masks and reports.")
-    report = run(config, command="starfish " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    report = run(config, command=_command_line())
     print(render_markdown(report).split("\n## Protocol")[0])
     print(f"wrote {config.out}/ (model.safetensors, masks.safetensors, config.json, report.json, report.md)")
     return 0
@@ -164,6 +182,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     from starfish.heal.objectives import OBJECTIVES
 
     print(f"healers: {', '.join(n + (' (uses labels)' if OBJECTIVES[n].uses_labels else '') for n in list_healers())}, none")
+    from starfish.tasks import list_tasks
+
+    print(f"evaluation tasks: {', '.join(list_tasks())}")
     return 0
 
 
@@ -174,47 +195,79 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommands contributed by other modules: name -> (setup(parser), handler)
-EXTRA_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = []
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _compare_setup(parser: argparse.ArgumentParser) -> None:
-    from starfish.compare import add_compare_flags
+    add_run_flags(parser, skip=COMPARE_SKIPS)
+    parser.add_argument("--sparsities", dest="_sparsities", metavar="S1,S2,...", type=floats_arg, default=[0.5, 0.75, 0.9], help="comma-separated sparsities (default 0.5,0.75,0.9)")
+    parser.add_argument(
+        "--healers",
+        dest="_healers",
+        metavar="H1,H2,...",
+        type=_names,
+        default=None,
+        help="comma-separated: none, repairs, trained healers, or REPAIR+HEALER "
+        "(default: none, every repair, starfish, kd, nmse; add finetune (uses labels) explicitly)",
+    )
+    parser.add_argument("--allocations", dest="_allocations", metavar="A1,A2,...", type=_names, default=None, help="comma-separated allocations to compare (default: --allocation)")
 
-    add_compare_flags(parser)
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from starfish.compare import compare, default_healers
+    from starfish.compare_report import glance_table
 
-def _compare_handler(args: argparse.Namespace) -> int:
-    from starfish.compare import cmd_compare
-
-    return cmd_compare(args)
-
-
-EXTRA_COMMANDS.append(
-    ("compare", "healers x sparsities side by side on one model: compare.json, compare.md, plots", _compare_setup, _compare_handler)
-)
+    config = config_from_args(args)
+    if config.out is None:
+        raise StarfishError("pass --out DIR for compare.json, compare.md and the plots.")
+    healers = args._healers if args._healers is not None else default_healers()
+    result = compare(config, args._sparsities, healers, args._allocations, command=_command_line())
+    print(glance_table(result["rows"], result["protocol"]))
+    print(f"wrote {config.out}/ (compare.json, compare.md, protocol.json, curves.json, PNG plots)")
+    return 0
 
 
 def _diagnose_setup(parser: argparse.ArgumentParser) -> None:
-    from starfish.diagnose import setup_parser
-
-    setup_parser(parser)
-
-
-def _diagnose_handler(args: argparse.Namespace) -> int:
-    from starfish.diagnose import cmd_diagnose
-
-    return cmd_diagnose(args)
+    add_run_flags(parser, only=DIAGNOSE_FLAGS)
+    parser.add_argument("--shrinkage", dest="_shrinkage", type=float, default=0.0, help="variance-matching shrinkage (0 = plain matching)")
 
 
-EXTRA_COMMANDS.append(
-    ("diagnose", "Relative Repairability of every prunable layer: rr.json, rr.md, rr.png", _diagnose_setup, _diagnose_handler)
-)
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from starfish.diagnose import diagnose, render_rr_markdown, write_diagnosis
+
+    config = config_from_args(args)
+    if config.out is None:
+        raise StarfishError("pass --out DIR for rr.json, rr.md and rr.png.")
+    if "prune.sparsity" not in vars(args):
+        raise StarfishError("pass --sparsity S, the sparsity each layer is pruned to on its own, e.g. --sparsity 0.9.")
+    rows = diagnose(config, args._shrinkage)
+    size = config.calib_size
+    title = f"{config.model} at {config.prune.sparsity:g} sparsity per layer, {size or 'all'} calibration images"
+    write_diagnosis(rows, Path(config.out), title, config.force)
+    worst = max((r for r in rows if r["rr"] is not None), key=lambda r: r["rr"], default=None)
+    amplified = sum(1 for r in rows if r["rr"] is not None and r["rr"] > 1)
+    print(render_rr_markdown(rows, title))
+    if worst:
+        print(f"least repairable: {worst['layer']} (RR {worst['rr']:.3f}); {amplified} layer(s) where the repair amplifies damage")
+    print(f"wrote {config.out}/ (rr.json, rr.md, rr.png)")
+    return 0
+
+
+def _command_line() -> str:
+    return "starfish " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+# Subcommands beside run/demo/models: name -> (help, setup(parser), handler)
+EXTRA_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = [
+    ("compare", "healers x sparsities side by side on one model: compare.json, compare.md, plots", _compare_setup, cmd_compare),
+    ("diagnose", "Relative Repairability of every prunable layer: rr.json, rr.md, rr.png", _diagnose_setup, cmd_diagnose),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="starfish", description="Prune trained networks and heal them without labels.")
-    from starfish import __version__
+    from starfish.version import __version__
 
     parser.add_argument("--version", action="version", version=f"starfish {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)

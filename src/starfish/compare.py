@@ -16,21 +16,18 @@ import copy
 import hashlib
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import nn
 
-from starfish.alignment import DenseReference
-from starfish.data import load_folder
+from starfish.alignment import DenseReference, probe_sample
+from starfish.batch import batch_len
 from starfish.errors import StarfishError
-from starfish.evaluate import Predictions, predict, summarize
-from starfish.heal import heal
 from starfish.heal.objectives import OBJECTIVES
 from starfish.masks import Masks
-from starfish.outputs import check_output_dir
-from starfish.pruning import PruneConfig, prune
+from starfish.run_config import RunConfig, validate
+from starfish.steps import RunData, build_model, check_masks, evaluation, heal_step, load_data, prune_step, repair_step
 
 ALIGNMENT_IMAGES = 256  # held-out eval images used to measure per-block alignment (labels unused)
 
@@ -114,30 +111,25 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def validate_grid(config, sparsities: list[float], specs: list[HealerSpec], allocations: list[str]) -> None:
-    """Everything about the grid that can be checked before any model or image is loaded."""
-    from starfish.pruning import list_allocations
-
+def validate_grid(config: RunConfig, sparsities: list[float], specs: list[HealerSpec], allocations: list[str]) -> None:
+    """The run's validation of the user's config at every grid point, then what only a grid needs;
+    all before any model or image is loaded."""
     if not sparsities:
         raise StarfishError("--sparsities is empty; pass e.g. --sparsities 0.5,0.75,0.9.")
-    for s in sparsities:
-        PruneConfig(sparsity=s).validate()
-    for a in allocations:
-        if a not in list_allocations():
-            raise StarfishError(f"unknown allocation '{a}'; choose from {', '.join(list_allocations())}.")
     if config.masks:
         raise StarfishError("compare prunes at every --sparsities value itself; drop --masks.")
     if config.eval is None:
         raise StarfishError("compare scores every healer on the same images: pass --eval DIR.")
     if config.calib is None and any(s.name != "none" for s in specs):
         raise StarfishError("healers and repairs need calibration images: pass --calib DIR (or --healers none).")
-    config.heal.validate()
-    if config.out is not None:
-        check_output_dir(config.out, config.force, (config.weights, config.calib, config.eval))
+    # Every cell is a run without its own healer or repair (the grid supplies them).
+    cell = copy.deepcopy(config)
+    cell.heal.healer, cell.repair = "none", "none"
+    validate(cell, sparsities, allocations)
 
 
 def compare(
-    config,
+    config: RunConfig,
     sparsities: list[float],
     healers: list[str],
     allocations: list[str] | None = None,
@@ -148,39 +140,28 @@ def compare(
     """Run the grid; returns ``{"rows": [...], "protocol": {...}, "curves": [...]}`` (and writes it under
     ``config.out`` when set). ``config`` is a RunConfig: its model, data, seed, prune and heal
     settings are shared by every cell; its sparsity and healer are replaced by the grid's."""
-    from starfish.pipeline import build_model
-
     specs = parse_healers(list(healers))
     allocations = list(allocations or [config.prune.allocation])
     validate_grid(config, sparsities, specs, allocations)
 
     loaded = build_model(config)
-    transform = loaded.preprocess.transform()
     device = config.heal.device
     block_pattern = config.prune.blocks or loaded.block_pattern
-    calib = None
-    if config.calib is not None:
-        calib, _, _ = load_folder(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False, progress=config.heal.progress)
-    calib_images = calib.tensors[0] if calib is not None else None
-    if any(s.uses_labels for s in specs) and (calib is None or bool((calib.tensors[1] < 0).any())):
+    data = load_data(config, loaded, calibration=config.calib is not None)
+    if any(s.uses_labels for s in specs) and not data.calibration_labelled():
         raise StarfishError(
             "healer 'finetune' trains on labels but the calibration folder has none; "
             "use a folder with one sub-folder per class, or drop finetune from --healers."
         )
-    evalset, _, _ = load_folder(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True, progress=config.heal.progress)
-    if bool((evalset.tensors[1] < 0).any()):
+    if not data.evaluation_labelled():
         raise StarfishError(f"evaluation folder {config.eval} has no class sub-folders, so accuracy cannot be scored; pass a labelled --eval folder.")
-    pick = torch.randperm(len(evalset), generator=torch.Generator().manual_seed(config.seed))[:alignment_images]
-    align_images = evalset.tensors[0][pick.sort().values]
-
-    def score(model: nn.Module, label: str) -> Predictions:
-        return predict(model, evalset, config.eval_batch_size, device, desc=None, workers=config.workers)
+    align_inputs = probe_sample(data.evaluation, config.seed, alignment_images)
 
     dense = loaded.module
-    dense_pred = score(dense, "dense")
-    dense_top1 = summarize(dense_pred)["top1"]
-    reference = DenseReference(dense, align_images, block_pattern, device=device)
-    _log(f"dense top-1 {_pct(dense_top1)} on {len(evalset)} images")
+    scoring = evaluation(config, data, dense)
+    dense_top1 = scoring.score("dense", dense)["top1"]
+    reference = DenseReference(dense, align_inputs, block_pattern, device=device)
+    _log(f"dense top-1 {_pct(dense_top1)} on {data.eval_size} images")
 
     rows: list[dict] = []
     curves: list[dict] = []
@@ -188,14 +169,15 @@ def compare(
     blocks: list[str] = []
     for allocation in allocations:
         for sparsity in sparsities:
-            prune_config = replace(config.prune, sparsity=sparsity, allocation=allocation)
-            pruned = copy.deepcopy(dense)
-            masks = prune(pruned, prune_config, seed=config.seed, calibration=calib_images)
+            cell_config = config.with_prune(sparsity=sparsity, allocation=allocation)
+            pruned, masks, notes, prune_seconds = prune_step(cell_config, dense, data.calibration)
             prunable = masks.numel()
             start = state_fingerprint(pruned)
             before = reference.alignment(pruned)
             blocks = list(before)
             cell = {"allocation": allocation, "sparsity": sparsity, "alignment_before": before, "healers": {}}
+            if "rr" in notes:
+                cell["relative_repairability"] = notes["rr"]
             curves.append(cell)
             for spec in specs:
                 model = copy.deepcopy(pruned)
@@ -210,13 +192,10 @@ def compare(
                 }
                 if inspect:
                     inspect("start", row, model, own_masks)
-                result, seconds = _apply(spec, dense, model, own_masks, calib, calib_images, config, block_pattern)
-                pred = score(model, spec.name)
-                broken = own_masks.violations(model)
-                if broken:  # a bug, not a user error
-                    raise RuntimeError(f"mask contract violated by healer {spec.name} at sparsity {sparsity}: {broken}")
+                result, seconds = _apply(spec, dense, model, own_masks, data, config, block_pattern)
+                stats = scoring.score(spec.name, model)
+                check_masks(own_masks, model, f"by healer {spec.name} at sparsity {sparsity}")
                 after = reference.alignment(model)
-                stats = summarize(pred, dense_pred)
                 row.update(
                     {
                         "top1": stats["top1"],
@@ -224,7 +203,9 @@ def compare(
                         "agreement": stats["agreement"],
                         "kl": stats["kl"],
                         "heal_seconds": seconds,
+                        "prune_seconds": prune_seconds,
                         "steps": result.steps if result else 0,
+                        "peak_memory_mb": result.peak_memory_mb if result else None,
                         "achieved_sparsity": own_masks.sparsity(),
                         "mask_violations": 0,
                         "block_cosine_mean": sum(after.values()) / len(after),
@@ -242,7 +223,7 @@ def compare(
                     f"{allocation:>8s} {100 * sparsity:5.1f}% {spec.name:>16s}: top-1 {_pct(row['top1'])} "
                     f"({_pct(row['recovered_fraction'])} of dense) in {seconds:.1f} s"
                 )
-    protocol = _protocol(config, loaded, specs, sparsities, allocations, calib, evalset, dense_top1, prunable, blocks, align_images, command)
+    protocol = _protocol(config, loaded, specs, sparsities, allocations, data, dense_top1, prunable, blocks, align_inputs, command)
     result = {"rows": rows, "protocol": protocol, "curves": curves}
     if config.out is not None:
         from starfish.compare_report import write_outputs
@@ -251,21 +232,16 @@ def compare(
     return result
 
 
-def _apply(spec: HealerSpec, dense, model, masks, calib, calib_images, config, block_pattern):
+def _apply(spec: HealerSpec, dense, model, masks, data: RunData, config: RunConfig, block_pattern):
     """Repair and/or heal ``model`` in place; returns (HealResult or None, seconds)."""
     started = time.perf_counter()
     result = None
     if spec.repair:
-        from starfish.repair import apply_repair
-
-        apply_repair(spec.repair, dense, model, masks, calib_images)
+        repair_step(spec.repair, dense, model, masks, data.calibration)
     if spec.objective:
         heal_config = copy.deepcopy(config.heal)
         heal_config.healer = spec.objective
-        heal_config.seed = config.seed
-        # Label-free objectives never receive the labels; only a label-using one gets (images, labels).
-        data = calib if spec.uses_labels else calib_images
-        result = heal(dense, model, masks, data, heal_config, block_pattern=block_pattern)
+        result = heal_step(dense, model, masks, data.calibration, heal_config, block_pattern, config.seed)
     return result, (time.perf_counter() - started) if (spec.repair or spec.objective) else 0.0
 
 
@@ -273,7 +249,7 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
 
 
-def _protocol(config, loaded, specs, sparsities, allocations, calib, evalset, dense_top1, prunable, blocks, align_images, command) -> dict:
+def _protocol(config, loaded, specs, sparsities, allocations, data: RunData, dense_top1, prunable, blocks, align_inputs, command) -> dict:
     import matplotlib
 
     from starfish.pipeline import _versions
@@ -296,56 +272,14 @@ def _protocol(config, loaded, specs, sparsities, allocations, calib, evalset, de
         "heal_budget": heal_config,
         "calibration": {
             "source": config.calib,
-            "size": len(calib) if calib is not None else 0,
+            "size": data.calib_size,
             "seed": config.seed,
             "sampling": "uniform random without replacement, seeded",
             "labels": "used only by healers marked uses_labels",
         },
-        "eval": {"source": config.eval, "size": len(evalset), "seed": config.seed, "class_balanced": True},
-        "alignment_images": {"size": int(align_images.shape[0]), "from": "the evaluation set (seeded random subset, labels unused)"},
+        "eval": {"source": config.eval, "size": data.eval_size, "seed": config.seed, "class_balanced": True},
+        "alignment_images": {"size": batch_len(align_inputs), "from": "the evaluation set (seeded random subset, labels unused)"},
         "seed": config.seed,
         "command": command,
         "versions": {**_versions(), "matplotlib": matplotlib.__version__},
     }
-
-
-# --- command line ----------------------------------------------------------------------------
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def add_compare_flags(parser) -> None:
-    from starfish.cli import add_run_flags, floats_arg
-
-    add_run_flags(parser, skip=("--sparsity", "--healer", "--masks", "--repair"))
-    parser.add_argument("--sparsities", dest="_sparsities", metavar="S1,S2,...", type=floats_arg, default=[0.5, 0.75, 0.9], help="comma-separated sparsities (default 0.5,0.75,0.9)")
-    parser.add_argument(
-        "--healers",
-        dest="_healers",
-        metavar="H1,H2,...",
-        type=_names,
-        default=None,
-        help="comma-separated: none, repairs, trained healers, or REPAIR+HEALER "
-        "(default: none, every repair, starfish, kd, nmse; add finetune (uses labels) explicitly)",
-    )
-    parser.add_argument("--allocations", dest="_allocations", metavar="A1,A2,...", type=_names, default=None, help="comma-separated allocations to compare (default: --allocation)")
-
-
-def cmd_compare(args) -> int:
-    import shlex
-
-    from starfish.cli import config_from_args
-
-    config = config_from_args(args)
-    if config.out is None:
-        raise StarfishError("pass --out DIR for compare.json, compare.md and the plots.")
-    healers = args._healers if args._healers is not None else default_healers()
-    command = "starfish " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    result = compare(config, args._sparsities, healers, args._allocations, command=command)
-    from starfish.compare_report import glance_table
-
-    print(glance_table(result["rows"], result["protocol"]))
-    print(f"wrote {config.out}/ (compare.json, compare.md, protocol.json, curves.json, PNG plots)")
-    return 0

@@ -1,7 +1,9 @@
-"""Image folders (with or without class sub-folders), seeded subsets, and in-memory tensors.
+"""Image folders (with or without class sub-folders), seeded subsets, and datasets of dict items.
 
 Calibration sets are drawn uniformly at random (labels are never looked at); evaluation subsets
-are class-balanced so that a small --eval-size still measures every class.
+are class-balanced so that a small --eval-size still measures every class. ``ImageFiles`` decodes
+one image per access and yields a Batch item ``{"pixel_values", "labels"}``, so a DataLoader over
+it streams dict batches (``starfish.loading``) and nothing needs the whole set decoded at once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from starfish.batch import LABELS, PIXELS, Batch
 from starfish.errors import StarfishError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -112,7 +115,7 @@ def balanced_subset(labels: Sequence[int], n: int, seed: int) -> list[int]:
 
 
 class ImageFiles(Dataset):
-    """Decodes images on access; returns (tensor, label) with label -1 when unlabeled."""
+    """Decodes images on access; returns ``{"pixel_values": (C, H, W), "labels": int}`` (-1 = unlabeled)."""
 
     def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, transform: Callable) -> None:
         self.paths = list(paths)
@@ -122,7 +125,7 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> dict:
         from PIL import Image
 
         try:
@@ -130,19 +133,46 @@ class ImageFiles(Dataset):
                 x = self.transform(img.convert("RGB"))
         except OSError as exc:
             raise StarfishError(f"cannot read image {self.paths[i]}: {exc}; remove or replace the file.") from None
-        return x, (self.labels[i] if self.labels is not None else -1)
+        return {PIXELS: x, LABELS: self.labels[i] if self.labels is not None else -1}
+
+
+def item_pair(item: object) -> tuple[torch.Tensor, object]:
+    """(inputs, labels) of a dataset item or a collated batch, whether a dict or an (x, y) pair."""
+    if isinstance(item, dict):
+        return item[PIXELS], item.get(LABELS, -1)
+    return item[0], item[1]  # type: ignore[index]
+
+
+def as_image_batch(item: object) -> Batch:
+    """A collated batch as a Batch mapping, whether the dataset yields dicts or (x, y) pairs."""
+    if isinstance(item, dict):
+        return {k: torch.as_tensor(v) for k, v in item.items()}
+    x, y = item_pair(item)
+    return {PIXELS: x, LABELS: torch.as_tensor(y).long()}
 
 
 def materialize(dataset: Dataset, batch_size: int = 256, workers: int = 0, desc: str | None = None) -> TensorDataset:
-    """Decode a whole dataset once into memory (cheap for small images, saves re-decoding)."""
+    """Decode a whole (small) dataset once into memory; evaluation sets are streamed instead."""
     from tqdm.auto import tqdm
 
     xs, ys = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    for x, y in tqdm(loader, desc=desc, disable=desc is None, leave=False):
-        xs.append(x)
-        ys.append(torch.as_tensor(y))
+    for item in tqdm(loader, desc=desc, disable=desc is None, leave=False):
+        batch = as_image_batch(item)
+        xs.append(batch[PIXELS])
+        ys.append(batch[LABELS])
     return TensorDataset(torch.cat(xs), torch.cat(ys).long())
+
+
+def select_images(
+    root: str | Path, transform: Callable, size: float | int | None, seed: int, role: str, balanced: bool
+) -> tuple[ImageFiles, ImageFolderIndex, list[int]]:
+    """Index a folder and take a seeded subset, without decoding anything."""
+    index = index_image_folder(root, role)
+    n = resolve_size(size, len(index), role)
+    picks = balanced_subset(index.labels, n, seed) if balanced and index.labels else random_subset(len(index), n, seed)
+    labels = [index.labels[i] for i in picks] if index.labels is not None else None
+    return ImageFiles([index.paths[i] for i in picks], labels, transform), index, picks
 
 
 def load_folder(
@@ -155,12 +185,9 @@ def load_folder(
     in_memory: bool = True,
     progress: bool = True,
 ) -> tuple[Dataset, ImageFolderIndex, list[int]]:
-    """Index a folder, take a seeded subset, and (optionally) decode it into memory."""
-    index = index_image_folder(root, role)
-    n = resolve_size(size, len(index), role)
-    picks = balanced_subset(index.labels, n, seed) if balanced and index.labels else random_subset(len(index), n, seed)
-    labels = [index.labels[i] for i in picks] if index.labels is not None else None
-    files = ImageFiles([index.paths[i] for i in picks], labels, transform)
+    """Index a folder, take a seeded subset, and (optionally) decode it into memory (small sets only:
+    the pipeline streams evaluation images through ``starfish.loading`` instead)."""
+    files, index, picks = select_images(root, transform, size, seed, role, balanced)
     data: Dataset = materialize(files, desc=f"loading {role} images" if progress else None) if in_memory else files
     return data, index, picks
 
@@ -169,4 +196,4 @@ def images_only(dataset: Dataset) -> torch.Tensor:
     """All inputs of a (small) dataset stacked into one tensor."""
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[0]
-    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return torch.stack([item_pair(dataset[i])[0] for i in range(len(dataset))])

@@ -7,40 +7,35 @@ Writes ``rr.json`` (a list of {layer, params, raw, residual, rr, status}), ``rr.
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 from pathlib import Path
 
 from starfish.errors import StarfishError
+from starfish.run_config import RunConfig, validate
 
 
-def diagnose(
-    model: str,
-    weights: str | None,
-    calib: str,
-    calib_size: float | None,
-    sparsity: float,
-    shrinkage: float = 0.0,
-    seed: int = 0,
-    include: str | None = None,
-    exclude: str | None = None,
-    blocks: str | None = None,
-    device: str = "auto",
-) -> list[dict]:
-    """RR rows for every prunable layer of ``model`` (see ``starfish.repair.relative``)."""
-    from starfish.data import images_only, load_folder
+def diagnose(config: RunConfig, shrinkage: float = 0.0) -> list[dict]:
+    """RR rows for every prunable layer of ``config.model`` at ``config.prune.sparsity`` (see
+    ``starfish.repair.relative``), measured on the calibration images; validated like a run."""
     from starfish.device import resolve_device
-    from starfish.models import create_model
     from starfish.repair.relative import measure_rr
+    from starfish.steps import build_model, load_data, stage_calibration
     from starfish.structure import prunable_targets
 
+    sparsity = config.prune.sparsity
     if not (0.0 < sparsity < 1.0):
         raise StarfishError(f"--sparsity must be in (0, 1) for a diagnosis; got {sparsity}.")
-    loaded = create_model(model, weights)
-    data, _, _ = load_folder(calib, loaded.preprocess.transform(), calib_size, seed, "calibration", balanced=False)
-    net = loaded.module.to(resolve_device(device)).eval()
-    targets = prunable_targets(net, include, exclude, blocks or loaded.block_pattern)
-    return measure_rr(net, targets, images_only(data), sparsity, shrinkage=shrinkage)
+    if config.calib is None:
+        raise StarfishError("diagnose measures each layer on calibration images: pass --calib DIR.")
+    job = copy.deepcopy(config)
+    job.heal.healer, job.repair = "none", "none"  # diagnose prunes and repairs one layer at a time itself
+    validate(job)
+    loaded = build_model(job)
+    data = load_data(job, loaded, evaluation=False)
+    net = loaded.module.to(resolve_device(job.heal.device)).eval()
+    targets = prunable_targets(net, job.prune.include, job.prune.exclude, job.prune.blocks or loaded.block_pattern)
+    return measure_rr(net, targets, stage_calibration(data.calibration), sparsity, shrinkage=shrinkage)
 
 
 def _fmt(x: float | None) -> str:
@@ -85,39 +80,3 @@ def write_diagnosis(rows: list[dict], out: Path, title: str, force: bool = False
         (scratch / "rr.json").write_text(json.dumps(rows, indent=2) + "\n")
         (scratch / "rr.md").write_text(render_rr_markdown(rows, title))
         plot_rr(rows, scratch / "rr.png", title)
-
-
-def setup_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="built-in name, timm:<name>, torchvision:<name> or package.module:factory")
-    parser.add_argument("--weights", help="state dict (.pth/.pt/.th) or .safetensors")
-    parser.add_argument("--calib", required=True, help="folder of unlabeled calibration images")
-    parser.add_argument("--calib-size", type=float, default=None, help="number of calibration images (default all)")
-    parser.add_argument("--sparsity", type=float, required=True, help="sparsity each layer is pruned to, alone")
-    parser.add_argument("--shrinkage", type=float, default=0.0, help="variance-matching shrinkage (0 = plain matching)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--include", help="regex over parameter names: diagnose these weights instead of the block defaults")
-    parser.add_argument("--exclude", help="regex over parameter names: skip these")
-    parser.add_argument("--blocks", help="regex over module names that marks the blocks")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", required=True, help="output folder for rr.json, rr.md, rr.png (refused if it exists unless --force)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
-
-
-def cmd_diagnose(args: argparse.Namespace) -> int:
-    from starfish.outputs import check_output_dir
-
-    check_output_dir(args.out, args.force, (args.weights, args.calib))  # before any work
-    size = args.calib_size
-    if size is not None and size >= 1:
-        size = int(size)
-    rows = diagnose(args.model, args.weights, args.calib, size, args.sparsity, args.shrinkage, args.seed, args.include, args.exclude, args.blocks, args.device)
-    title = f"{args.model} at {args.sparsity:g} sparsity per layer, {size or 'all'} calibration images"
-    out = Path(args.out)
-    write_diagnosis(rows, out, title, args.force)
-    worst = max((r for r in rows if r["rr"] is not None), key=lambda r: r["rr"], default=None)
-    amplified = sum(1 for r in rows if r["rr"] is not None and r["rr"] > 1)
-    print(render_rr_markdown(rows, title))
-    if worst:
-        print(f"least repairable: {worst['layer']} (RR {worst['rr']:.3f}); {amplified} layer(s) where the repair amplifies damage")
-    print(f"wrote {out}/ (rr.json, rr.md, rr.png)")
-    return 0

@@ -1,4 +1,8 @@
-"""Top-1 and agreement with the dense model, from logits computed once per model."""
+"""Class logits of a model on a dataset (streamed in batches), and top-1 / agreement / KL from them.
+
+The pipeline scores models through ``starfish.tasks`` (which never keeps more than the reference's
+logits); ``predict`` is the small public helper that returns one model's logits and labels.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from starfish.batch import LABELS, call_model, to_device
 from starfish.device import resolve_device
+from starfish.loading import stream
 
 
 def logits_of(output: object) -> torch.Tensor:
@@ -38,15 +44,15 @@ def predict(
     desc: str | None = None,
     workers: int = 0,
 ) -> Predictions:
+    """Logits and labels of ``model`` on ``data`` (dict items or (x, y) pairs), one batch at a time."""
     from tqdm.auto import tqdm
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     model.to(device).eval()
     logits, labels = [], []
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
-    for x, y in tqdm(loader, desc=desc, disable=desc is None, leave=False):
-        logits.append(logits_of(model(x.to(device))).float().cpu())
-        labels.append(torch.as_tensor(y))
+    for batch in tqdm(stream(data, batch_size, workers, device), desc=desc, disable=desc is None, leave=False):
+        logits.append(logits_of(call_model(model, to_device(batch, device, non_blocking=True))).float().cpu())
+        labels.append(batch[LABELS].long() if LABELS in batch else torch.full((logits[-1].shape[0],), -1))
     return Predictions(torch.cat(logits), torch.cat(labels).long())
 
 
@@ -62,11 +68,16 @@ def agreement(pred: Predictions, reference: Predictions) -> float:
     return (pred.logits.argmax(1) == reference.logits.argmax(1)).float().mean().item()
 
 
+def kl_rows(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(reference || model) of the softmax outputs over the last dimension, in nats."""
+    log_p = F.log_softmax(reference_logits.float(), dim=-1)
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def kl_divergence(reference: Predictions, pred: Predictions) -> float:
     """Mean KL(reference || model) of the softmax outputs, in nats."""
-    log_p = F.log_softmax(reference.logits, dim=1)
-    log_q = F.log_softmax(pred.logits, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(1).mean().item()
+    return kl_rows(reference.logits, pred.logits).mean().item()
 
 
 def summarize(pred: Predictions, reference: Predictions | None = None) -> dict:

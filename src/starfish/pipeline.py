@@ -1,74 +1,32 @@
-"""The main job as one dataclass config and one verb: ``run(RunConfig) -> report``.
+"""The main job as one verb: ``run(RunConfig) -> report``.
 
-prune -> (optional repair) -> heal -> evaluate dense, pruned and healed on the same images,
-then write weights, masks, the resolved config and the reports atomically.
+build -> load data -> prune -> (optional repair) -> heal -> evaluate dense, pruned, repaired and
+healed on the same streamed images (``starfish.steps``), then write weights, masks, the resolved
+config and the reports atomically.
 """
 
 from __future__ import annotations
 
-import copy
 import platform
-import sys
-import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 
 from starfish.alignment import AlignmentProbe
-from starfish.data import images_only, load_folder
-from starfish.errors import StarfishError
-from starfish.evaluate import Predictions, predict, summarize
-from starfish.heal import HealConfig, heal
+from starfish.heal import HealResult
 from starfish.masks import Masks
-from starfish.models import LoadedModel, Preprocess, create_model
-from starfish.outputs import atomic_output_dir, check_output_dir, save_weights, write_json
-from starfish.pruning import PruneConfig, prune_with_notes
-from starfish.repair import AUTO, apply_repair, list_repairs, resolve_repair
+from starfish.models import LoadedModel
+from starfish.outputs import atomic_output_dir, save_weights, write_json
+from starfish.repair import resolve_repair
+from starfish.run_config import RunConfig, validate
+from starfish.steps import RunData, build_model, check_masks, evaluation, heal_step, load_data, prune_step, repair_step
 
-
-@dataclass
-class RunConfig:
-    model: str = "cifar10-resnet20"
-    weights: str | None = None
-    pretrained: bool = False
-    num_classes: int | None = None
-    preprocess: dict | None = None  # overrides of the model's own preprocessing
-    calib: str | None = None
-    calib_size: float | None = None  # count, fraction in (0, 1), or None = the whole folder
-    eval: str | None = None
-    eval_size: int | None = None  # None = the whole folder
-    seed: int = 0
-    masks: str | None = None  # start from saved masks instead of pruning
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    repair: str = "auto"  # label-free repair after pruning: auto | none | bn | varmatch | bn+varmatch
-    repair_shrinkage: float = 0.0  # varmatch: > 0 keeps (nearly) collapsed channels from being blown up
-    heal_from: str = "pruned"  # "pruned": start healing from the pruner's weights; "dense-masked": dense x mask
-    heal: HealConfig = field(default_factory=HealConfig)
-    out: str | None = None
-    force: bool = False
-    eval_batch_size: int = 256
-    workers: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise StarfishError(f"config has unknown keys {unknown}; known keys: {sorted(known)}.")
-        raw = dict(raw)
-        raw["prune"] = PruneConfig(**raw.get("prune", {}))
-        raw["heal"] = HealConfig(**raw.get("heal", {}))
-        return cls(**raw)
+__all__ = ["RunConfig", "build_model", "build_report", "run", "validate"]
 
 
 def _versions() -> dict:
     import torchvision
 
-    from starfish import __version__
+    from starfish.version import __version__
 
     return {
         "starfish": __version__,
@@ -79,133 +37,91 @@ def _versions() -> dict:
     }
 
 
-def build_model(config: RunConfig) -> LoadedModel:
-    loaded = create_model(config.model, config.weights, config.pretrained, config.num_classes)
-    if config.preprocess:
-        merged = {**loaded.preprocess.to_dict(), **config.preprocess}
-        merged["mean"], merged["std"] = tuple(merged["mean"]), tuple(merged["std"])
-        loaded.preprocess = Preprocess(**merged)
-    return loaded
-
-
-def validate(config: RunConfig) -> None:
-    """Everything that can be checked before any work starts."""
-    config.prune.validate()
-    config.heal.validate()
-    if config.out is not None:
-        check_output_dir(config.out, config.force, (config.weights, config.calib, config.eval, config.masks))
-    if config.calib is None and config.heal.healer != "none":
-        raise StarfishError("healing needs calibration images: pass --calib DIR (or --healer none).")
-    if config.repair not in (AUTO, *list_repairs()):
-        raise StarfishError(f"unknown repair '{config.repair}'; choose one of {AUTO}, {', '.join(list_repairs())}.")
-    if config.calib is None and config.repair not in ("none", AUTO):
-        raise StarfishError(f"repair '{config.repair}' needs calibration images: pass --calib DIR (or --repair none).")
-    if config.heal_from not in ("pruned", "dense-masked"):
-        raise StarfishError(f"--heal-from must be 'pruned' or 'dense-masked'; got '{config.heal_from}'.")
-    from starfish.pruning.pruners import get_pruner
-
-    if config.calib is None and not config.masks and (get_pruner(config.prune.pruner).needs_calibration or config.prune.allocation == "rr"):
-        raise StarfishError(
-            f"pruner '{config.prune.pruner}' / allocation '{config.prune.allocation}' needs calibration images: pass --calib DIR."
-        )
-
-
 def run(config: RunConfig, command: str | None = None) -> dict:
     """Run the whole job; returns the report (also written to ``config.out`` when set)."""
     validate(config)
     loaded = build_model(config)
-    transform = loaded.preprocess.transform()
-    device = config.heal.device
-    calib = None
-    calib_size = 0
-    if config.calib is not None:
-        calib, _, _ = load_folder(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False, progress=config.heal.progress)
-        calib_size = len(calib)
-    evalset = None
-    if config.eval is not None:
-        evalset, _, _ = load_folder(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True, progress=config.heal.progress)
-
-    def score(model: torch.nn.Module, label: str) -> Predictions | None:
-        if evalset is None:
-            return None
-        return predict(model, evalset, config.eval_batch_size, device, desc=f"evaluating {label}" if config.heal.progress else None, workers=config.workers)
-
+    data = load_data(config, loaded)
     dense = loaded.module
-    dense_pred = score(dense, "dense")
-    sparse = copy.deepcopy(dense)
-    started = time.perf_counter()
-    prune_notes: dict = {}
-    if config.masks:
-        masks = Masks.load(config.masks)
-        masks.apply_(sparse)
-    else:
-        calib_images = images_only(calib) if calib is not None else None
-        masks, prune_notes = prune_with_notes(sparse, config.prune, seed=config.seed, calibration=calib_images)
-    prune_seconds = time.perf_counter() - started
-    if config.heal_from == "dense-masked":  # drop a reconstructing pruner's weight updates
-        sparse.load_state_dict(dense.state_dict())
-        masks.apply_(sparse)
-    pruned_pred = score(sparse, "pruned")
-    repair, repair_reason = resolve_repair(config.repair, sparse, config.heal.healer != "none", config.heal.bn_mode, calib is not None)
-    repair_stats = {"repair": "none"}
-    repaired_pred = None
+    scoring = evaluation(config, data, dense)
+
+    def score(label: str, model: torch.nn.Module) -> None:
+        if scoring is not None:
+            scoring.score(label, model)
+
+    score("dense", dense)
+    sparse, masks, prune_notes, prune_seconds = prune_step(config, dense, data.calibration)
+    score("pruned", sparse)
+    trained = config.heal.healer != "none"
+    repair, repair_reason = resolve_repair(config.repair, sparse, trained, config.heal.bn_mode, data.calibration is not None)
+    repair_stats = repair_step(repair, dense, sparse, masks, data.calibration, shrinkage=config.repair_shrinkage)
     if repair != "none":
-        repair_stats = apply_repair(repair, dense, sparse, masks, images_only(calib), shrinkage=config.repair_shrinkage)
-        repaired_pred = score(sparse, "repaired")
-    probe = AlignmentProbe.choose(evalset, calib, config.seed)
+        score("repaired", sparse)
+    probe = AlignmentProbe.choose(data.evaluation, data.calibration, config.seed)
     block_pattern = config.prune.blocks or loaded.block_pattern
+    device = config.heal.device
     align_before = probe.measure(dense, sparse, block_pattern, device) if probe else None
 
     heal_result = None
-    if config.heal.healer != "none":
-        heal_config = copy.deepcopy(config.heal)
-        heal_config.seed = config.seed
-        heal_result = heal(dense, sparse, masks, calib, heal_config, block_pattern=config.prune.blocks or loaded.block_pattern)
-    healed_pred = score(sparse, "healed") if heal_result is not None else (repaired_pred or pruned_pred)
+    if trained:
+        heal_result = heal_step(dense, sparse, masks, data.calibration, config.heal, block_pattern, config.seed)
+        score("healed", sparse)
+    check_masks(masks, sparse, "after healing")
 
-    broken = masks.violations(sparse)
-    if broken:  # a bug, not a user error: the contract must hold whatever the input
-        raise RuntimeError(f"mask contract violated after healing: {broken}")
-
-    report = build_report(config, loaded, masks, calib_size, evalset, dense_pred, pruned_pred, healed_pred, heal_result, prune_seconds, command)
+    scores = scoring.scores if scoring is not None else {}
+    report = build_report(config, loaded, masks, data, scores, heal_result, prune_seconds, command)
     report["repair"] = repair
     report["repair_requested"] = config.repair
     report["repair_reason"] = repair_reason
     report["repair_stats"] = repair_stats
     report["heal_from"] = config.heal_from
-    if repaired_pred is not None:
-        report["top1"]["repaired"] = summarize(repaired_pred)["top1"]
     if "rr" in prune_notes:
         report["relative_repairability"] = prune_notes["rr"]
     if probe is not None and align_before is not None:
         report["alignment"] = {"images": probe.source, "before": align_before, "after": probe.measure(dense, sparse, block_pattern, device)}
     if config.out is not None:
-        from starfish.report import render_markdown
-
-        from starfish.run_plots import write_run_plots
-
-        with atomic_output_dir(config.out, config.force) as scratch:
-            report["plots"] = write_run_plots(scratch, report, heal_result.loss_history if heal_result else None)
-            save_weights(sparse, scratch / "model.safetensors")
-            masks.save(scratch / "masks.safetensors")
-            write_json(scratch / "config.json", config.to_dict())
-            write_json(scratch / "report.json", report)
-            if heal_result is not None:
-                write_json(scratch / "heal_history.json", {"loss": heal_result.loss_history, "lr": heal_result.lr_history})
-            (scratch / "report.md").write_text(render_markdown(report))
+        write_run(config, report, sparse, masks, heal_result)
     return report
 
 
-def build_report(config, loaded, masks, calib_size, evalset, dense_pred, pruned_pred, healed_pred, heal_result, prune_seconds, command) -> dict:
+def write_run(config: RunConfig, report: dict, sparse: torch.nn.Module, masks: Masks, heal_result: HealResult | None) -> None:
+    """Weights, masks, config.json (without out/force), reports and plots, appearing together."""
+    from starfish.report import render_markdown
+    from starfish.run_plots import write_run_plots
+
+    with atomic_output_dir(config.out, config.force) as scratch:
+        report["plots"] = write_run_plots(scratch, report, heal_result.loss_history if heal_result else None)
+        save_weights(sparse, scratch / "model.safetensors")
+        masks.save(scratch / "masks.safetensors")
+        write_json(scratch / "config.json", config.saved_dict())
+        write_json(scratch / "report.json", report)
+        if heal_result is not None:
+            write_json(scratch / "heal_history.json", {"loss": heal_result.loss_history, "lr": heal_result.lr_history})
+        (scratch / "report.md").write_text(render_markdown(report))
+
+
+def build_report(
+    config: RunConfig,
+    loaded: LoadedModel,
+    masks: Masks,
+    data: RunData,
+    scores: dict[str, dict],
+    heal_result: HealResult | None,
+    prune_seconds: float,
+    command: str | None,
+) -> dict:
+    """The report of one run from the scores of its evaluation task (``{label: metrics}``)."""
+    final = next((label for label in ("healed", "repaired", "pruned") if label in scores), None)
     top1 = {"dense": None, "pruned": None, "healed": None}
     fidelity = {}
-    if dense_pred is not None:
-        for label, pred in (("dense", dense_pred), ("pruned", pruned_pred), ("healed", healed_pred)):
-            stats = summarize(pred, dense_pred if label != "dense" else None)
-            top1[label] = stats["top1"]
-            if label != "dense":
-                fidelity[label] = {"agreement": stats["agreement"], "kl": stats["kl"]}
-    recovered = top1["healed"] / top1["dense"] if top1["dense"] else None
+    if scores:
+        top1 = {"dense": scores["dense"].get("top1"), "pruned": scores["pruned"].get("top1"), "healed": scores[final].get("top1")}
+        if "repaired" in scores:
+            top1["repaired"] = scores["repaired"].get("top1")
+        for label, source in (("pruned", "pruned"), ("healed", final)):
+            if "agreement" in scores[source]:
+                fidelity[label] = {"agreement": scores[source]["agreement"], "kl": scores[source]["kl"]}
+    recovered = top1["healed"] / top1["dense"] if top1["dense"] and top1["healed"] is not None else None
     return {
         "model": config.model,
         "weights": config.weights,
@@ -219,13 +135,15 @@ def build_report(config, loaded, masks, calib_size, evalset, dense_pred, pruned_
         "top1": top1,
         "recovered_fraction": recovered,
         "fidelity_to_dense": fidelity,
+        "task": config.task,
+        "metrics": scores,
         "heal_seconds": heal_result.seconds if heal_result else 0.0,
         "prune_seconds": prune_seconds,
         "heal": {**config.heal.to_dict(), **(heal_result.to_dict() if heal_result else {})},
         "peak_memory_mb": heal_result.peak_memory_mb if heal_result else None,
         "memory_measure": heal_result.memory_measure if heal_result else None,
-        "calibration": {"source": config.calib, "size": calib_size, "seed": config.seed},
-        "eval": {"source": config.eval, "size": len(evalset) if evalset is not None else 0, "seed": config.seed, "class_balanced": True},
+        "calibration": {"source": config.calib, "size": data.calib_size, "seed": config.seed},
+        "eval": {"source": config.eval, "size": data.eval_size, "seed": config.seed, "class_balanced": True},
         "prunable_weights": masks.numel(),
         "layer_sparsity": masks.layer_sparsity(),
         "preprocess": loaded.preprocess.to_dict(),

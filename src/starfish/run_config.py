@@ -1,0 +1,108 @@
+"""The job as one serialisable dataclass, and the ONE validation every entry point runs first.
+
+``starfish run``, ``compare``, ``diagnose`` and the benchmark scripts all describe their job as a
+``RunConfig`` and call ``validate`` before any model or image is loaded, so they refuse exactly
+the same inputs with the same messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from starfish.errors import StarfishError
+from starfish.heal import HealConfig
+from starfish.outputs import check_output_dir
+from starfish.pruning import PruneConfig
+
+# Where a run writes, and whether it may replace: properties of one invocation, never of the job,
+# so a saved config.json does not carry them (rerunning it must name a new --out).
+INVOCATION_KEYS = ("out", "force")
+
+
+@dataclass
+class RunConfig:
+    model: str = "cifar10-resnet20"
+    weights: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    preprocess: dict | None = None  # overrides of the model's own preprocessing
+    calib: str | None = None
+    calib_size: float | None = None  # count, fraction in (0, 1), or None = the whole folder
+    calib_max_gb: float = 4.0  # refuse a calibration set whose decoded size is larger than this
+    eval: str | None = None
+    eval_size: int | None = None  # None = the whole folder
+    task: str = "classification"  # how models are scored on the evaluation set (starfish.tasks)
+    seed: int = 0
+    masks: str | None = None  # start from saved masks instead of pruning
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    repair: str = "auto"  # label-free repair after pruning: auto | none | bn | varmatch | bn+varmatch
+    repair_shrinkage: float = 0.0  # varmatch: > 0 keeps (nearly) collapsed channels from being blown up
+    heal_from: str = "pruned"  # "pruned": start healing from the pruner's weights; "dense-masked": dense x mask
+    heal: HealConfig = field(default_factory=HealConfig)
+    out: str | None = None
+    force: bool = False
+    eval_batch_size: int = 256
+    workers: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def saved_dict(self) -> dict:
+        """What config.json holds: the job, without where this invocation wrote (``out``, ``force``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in INVOCATION_KEYS}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise StarfishError(f"config has unknown keys {unknown}; known keys: {sorted(known)}.")
+        raw = dict(raw)
+        raw["prune"] = PruneConfig(**raw.get("prune", {}))
+        raw["heal"] = HealConfig(**raw.get("heal", {}))
+        return cls(**raw)
+
+    def with_prune(self, **changes) -> "RunConfig":
+        """A copy with some pruning settings replaced (a compare cell's sparsity and allocation)."""
+        return replace(self, prune=replace(self.prune, **changes))
+
+
+def validate(config: RunConfig, sparsities: list[float] | None = None, allocations: list[str] | None = None) -> None:
+    """Everything that can be checked before any work starts.
+
+    ``sparsities`` / ``allocations``: a grid (compare) checks the user's pruning settings at each of
+    them, exactly as ``run`` checks its single one.
+    """
+    from starfish.pruning import list_allocations
+    from starfish.pruning.pruners import get_pruner
+    from starfish.repair import AUTO, list_repairs
+    from starfish.tasks import TASKS
+
+    for s in sparsities if sparsities is not None else [config.prune.sparsity]:
+        for a in allocations if allocations is not None else [config.prune.allocation]:
+            config.with_prune(sparsity=s, allocation=a).prune.validate()
+            if a not in list_allocations():
+                raise StarfishError(f"unknown allocation '{a}'; choose one of {', '.join(list_allocations())} (--allocation).")
+    pruner = get_pruner(config.prune.pruner)  # an unknown pruner is refused here, naming the choices
+    config.heal.validate()
+    TASKS.get(config.task)
+    if config.calib_max_gb <= 0:
+        raise StarfishError(f"--calib-max-gb must be positive; got {config.calib_max_gb}.")
+    if config.eval_batch_size < 1 or config.workers < 0:
+        raise StarfishError(
+            f"--eval-batch-size must be >= 1 and --workers >= 0; got {config.eval_batch_size} and {config.workers}."
+        )
+    if config.out is not None:
+        check_output_dir(config.out, config.force, (config.weights, config.calib, config.eval, config.masks))
+    if config.calib is None and config.heal.healer != "none":
+        raise StarfishError("healing needs calibration images: pass --calib DIR (or --healer none).")
+    if config.repair not in (AUTO, *list_repairs()):
+        raise StarfishError(f"unknown repair '{config.repair}'; choose one of {AUTO}, {', '.join(list_repairs())}.")
+    if config.calib is None and config.repair not in ("none", AUTO):
+        raise StarfishError(f"repair '{config.repair}' needs calibration images: pass --calib DIR (or --repair none).")
+    if config.heal_from not in ("pruned", "dense-masked"):
+        raise StarfishError(f"--heal-from must be 'pruned' or 'dense-masked'; got '{config.heal_from}'.")
+    if config.calib is None and not config.masks and (pruner.needs_calibration or config.prune.allocation == "rr"):
+        raise StarfishError(
+            f"pruner '{config.prune.pruner}' / allocation '{config.prune.allocation}' needs calibration images: pass --calib DIR."
+        )

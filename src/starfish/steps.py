@@ -1,0 +1,161 @@
+"""The steps every job is made of: build -> load data -> prune -> repair -> heal -> evaluate.
+
+``starfish run`` (``pipeline.run``), ``starfish compare`` (``compare.compare``), ``starfish
+diagnose`` and the benchmark scripts call these functions and nothing else to do that work, so
+the sequence is written once. Calibration data travels as ONE mapping (``starfish.batch``);
+``stage_calibration`` is the single place that hands it to pruning, repairs and healing.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from starfish.batch import LABELS, PIXELS, Batch, batch_len
+from starfish.data import select_images
+from starfish.device import resolve_device
+from starfish.errors import StarfishError
+from starfish.heal import HealConfig, HealResult, heal
+from starfish.loading import decode_calibration, stream
+from starfish.masks import Masks
+from starfish.models import LoadedModel, Preprocess, create_model
+from starfish.pruning import PruneConfig, prune_with_notes
+from starfish.repair import apply_repair
+from starfish.run_config import RunConfig
+from starfish.tasks import Evaluation, get_task
+
+
+def build_model(config: RunConfig) -> LoadedModel:
+    """The dense model with the run's preprocessing overrides applied."""
+    loaded = create_model(config.model, config.weights, config.pretrained, config.num_classes)
+    if config.preprocess:
+        merged = {**loaded.preprocess.to_dict(), **config.preprocess}
+        merged["mean"], merged["std"] = tuple(merged["mean"]), tuple(merged["std"])
+        loaded.preprocess = Preprocess(**merged)
+    return loaded
+
+
+@dataclass
+class RunData:
+    """What a job reads: the calibration set decoded once, the evaluation files streamed per pass."""
+
+    calibration: Batch | None  # one mapping of stacked tensors (small, within --calib-max-gb)
+    evaluation: Dataset | None  # decoded one batch at a time, never all at once
+    eval_batch_size: int = 256
+    workers: int = 0
+
+    @property
+    def calib_size(self) -> int:
+        return batch_len(self.calibration) if self.calibration is not None else 0
+
+    @property
+    def eval_size(self) -> int:
+        return len(self.evaluation) if self.evaluation is not None else 0  # type: ignore[arg-type]
+
+    def eval_batches(self, device: torch.device | None = None) -> Iterable[Batch]:
+        """A fresh pass over the evaluation set as dict batches (DataLoader, pinned on accelerators)."""
+        if self.evaluation is None:
+            return iter(())
+        return stream(self.evaluation, self.eval_batch_size, self.workers, device)
+
+    def calibration_labelled(self) -> bool:
+        labels = self.calibration.get(LABELS) if self.calibration is not None else None
+        return labels is not None and not bool((labels < 0).any())
+
+    def evaluation_labelled(self) -> bool:
+        labels = getattr(self.evaluation, "labels", None)
+        return labels is not None
+
+
+def load_data(config: RunConfig, loaded: LoadedModel, calibration: bool = True, evaluation: bool = True) -> RunData:
+    """Select the calibration and evaluation images; decode calibration only (within its budget)."""
+    transform = loaded.preprocess.transform()
+    calib = None
+    if calibration and config.calib is not None:
+        files, _, _ = select_images(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False)
+        calib = decode_calibration(files, config.calib_max_gb, workers=config.workers, progress=config.heal.progress)
+    evalset = None
+    if evaluation and config.eval is not None:
+        evalset, _, _ = select_images(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True)
+    return RunData(calib, evalset, config.eval_batch_size, config.workers)
+
+
+def stage_calibration(calibration: Batch | None, labels: bool = False) -> torch.Tensor | TensorDataset | None:
+    """THE one place calibration data is handed to prune / apply_repair / heal / measure_rr.
+
+    Those stages take an image tensor (or a TensorDataset of images and labels, for a healer that
+    uses labels) today; once they accept the calibration mapping this returns ``calibration``
+    itself (without ``labels`` unless asked for).
+    """
+    if calibration is None:
+        return None
+    if labels and LABELS in calibration:
+        return TensorDataset(calibration[PIXELS], calibration[LABELS])
+    return calibration[PIXELS]
+
+
+def evaluation(config: RunConfig, data: RunData, dense: nn.Module) -> Evaluation | None:
+    """The run's task on its evaluation set, with ``dense`` as the reference every model is compared to."""
+    if data.evaluation is None:
+        return None
+    device = resolve_device(config.heal.device)
+    return Evaluation(get_task(config.task), lambda: data.eval_batches(device), dense, device)
+
+
+def prune_step(
+    config: RunConfig, dense: nn.Module, calibration: Batch | None
+) -> tuple[nn.Module, Masks, dict, float]:
+    """A pruned copy of ``dense`` (from saved masks or the pruner), its masks, notes and seconds."""
+    sparse = copy.deepcopy(dense)
+    started = time.perf_counter()
+    notes: dict = {}
+    if config.masks:
+        masks = Masks.load(config.masks)
+        masks.apply_(sparse)
+    else:
+        masks, notes = prune_with_notes(sparse, config.prune, seed=config.seed, calibration=stage_calibration(calibration))
+    seconds = time.perf_counter() - started
+    if config.heal_from == "dense-masked":  # drop a reconstructing pruner's weight updates
+        sparse.load_state_dict(dense.state_dict())
+        masks.apply_(sparse)
+    return sparse, masks, notes, seconds
+
+
+def repair_step(name: str, dense: nn.Module, sparse: nn.Module, masks: Masks, calibration: Batch | None, **options) -> dict:
+    """A label-free repair of ``sparse`` in place (``none`` does nothing)."""
+    if name == "none":
+        return {"repair": "none"}
+    return apply_repair(name, dense, sparse, masks, stage_calibration(calibration), **options)
+
+
+def heal_step(
+    dense: nn.Module,
+    sparse: nn.Module,
+    masks: Masks,
+    calibration: Batch | None,
+    heal_config: HealConfig,
+    block_pattern: str | None,
+    seed: int,
+) -> HealResult:
+    """Heal ``sparse`` in place. Only a healer that uses labels is handed the labels."""
+    from starfish.heal.objectives import OBJECTIVES
+
+    if calibration is None:
+        raise StarfishError("healing needs calibration images: pass --calib DIR (or --healer none).")
+    config = copy.deepcopy(heal_config)
+    config.seed = seed
+    uses_labels = config.healer in OBJECTIVES and OBJECTIVES[config.healer].uses_labels
+    return heal(dense, sparse, masks, stage_calibration(calibration, labels=uses_labels), config, block_pattern=block_pattern)
+
+
+def check_masks(masks: Masks, model: nn.Module, where: str) -> None:
+    """Masked weights must be exactly zero; a violation is a bug, not a user error."""
+    broken = masks.violations(model)
+    if broken:
+        raise RuntimeError(f"mask contract violated {where}: {broken}")

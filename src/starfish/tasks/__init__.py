@@ -1,0 +1,6 @@
+"""Evaluation tasks: how models are scored on streamed evaluation batches (``--task``)."""
+
+from starfish.tasks.base import TASKS, Evaluation, Task, get_task, list_tasks
+from starfish.tasks.classification import Classification
+
+__all__ = ["TASKS", "Classification", "Evaluation", "Task", "get_task", "list_tasks"]

@@ -13,7 +13,7 @@ from lm_tiny import gpt2_config, llama_config, save_tiny, tiny_tokenizer
 from starfish.errors import StarfishError
 from starfish.masks import Masks
 from starfish.models import create_model
-from starfish.models.causal_lm import CheckpointConv1D, save_hf_folder
+from starfish.models.causal_lm import CheckpointConv1D, load_checkpoint_masks, save_hf_folder, tokenizer_of
 from starfish.pruning import PruneConfig, prune
 from starfish.structure import find_blocks, prunable_targets
 
@@ -105,6 +105,11 @@ def test_gpt2_masks_are_transposed_into_the_checkpoint_layout(gpt2_dir, tmp_path
     name = "transformer.h.0.mlp.c_fc.weight"
     assert masks[name].shape == (128, 32) and saved[name].shape == (32, 128)
     assert torch.equal(saved[name], masks[name].t())
+    again = create_model(f"hf:{tmp_path / 'm'}")  # the saved folder loads back with its masks
+    back = load_checkpoint_masks(again.module, tmp_path / "m" / "masks.safetensors")
+    assert torch.equal(back[name], masks[name]) and back.violations(again.module) == {}
+    with pytest.raises(StarfishError, match="no tokenizer"):  # saved without one: said when text is needed
+        tokenizer_of(again.extra)
 
 
 def test_save_refuses_a_model_that_breaks_its_masks(llama_dir, tmp_path):

@@ -156,6 +156,12 @@ def checkpoint_masks(model: nn.Module, masks: Masks) -> Masks:
     return Masks({k: (m.t().contiguous() if k in transposed else m) for k, m in masks.items()})
 
 
+def load_checkpoint_masks(model: nn.Module, path: str | Path) -> Masks:
+    """Masks saved by ``save_hf_folder`` (checkpoint layout) in the layout of a model loaded by
+    ``create_model`` (transposing is its own inverse, so the same conversion applies)."""
+    return checkpoint_masks(model, Masks.load(path))
+
+
 def context_length(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
@@ -170,20 +176,27 @@ def default_seq_len(model: nn.Module) -> int:
     return min(context, MAX_DEFAULT_CONTEXT) if context else MAX_DEFAULT_CONTEXT
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(name: str):
+    """The tokenizer saved with the model, or None when a local folder has none (transformers would
+    otherwise hand back an empty tokenizer of the architecture's class)."""
     from transformers import AutoTokenizer
 
+    if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, TypeError) as exc:
         raise StarfishError(
-            f"no tokenizer for '{name}' ({str(exc).splitlines()[0]}); save one beside the model "
-            "(tokenizer.save_pretrained(folder))."
+            f"cannot load the tokenizer of '{name}' ({str(exc).splitlines()[0]}); save a working one beside "
+            "the model (tokenizer.save_pretrained(folder))."
         ) from None
 
 
 def load_causal_lm(name: str, dtype: str | None = None) -> tuple[nn.Module, object, str]:
-    """(model in eval mode, tokenizer, block pattern) for a local folder or a cached hub id."""
+    """(model in eval mode, tokenizer or None, block pattern) for a local folder or a cached hub id."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype) or torch.float32
@@ -234,5 +247,8 @@ def tokenizer_of(extra: Mapping[str, object]):
     """The tokenizer a ``LoadedModel`` of a causal LM carries (``loaded.extra``)."""
     tok = extra.get("tokenizer")
     if tok is None:
-        raise StarfishError("this model has no tokenizer; load it with create_model('hf:FOLDER').")
+        raise StarfishError(
+            "this causal LM has no tokenizer, so text cannot be turned into tokens; save one into the "
+            "model folder (tokenizer.save_pretrained(folder))."
+        )
     return tok

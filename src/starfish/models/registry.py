@@ -69,7 +69,7 @@ class LoadedModel:
     weights: str | None = None
     weights_sha256: str | None = None
     block_pattern: str | None = None  # regex over module names; None = automatic discovery
-    extra: dict = field(default_factory=dict)  # causal LMs: "tokenizer", "seq_len" (default eval window)
+    extra: dict = field(default_factory=dict)  # causal LMs: "tokenizer" (None if absent), "seq_len" (eval window)
     task: str = "classification"  # or "causal-lm"
 
 

@@ -4,7 +4,8 @@ A spec is one of
   * a built-in name, e.g. ``cifar10-vit`` (see ``list_models()``);
   * ``timm:<name>`` — any timm architecture (pretrained weights through timm when asked);
   * ``torchvision:<name>`` — any torchvision classification architecture;
-  * ``hf:<name or folder>`` — a Hugging Face ``AutoModelForImageClassification``;
+  * ``hf:<name or folder>`` — a Hugging Face causal language model (``AutoModelForCausalLM``, with
+    its tokenizer in ``LoadedModel.extra["tokenizer"]``) or an ``AutoModelForImageClassification``;
   * ``package.module:factory`` — any callable returning an ``nn.Module``.
 """
 
@@ -68,7 +69,8 @@ class LoadedModel:
     weights: str | None = None
     weights_sha256: str | None = None
     block_pattern: str | None = None  # regex over module names; None = automatic discovery
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # causal LMs: "tokenizer" (None if absent), "seq_len" (eval window)
+    task: str = "classification"  # or "causal-lm"
 
 
 Builder = Callable[..., tuple[nn.Module, Preprocess]]
@@ -244,13 +246,31 @@ def _factory_model(spec: str, num_classes: int | None) -> tuple[nn.Module, Prepr
     return model, pre
 
 
+def _hf_causal_lm(spec: str, weights: str | Path | None, dtype: str | None) -> LoadedModel:
+    from starfish.models.causal_lm import CAUSAL_LM, default_seq_len, load_causal_lm
+
+    if weights is not None:
+        raise StarfishError(f"{spec} is a causal LM: its weights come from the folder; drop --weights.")
+    model, tokenizer, pattern = load_causal_lm(spec[len("hf:"):], dtype)
+    extra = {"tokenizer": tokenizer, "seq_len": default_seq_len(model)}
+    return LoadedModel(model, spec, Preprocess(), None, None, pattern, extra, CAUSAL_LM)
+
+
 def create_model(
     spec: str,
     weights: str | Path | None = None,
     pretrained: bool = False,
     num_classes: int | None = None,
+    dtype: str | None = None,
 ) -> LoadedModel:
-    """Build a model from a spec string, optionally loading weights strictly. Returns eval mode."""
+    """Build a model from a spec string, optionally loading weights strictly. Returns eval mode.
+
+    ``dtype`` (float32 | bfloat16 | float16) is the precision a causal LM is loaded in."""
+    if spec.startswith("hf:"):
+        from starfish.models.causal_lm import is_causal_lm
+
+        if is_causal_lm(spec[len("hf:"):]):
+            return _hf_causal_lm(spec, weights, dtype)
     if spec in _BUILTINS:
         builder = _BUILTINS[spec][0]
         model, pre = builder() if num_classes is None else builder(num_classes=num_classes)

@@ -31,6 +31,7 @@ from starfish.heal.objectives import OBJECTIVES
 from starfish.masks import Masks
 from starfish.outputs import check_output_dir
 from starfish.pruning import PruneConfig, prune
+from starfish.validation import check_class_count, run_settings
 
 ALIGNMENT_IMAGES = 256  # held-out eval images used to measure per-block alignment (labels unused)
 
@@ -120,8 +121,9 @@ def validate_grid(config, sparsities: list[float], specs: list[HealerSpec], allo
 
     if not sparsities:
         raise StarfishError("--sparsities is empty; pass e.g. --sparsities 0.5,0.75,0.9.")
+    run_settings(config)
     for s in sparsities:
-        PruneConfig(sparsity=s).validate()
+        replace(config.prune, sparsity=s).validate()
     for a in allocations:
         if a not in list_allocations():
             raise StarfishError(f"unknown allocation '{a}'; choose from {', '.join(list_allocations())}.")
@@ -167,7 +169,7 @@ def compare(
             "healer 'finetune' trains on labels but the calibration folder has none; "
             "use a folder with one sub-folder per class, or drop finetune from --healers."
         )
-    evalset, _, _ = load_folder(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True, progress=config.heal.progress)
+    evalset, eval_index, _ = load_folder(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True, progress=config.heal.progress)
     if bool((evalset.tensors[1] < 0).any()):
         raise StarfishError(f"evaluation folder {config.eval} has no class sub-folders, so accuracy cannot be scored; pass a labelled --eval folder.")
     pick = torch.randperm(len(evalset), generator=torch.Generator().manual_seed(config.seed))[:alignment_images]
@@ -178,6 +180,7 @@ def compare(
 
     dense = loaded.module
     dense_pred = score(dense, "dense")
+    check_class_count(dense_pred.logits.shape[-1], eval_index.classes, config.eval)
     dense_top1 = summarize(dense_pred)["top1"]
     reference = DenseReference(dense, align_images, block_pattern, device=device)
     _log(f"dense top-1 {_pct(dense_top1)} on {len(evalset)} images")

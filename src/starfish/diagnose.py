@@ -88,17 +88,19 @@ def write_diagnosis(rows: list[dict], out: Path, title: str, force: bool = False
 
 
 def setup_parser(parser: argparse.ArgumentParser) -> None:
+    from starfish.cli import device_arg, non_negative_float, regex_arg, seed_arg, size_arg
+
     parser.add_argument("--model", required=True, help="built-in name, timm:<name>, torchvision:<name> or package.module:factory")
     parser.add_argument("--weights", help="state dict (.pth/.pt/.th) or .safetensors")
     parser.add_argument("--calib", required=True, help="folder of unlabeled calibration images")
-    parser.add_argument("--calib-size", type=float, default=None, help="number of calibration images (default all)")
+    parser.add_argument("--calib-size", type=size_arg, default=None, help="number of calibration images (default all)")
     parser.add_argument("--sparsity", type=float, required=True, help="sparsity each layer is pruned to, alone")
-    parser.add_argument("--shrinkage", type=float, default=0.0, help="variance-matching shrinkage (0 = plain matching)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--include", help="regex over parameter names: diagnose these weights instead of the block defaults")
-    parser.add_argument("--exclude", help="regex over parameter names: skip these")
-    parser.add_argument("--blocks", help="regex over module names that marks the blocks")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--shrinkage", type=non_negative_float, default=0.0, help="variance-matching shrinkage (0 = plain matching)")
+    parser.add_argument("--seed", type=seed_arg, default=0)
+    parser.add_argument("--include", type=regex_arg, help="regex over parameter names: diagnose these weights instead of the block defaults")
+    parser.add_argument("--exclude", type=regex_arg, help="regex over parameter names: skip these")
+    parser.add_argument("--blocks", type=regex_arg, help="regex over module names that marks the blocks")
+    parser.add_argument("--device", type=device_arg, default="auto")
     parser.add_argument("--out", required=True, help="output folder for rr.json, rr.md, rr.png (refused if it exists unless --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
 

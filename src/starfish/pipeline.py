@@ -25,6 +25,8 @@ from starfish.models import LoadedModel, Preprocess, create_model
 from starfish.outputs import atomic_output_dir, check_output_dir, save_weights, write_json
 from starfish.pruning import PruneConfig, prune_with_notes
 from starfish.repair import AUTO, apply_repair, list_repairs, resolve_repair
+from starfish.validation import check_class_count, run_settings
+from starfish.validation import config_types as check_config_types
 
 
 @dataclass
@@ -55,6 +57,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "RunConfig":
+        check_config_types(cls, raw)  # wrong types, nulls and unknown keys name their key, no traceback
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -90,6 +93,9 @@ def build_model(config: RunConfig) -> LoadedModel:
 
 def validate(config: RunConfig) -> None:
     """Everything that can be checked before any work starts."""
+    run_settings(config)
+    if config.masks:
+        Masks.load(config.masks)  # a missing, corrupt or non-boolean masks file fails before any work
     config.prune.validate()
     config.heal.validate()
     if config.out is not None:
@@ -123,7 +129,7 @@ def run(config: RunConfig, command: str | None = None) -> dict:
         calib_size = len(calib)
     evalset = None
     if config.eval is not None:
-        evalset, _, _ = load_folder(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True, progress=config.heal.progress)
+        evalset, eval_index, _ = load_folder(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True, progress=config.heal.progress)
 
     def score(model: torch.nn.Module, label: str) -> Predictions | None:
         if evalset is None:
@@ -132,6 +138,8 @@ def run(config: RunConfig, command: str | None = None) -> dict:
 
     dense = loaded.module
     dense_pred = score(dense, "dense")
+    if dense_pred is not None:  # before any pruning or healing: wrong class folders mean wrong labels
+        check_class_count(dense_pred.logits.shape[-1], eval_index.classes, config.eval)
     sparse = copy.deepcopy(dense)
     started = time.perf_counter()
     prune_notes: dict = {}

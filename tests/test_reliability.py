@@ -428,3 +428,13 @@ def test_safetensors_outputs_are_byte_reproducible(tmp_path):
                      hashlib.sha256((tmp_path / f"k{i}.safetensors").read_bytes()).hexdigest()))
     assert len(digests) == 1
     assert Masks.load(tmp_path / "k0.safetensors").names() == ["0.weight", "3.weight"]
+
+
+def test_config_file_problems_are_one_line_errors(capsys, tmp_path, first_run, no_heavy_work):
+    refused(capsys, run_args(tmp_path / "o", "--config", str(tmp_path)), "cannot read config file")
+    binary = tmp_path / "cfg.bin"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    refused(capsys, run_args(tmp_path / "o", "--config", str(binary)), "config file")
+    rerun = copy_of(first_run, tmp_path)
+    refused(capsys, run_args(rerun, "--force", "--config", str(rerun / "config.json")), "would overwrite the input")
+    assert (rerun / "config.json").is_file()

@@ -216,6 +216,8 @@ def config_from_args(args: argparse.Namespace):
             raise StarfishError(f"config file {path} does not exist.") from None
         except json.JSONDecodeError as exc:
             raise StarfishError(f"config file {path} is not valid JSON ({exc}).") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a folder, no permission, binary contents
+            raise StarfishError(f"cannot read config file {path} ({getattr(exc, 'strerror', None) or exc}); pass a JSON file.") from None
     merged = RunConfig.from_dict(base).to_dict()
     for dest, value in given.items():
         if dest.startswith("_") or dest in ("command", "handler"):
@@ -357,12 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors print one line and exit 2; interrupts (Ctrl-C, SIGTERM) exit
     130/143 with scratch cleaned and any earlier output untouched; anything else is a bug and keeps
     its traceback."""
-    from starfish.outputs import release_all_output_locks
+    from starfish.outputs import protect_inputs, release_all_output_locks
 
     with _sigterm_as_interrupt():
         try:
             parser = build_parser()
             args = parser.parse_args(argv)
+            protect_inputs(getattr(args, "_config", None))  # --out may not replace the config file it reruns
             return int(args.handler(args) or 0)
         except StarfishError as exc:
             sys.stderr.write(f"starfish: error: {str(exc).replace(chr(10), ' ')}\n")
@@ -373,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             return 143 if isinstance(exc, Terminated) else 130
         finally:
             release_all_output_locks()
+            protect_inputs()
 
 
 if __name__ == "__main__":

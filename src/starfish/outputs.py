@@ -34,6 +34,15 @@ MARKER = ".starfish-output"
 _MARKER_TEXT = "This folder was written by starfish; `--force` may replace it.\n"
 _HELD_LOCKS: dict[Path, int] = {}  # resolved output path -> fd of its lock file, held by this process
 _MADE_PARENTS: dict[Path, list[Path]] = {}  # folders created to hold a lock file, removed again if left empty
+_PROTECTED: list[Path] = []  # inputs of the current command that no RunConfig field names (e.g. --config)
+
+
+def protect_inputs(*paths: str | Path | None) -> None:
+    """Treat these paths as inputs of every output this process claims (``None`` entries ignored);
+    ``protect_inputs()`` with no argument forgets them again."""
+    if not paths:
+        _PROTECTED.clear()
+    _PROTECTED.extend(Path(p) for p in paths if p is not None and str(p).strip())
 
 
 def _lock_path(path: Path) -> Path:
@@ -148,7 +157,7 @@ def check_output_dir(path: str | Path, force: bool, inputs: tuple[str | Path | N
     raw = path
     _refuse_dangerous(Path(path).resolve(), raw)
     path = Path(path).resolve()
-    _refuse_inputs(path, inputs)
+    _refuse_inputs(path, (*inputs, *_PROTECTED))
     if path.exists() and not path.is_dir():
         raise StarfishError(f"output path {path} exists and is a file; choose another --out.")
     _check_parent_writable(path)

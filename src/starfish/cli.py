@@ -9,11 +9,13 @@ replace (``--force``) always come from the command line, never from a config fil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
+import signal
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from starfish.errors import StarfishError
 
@@ -26,20 +28,116 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _checked(check: Callable[[object], object], text: object, parse: Callable = float):
+    """Parse ``text`` and run a ``starfish.validation`` check on it; its one-line message becomes argparse's."""
+    try:
+        value = parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if parse is int else 'a number'}, got '{text}'") from None
+    try:
+        return check(value)
+    except StarfishError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def size_arg(text: str) -> float:
-    """A count (200) or a fraction of the folder (0.004)."""
+    """A count (200) or a fraction of the folder (0.004); NaN, inf, 0 and 1.5 are refused."""
+    from starfish.validation import size
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a count like 200 or a fraction like 0.004, got '{text}'") from None
-    return int(value) if value >= 1 and value == int(value) else value
+    return _checked(lambda v: size("value", v), value, parse=lambda v: v)
 
 
 def floats_arg(text: str) -> list[float]:
+    import math
+
     try:
-        return [float(x) for x in text.split(",")]
+        values = [float(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got '{text}'")
+    return values
+
+
+def std_arg(text: str) -> list[float]:
+    """Normalization std: finite, non-zero (inputs are divided by it), one or three values."""
+    from starfish.validation import floats
+
+    return _checked(lambda v: floats("value", v, nonzero=True), floats_arg(text), parse=lambda v: v)
+
+
+def positive_float(text: str) -> float:
+    from starfish.validation import positive
+
+    return _checked(lambda v: positive("value", v), text)
+
+
+def non_negative_float(text: str) -> float:
+    from starfish.validation import non_negative
+
+    return _checked(lambda v: non_negative("value", v), text)
+
+
+def positive_int(text: str) -> int:
+    from starfish.validation import integer
+
+    return _checked(lambda v: integer("value", v, 1), text, parse=int)
+
+
+def non_negative_int(text: str) -> int:
+    from starfish.validation import integer
+
+    return _checked(lambda v: integer("value", v, 0), text, parse=int)
+
+
+def seed_arg(text: str) -> int:
+    from starfish.validation import seed
+
+    return _checked(lambda v: seed("value", v), text, parse=int)
+
+
+def regex_arg(text: str) -> str:
+    from starfish.validation import regex
+
+    return _checked(lambda v: regex("value", v), text, parse=str)
+
+
+def device_arg(text: str) -> str:
+    from starfish.validation import device
+
+    return _checked(lambda v: device("value", v), text, parse=str)
+
+
+# Value checks per flag, applied by add_run_flags (config files get the same checks in validate()).
+FLAG_TYPES: dict[str, Callable[[str], object]] = {
+    "--num-classes": positive_int,
+    "--input-size": positive_int,
+    "--resize": positive_int,
+    "--std": std_arg,
+    "--eval-size": positive_int,
+    "--seed": seed_arg,
+    "--include": regex_arg,
+    "--exclude": regex_arg,
+    "--blocks": regex_arg,
+    "--sparsegpt-damp": positive_float,
+    "--sparsegpt-blocksize": positive_int,
+    "--repair-shrinkage": non_negative_float,
+    "--epochs": non_negative_int,
+    "--batch-size": positive_int,
+    "--lr": positive_float,
+    "--min-lr": non_negative_float,
+    "--weight-decay": non_negative_float,
+    "--max-steps": positive_int,
+    "--temperature": positive_float,
+    "--device": device_arg,
+    "--cache-device": device_arg,
+    "--eval-batch-size": positive_int,
+    "--workers": non_negative_int,
+}
 
 
 S = argparse.SUPPRESS
@@ -114,6 +212,8 @@ COMPARE_SKIPS = ("--sparsity", "--healer", "--masks", "--repair")  # the grid su
 def add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
     for flag, dest, kwargs in RUN_FLAGS:
         if flag not in skip and (only is None or flag in only):
+            if flag in FLAG_TYPES:
+                kwargs = {**kwargs, "type": FLAG_TYPES[flag]}
             if kwargs.get("action") is None and "choices" not in kwargs:
                 kwargs = {"metavar": flag[2:].upper().replace("-", "_"), **kwargs}
             parser.add_argument(flag, dest=dest, default=S, **kwargs)
@@ -133,6 +233,8 @@ def config_from_args(args: argparse.Namespace):
             raise StarfishError(f"config file {path} does not exist.") from None
         except json.JSONDecodeError as exc:
             raise StarfishError(f"config file {path} is not valid JSON ({exc}).") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a folder, no permission, binary contents
+            raise StarfishError(f"cannot read config file {path} ({getattr(exc, 'strerror', None) or exc}); pass a JSON file.") from None
         if not isinstance(base, dict):
             raise StarfishError(f"config file {path} does not hold a JSON object.")
         for key in INVOCATION_KEYS:  # older config.json files carried them; a rerun names its own
@@ -230,7 +332,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _diagnose_setup(parser: argparse.ArgumentParser) -> None:
     add_run_flags(parser, only=DIAGNOSE_FLAGS)
-    parser.add_argument("--shrinkage", dest="_shrinkage", type=float, default=0.0, help="variance-matching shrinkage (0 = plain matching)")
+    parser.add_argument("--shrinkage", dest="_shrinkage", type=non_negative_float, default=0.0, help="variance-matching shrinkage (0 = plain matching)")
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
@@ -288,17 +390,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds (and cleans up) exactly like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
     try:
-        return int(args.handler(args) or 0)
-    except StarfishError as exc:
-        sys.stderr.write(f"starfish: error: {exc}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("starfish: interrupted; no output was written.\n")
-        return 130
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. User errors print one line and exit 2; interrupts (Ctrl-C, SIGTERM) exit
+    130/143 with scratch cleaned and any earlier output untouched; anything else is a bug and keeps
+    its traceback."""
+    from starfish.outputs import protect_inputs, release_all_output_locks
+
+    with _sigterm_as_interrupt():
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            protect_inputs(getattr(args, "_config", None))  # --out may not replace the config file it reruns
+            return int(args.handler(args) or 0)
+        except StarfishError as exc:
+            sys.stderr.write(f"starfish: error: {str(exc).replace(chr(10), ' ')}\n")
+            return 2
+        except KeyboardInterrupt as exc:
+            name = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            sys.stderr.write(f"starfish: {name}; no new output was written and earlier results are unchanged.\n")
+            return 143 if isinstance(exc, Terminated) else 130
+        finally:
+            release_all_output_locks()
+            protect_inputs()
 
 
 if __name__ == "__main__":

@@ -58,6 +58,12 @@ def index_image_folder(root: str | Path, role: str = "image") -> ImageFolderInde
             classes.append(d.name)
             paths += files
     loose = _images_in(root)
+    empty = [d for d in subdirs if not _images_in(d)]
+    if paths and empty:  # skipping it would shift every later class index by one
+        raise StarfishError(
+            f"class folder {empty[0]} of the {role} folder holds no images; class labels follow the sorted "
+            "sub-folders, so remove the empty folder or put its images back."
+        )
     if paths and loose:
         raise StarfishError(
             f"{role} folder {root} mixes images at its top level with class sub-folders; "

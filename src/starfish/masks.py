@@ -74,8 +74,8 @@ class Masks:
     def apply_(self, model: nn.Module) -> nn.Module:
         """Zero every pruned entry in place (idempotent)."""
         params = self._params(model)
-        for k, m in self._masks.items():
-            params[k].mul_(m.to(params[k].device, params[k].dtype))
+        for k, m in self._masks.items():  # a fill, not a product: NaN or inf times 0 would stay non-zero
+            params[k].masked_fill_(~m.to(params[k].device), 0)
         return model
 
     def violations(self, model: nn.Module) -> dict[str, int]:
@@ -106,10 +106,10 @@ class Masks:
         return {k: v.detach().cpu().contiguous() for k, v in self._masks.items()}
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+        from starfish.outputs import write_safetensors
 
         meta = {"format": "starfish-masks", "true_means": "kept", "order": json.dumps(self.names())}
-        save_file(self.state_dict(), str(path), metadata=meta)
+        write_safetensors(self.state_dict(), path, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "Masks":
@@ -119,8 +119,21 @@ class Masks:
         path = Path(path)
         if not path.is_file():
             raise StarfishError(f"masks file {path} does not exist; pass the masks.safetensors of a starfish run.")
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            order = json.loads((f.metadata() or {}).get("order", "[]"))
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                order = json.loads((f.metadata() or {}).get("order", "[]"))
+        except Exception as exc:  # SafetensorError, truncated or non-safetensors files, bad metadata
+            raise StarfishError(
+                f"masks file {path} is not a readable safetensors file ({str(exc).splitlines()[0]}); "
+                "pass the masks.safetensors of a starfish run."
+            ) from None
+        for name, tensor in tensors.items():
+            if tensor.dtype != torch.bool:
+                raise StarfishError(
+                    f"mask {name} in {path} is {str(tensor.dtype).removeprefix('torch.')}, not boolean; masks hold "
+                    "True = kept / False = pruned (save them with Masks.save or torch.bool tensors)."
+                )
+        order = [n for n in order if isinstance(n, str)] if isinstance(order, list) else []
         names = [n for n in order if n in tensors] + [n for n in tensors if n not in order]
         return cls({n: tensors[n] for n in names})  # forward order survives the round trip

@@ -53,6 +53,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "RunConfig":
+        from starfish.validation import config_types
+
+        config_types(cls, raw)  # wrong types, nulls and unknown keys name their key, no traceback
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -83,6 +86,12 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
             config.with_prune(sparsity=s, allocation=a).prune.validate()
             if a not in list_allocations():
                 raise StarfishError(f"unknown allocation '{a}'; choose one of {', '.join(list_allocations())} (--allocation).")
+    from starfish.masks import Masks
+    from starfish.validation import run_settings
+
+    run_settings(config)
+    if config.masks:
+        Masks.load(config.masks)  # a missing, corrupt or non-boolean masks file fails before any work
     pruner = get_pruner(config.prune.pruner)  # an unknown pruner is refused here, naming the choices
     config.heal.validate()
     TASKS.get(config.task)

@@ -15,12 +15,13 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
-from starfish.batch import LABELS, PIXELS, Batch, batch_len
-from starfish.data import select_images
+from starfish.batch import LABELS, Batch, batch_len, call_model, to_device
+from starfish.data import as_image_batch, select_images
 from starfish.device import resolve_device
 from starfish.errors import StarfishError
+from starfish.evaluate import logits_of
 from starfish.heal import HealConfig, HealResult, heal
 from starfish.loading import decode_calibration, stream
 from starfish.masks import Masks
@@ -29,6 +30,7 @@ from starfish.pruning import PruneConfig, prune_with_notes
 from starfish.repair import apply_repair
 from starfish.run_config import RunConfig
 from starfish.tasks import Evaluation, get_task
+from starfish.validation import check_class_count
 
 
 def build_model(config: RunConfig) -> LoadedModel:
@@ -49,6 +51,7 @@ class RunData:
     evaluation: Dataset | None  # decoded one batch at a time, never all at once
     eval_batch_size: int = 256
     workers: int = 0
+    eval_classes: list[str] | None = None  # class folder names of the evaluation set, in label order
 
     @property
     def calib_size(self) -> int:
@@ -80,24 +83,21 @@ def load_data(config: RunConfig, loaded: LoadedModel, calibration: bool = True, 
     if calibration and config.calib is not None:
         files, _, _ = select_images(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False)
         calib = decode_calibration(files, config.calib_max_gb, workers=config.workers, progress=config.heal.progress)
-    evalset = None
+    evalset, classes = None, None
     if evaluation and config.eval is not None:
-        evalset, _, _ = select_images(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True)
-    return RunData(calib, evalset, config.eval_batch_size, config.workers)
+        evalset, index, _ = select_images(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True)
+        classes = index.classes
+    return RunData(calib, evalset, config.eval_batch_size, config.workers, classes)
 
 
-def stage_calibration(calibration: Batch | None, labels: bool = False) -> torch.Tensor | TensorDataset | None:
-    """THE one place calibration data is handed to prune / apply_repair / heal / measure_rr.
-
-    Those stages take an image tensor (or a TensorDataset of images and labels, for a healer that
-    uses labels) today; once they accept the calibration mapping this returns ``calibration``
-    itself (without ``labels`` unless asked for).
-    """
+def stage_calibration(calibration: Batch | None, labels: bool = False) -> Batch | None:
+    """THE one place calibration data is handed to prune / apply_repair / heal / measure_rr: the
+    calibration mapping, with its labels only for a healer that is allowed to use them."""
     if calibration is None:
         return None
-    if labels and LABELS in calibration:
-        return TensorDataset(calibration[PIXELS], calibration[LABELS])
-    return calibration[PIXELS]
+    if labels:
+        return calibration
+    return {k: v for k, v in calibration.items() if k != LABELS}
 
 
 def evaluation(config: RunConfig, data: RunData, dense: nn.Module) -> Evaluation | None:
@@ -105,7 +105,21 @@ def evaluation(config: RunConfig, data: RunData, dense: nn.Module) -> Evaluation
     if data.evaluation is None:
         return None
     device = resolve_device(config.heal.device)
+    if data.eval_classes:  # before any long pass: wrong class folders would mean wrong labels
+        check_class_count(output_width(dense, data.evaluation, device), data.eval_classes, config.eval)
     return Evaluation(get_task(config.task), lambda: data.eval_batches(device), dense, device)
+
+
+@torch.no_grad()
+def output_width(model: nn.Module, dataset: Dataset, device: torch.device) -> int:
+    """The number of classes the model scores, from one forward pass on one evaluation sample."""
+    batch = to_device(as_image_batch(next(iter(stream(dataset, 1)))), device)
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        return int(logits_of(call_model(model, batch)).shape[-1])
+    finally:
+        model.train(was_training)
 
 
 def prune_step(

@@ -36,6 +36,9 @@ class HealConfig:
     progress: bool = True
 
     def validate(self) -> "HealConfig":
+        from starfish.validation import heal_settings
+
+        heal_settings(self)  # NaN/inf, negative decay or temperature, seeds, devices
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.min_lr < 0:
             raise StarfishError(
                 "heal settings need epochs >= 0, batch size >= 1, lr > 0 and min lr >= 0; "

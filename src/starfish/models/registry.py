@@ -135,7 +135,20 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") ->
     path = Path(path)
     if not path.is_file():
         raise StarfishError(f"weights file {path} does not exist; check the --weights path.")
-    state = _read_state_dict(path)
+    try:
+        state = _read_state_dict(path)
+    except StarfishError:
+        raise
+    except Exception as exc:  # a corrupt or truncated .safetensors file (SafetensorError), unreadable file
+        raise StarfishError(
+            f"could not read weights file {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "pass an intact PyTorch state dict (.pth/.pt/.th) or .safetensors file."
+        ) from None
+    from starfish.validation import first_non_finite
+
+    bad = first_non_finite(state.items())
+    if bad is not None:
+        raise StarfishError(f"weights file {path} holds NaN or infinite values (first in '{bad}'); pass intact weights.")
     own = model.state_dict()
     for key in set(own) - set(state):
         if key.endswith("num_batches_tracked"):  # absent from checkpoints of old PyTorch; harmless

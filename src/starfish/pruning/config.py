@@ -20,6 +20,9 @@ class PruneConfig:
     blocksize: int = 128  # sparsegpt: columns pruned and reconstructed together
 
     def validate(self) -> "PruneConfig":
+        from starfish.validation import prune_settings
+
+        prune_settings(self)  # NaN damping, non-compilable regexes
         if not (0.0 <= self.sparsity < 1.0):
             raise StarfishError(
                 f"sparsity must be in [0, 1) (the fraction of weights removed); got {self.sparsity}."

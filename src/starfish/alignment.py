@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from starfish.device import resolve_device
-from starfish.heal.capture import record_outputs
+from starfish.heal.capture import record_stream
 from starfish.heal.objectives import cosine_distance
-from starfish.structure import find_blocks
+from starfish.structure import stream_points
 
 
 class DenseReference:
@@ -30,16 +30,16 @@ class DenseReference:
         device: str | torch.device = "auto",
     ) -> None:
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
-        self.names = [name for name, _ in find_blocks(dense, block_pattern)]
         self.images = images
         self.batch_size = batch_size
-        blocks = [dense.get_submodule(n) for n in self.names]
         was_training = dense.training
         dense.to(self.device).eval()
+        self.points = stream_points(dense, {"pixel_values": images[:2]}, block_pattern, self.device)
+        self.names = [p.block for p in self.points]
         self.outputs: list[list[torch.Tensor]] = []  # per batch, per block (kept on CPU)
         try:
             for i in range(0, images.shape[0], batch_size):
-                with record_outputs(blocks) as out:
+                with record_stream(dense, self.points) as out:
                     dense(images[i : i + batch_size].to(self.device))
                 self.outputs.append([o.float().cpu() for o in out])
         finally:
@@ -48,7 +48,6 @@ class DenseReference:
     @torch.no_grad()
     def alignment(self, sparse: nn.Module) -> dict[str, float]:
         """{block name: mean cosine(sparse block output, dense block output)} over the images."""
-        blocks = [sparse.get_submodule(n) for n in self.names]
         was_training = sparse.training
         sparse.to(self.device).eval()
         totals = torch.zeros(len(self.names), dtype=torch.float64)
@@ -56,7 +55,7 @@ class DenseReference:
         try:
             for b, i in enumerate(range(0, self.images.shape[0], self.batch_size)):
                 x = self.images[i : i + self.batch_size].to(self.device)
-                with record_outputs(blocks) as out:
+                with record_stream(sparse, self.points) as out:
                     sparse(x)
                 for j, (s, d) in enumerate(zip(out, self.outputs[b])):
                     totals[j] += (1.0 - cosine_distance(s.float().cpu(), d)).item() * x.shape[0]

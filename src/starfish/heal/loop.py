@@ -17,11 +17,11 @@ from torch.utils.data import Dataset, TensorDataset
 from starfish.device import peak_memory_mb, reset_peak_memory, resolve_device
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
-from starfish.heal.capture import record_outputs
+from starfish.heal.capture import record_stream
 from starfish.heal.config import HealConfig
 from starfish.heal.objectives import Objective, Signals, get_objective
 from starfish.masks import Masks
-from starfish.structure import find_blocks
+from starfish.structure import StreamPoint, stream_points
 
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,6 +37,7 @@ class HealResult:
     loss_history: list[float] = field(default_factory=list)  # one value per optimizer step
     lr_history: list[float] = field(default_factory=list)
     blocks: list[str] = field(default_factory=list)
+    points: list[str] = field(default_factory=list)  # where each block's stream was read
 
     def to_dict(self) -> dict:
         return {
@@ -47,6 +48,7 @@ class HealResult:
             "memory_measure": self.memory_measure,
             "uses_labels": self.uses_labels,
             "blocks": self.blocks,
+            "points": self.points,
             "loss_first": self.loss_history[0] if self.loss_history else None,
             "loss_last": self.loss_history[-1] if self.loss_history else None,
         }
@@ -68,12 +70,12 @@ def _as_tensors(calibration: Dataset | torch.Tensor) -> tuple[torch.Tensor, torc
 class _Runner:
     """Runs a model and returns the Signals an objective needs."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module]) -> None:
+    def __init__(self, model: nn.Module, points: list[StreamPoint]) -> None:
         self.model = model
-        self.blocks = blocks
+        self.points = points
 
     def __call__(self, x: torch.Tensor) -> Signals:
-        with record_outputs(self.blocks) as slots:
+        with record_stream(self.model, self.points) as slots:
             logits = logits_of(self.model(x))
         return Signals([s for s in slots if s is not None], logits)
 
@@ -117,14 +119,10 @@ def heal(
     if n == 0:
         raise StarfishError("the calibration set is empty; pass at least one image.")
 
-    block_names: list[str] = []
-    dense_blocks: list[nn.Module] = []
-    sparse_blocks: list[nn.Module] = []
-    if objective.needs_blocks:
-        found = find_blocks(sparse, block_pattern)
-        block_names = [name for name, _ in found]
-        sparse_blocks = [m for _, m in found]
-        dense_blocks = [dense.get_submodule(name) for name in block_names]
+    points: list[StreamPoint] = []
+    if objective.needs_blocks:  # where each block's residual stream is read, decided on one batch
+        points = stream_points(dense, {"pixel_values": x_all[:2]}, block_pattern)
+    block_names = [p.block for p in points]
 
     dense.to(device).eval()
     sparse.to(device)
@@ -138,8 +136,8 @@ def heal(
     reset_peak_memory(device)
     started = time.perf_counter()
 
-    dense_run = _Runner(dense, dense_blocks)
-    sparse_run = _Runner(sparse, sparse_blocks)
+    dense_run = _Runner(dense, points)
+    sparse_run = _Runner(sparse, points)
     cache_dtype = CACHE_DTYPES[config.cache_dtype]
     cache_device = torch.device(config.cache_device) if config.cache_device else device
 
@@ -223,4 +221,4 @@ def heal(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     peak, measure = peak_memory_mb(device)
-    return HealResult(objective.name, step, seconds, peak, measure, objective.uses_labels, losses, lrs, block_names)
+    return HealResult(objective.name, step, seconds, peak, measure, objective.uses_labels, losses, lrs, block_names, [p.describe() for p in points])

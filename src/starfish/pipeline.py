@@ -22,8 +22,10 @@ from starfish.evaluate import Predictions, predict, summarize
 from starfish.heal import HealConfig, heal
 from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model
+from starfish.models.registry import check_preprocess
 from starfish.outputs import atomic_output_dir, check_output_dir, save_weights, write_json
 from starfish.pruning import PruneConfig, prune_with_notes
+from starfish.structure import find_blocks
 from starfish.repair import AUTO, apply_repair, list_repairs, resolve_repair
 
 
@@ -85,6 +87,9 @@ def build_model(config: RunConfig) -> LoadedModel:
         merged = {**loaded.preprocess.to_dict(), **config.preprocess}
         merged["mean"], merged["std"] = tuple(merged["mean"]), tuple(merged["std"])
         loaded.preprocess = Preprocess(**merged)
+    check_preprocess(loaded, config.preprocess)
+    if config.prune.blocks:  # a bad --blocks fails here, before any image is read
+        find_blocks(loaded.module, config.prune.blocks)
     return loaded
 
 
@@ -229,6 +234,7 @@ def build_report(config, loaded, masks, calib_size, evalset, dense_pred, pruned_
         "prunable_weights": masks.numel(),
         "layer_sparsity": masks.layer_sparsity(),
         "preprocess": loaded.preprocess.to_dict(),
+        "model_notes": dict(loaded.extra),
         "command": command,
         "versions": _versions(),
     }

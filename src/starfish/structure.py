@@ -248,7 +248,11 @@ def stream_points(
     points = []
     for i, name in enumerate(names):
         nxt_name, nxt_input = (names[i + 1], inputs.get(names[i + 1])) if i + 1 < len(names) else (head[0] if head else (None, None))
-        if nxt_name is None or nxt_input is None or _same(outputs.get(name), nxt_input):
+        out = outputs.get(name)
+        if nxt_name is None or nxt_input is None or out is None or _same(out, nxt_input):
+            points.append(StreamPoint(name, name, "output"))
+        elif i + 1 == len(names) and nxt_input.shape != out.shape and not any(p.side == "input" for p in points):
+            # a chain ending in functional pooling (ResNet: avg_pool -> linear): the feature map is the state
             points.append(StreamPoint(name, name, "output"))
         else:
             points.append(StreamPoint(name, nxt_name, "input"))

@@ -140,17 +140,18 @@ def strip_wrapper_prefix(state: dict[str, torch.Tensor], own_keys: Iterable[str]
     that makes more keys fit the model (a model whose own keys start with ``model.`` keeps them).
     Without the model's keys only ``module.`` is stripped, as before."""
     own = set(own_keys) if own_keys is not None else None
-    stripped = ""
-    while state:
-        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+    allowed = tuple(WRAPPER_PREFIXES) if own is not None else ("module.",)
+    candidates = [("", state)]  # every way of peeling wrapper prefixes off, outermost first
+    while candidates[-1][1]:
+        stripped, current = candidates[-1]
+        prefix = next((p for p in allowed if all(k.startswith(p) for k in current)), None)
         if prefix is None:
             break
-        candidate = {k[len(prefix):]: v for k, v in state.items()}
-        if own is not None and len(own & set(candidate)) <= len(own & set(state)):
-            break
-        if own is None and prefix != "module.":
-            break
-        state, stripped = candidate, stripped + prefix
+        candidates.append((stripped + prefix, {k[len(prefix):]: v for k, v in current.items()}))
+    if own is None:
+        stripped, state = candidates[-1]
+    else:  # the peeling that fits the most of the model's keys; the original wins ties
+        stripped, state = max(candidates, key=lambda c: (len(own & set(c[1])), -len(c[0])))
     out = StateDict(state)
     out.stripped_prefix = stripped or None
     return out

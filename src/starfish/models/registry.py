@@ -45,7 +45,7 @@ class Preprocess:
         self.mean, self.std = tuple(self.mean), tuple(self.std)
         if self.channels not in (1, 3):
             raise StarfishError(f"--channels must be 1 (grayscale) or 3 (RGB); got {self.channels}.")
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
+        if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):  # 1 value broadcasts
             raise StarfishError(
                 f"preprocessing has {self.channels} channel(s) but mean has {len(self.mean)} and std {len(self.std)} "
                 f"values; pass --mean and --std with {self.channels} value(s) each."
@@ -159,11 +159,12 @@ def strip_wrapper_prefix(state: dict[str, torch.Tensor], own_keys: Iterable[str]
 
 def _read_state_dict(path: Path, own_keys: Iterable[str] | None = None) -> StateDict:
     """A checkpoint's tensors: a bare state dict, or the ``state_dict``/``model`` entry of a training
-    checkpoint (Lightning ``.ckpt`` included), with any wrapper prefix stripped."""
+    checkpoint (Lightning ``.ckpt`` included), with any wrapper prefix stripped (``.stripped_prefix``
+    says which; create_model records it in ``LoadedModel.extra`` and the report shows it)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return _stripped(load_file(str(path)), own_keys, path)
+        return strip_wrapper_prefix(load_file(str(path)), own_keys)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, non-torch files
@@ -183,15 +184,7 @@ def _read_state_dict(path: Path, own_keys: Iterable[str] | None = None) -> State
             f"weights file {path} does not hold a state dict of tensors; "
             "save it with torch.save(model.state_dict(), path)."
         )
-    return _stripped(obj, own_keys, path)
-
-
-def _stripped(state: dict[str, torch.Tensor], own_keys: Iterable[str] | None, path: Path) -> StateDict:
-    out = strip_wrapper_prefix(state, own_keys)
-    if out.stripped_prefix:
-        kinds = " + ".join(WRAPPER_PREFIXES[p + "."] for p in out.stripped_prefix.split(".") if p)
-        sys.stderr.write(f"starfish: note: stripped the '{out.stripped_prefix}' prefix ({kinds}) from every key of {path}\n")
-    return out
+    return strip_wrapper_prefix(obj, own_keys)
 
 
 def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") -> str | None:

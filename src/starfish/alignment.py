@@ -16,9 +16,9 @@ from torch.utils.data import Dataset
 from starfish.batch import Batch, as_batch, batch_len, call_model, iter_batches, select, to_device
 from starfish.data import item_pair
 from starfish.device import resolve_device
-from starfish.heal.capture import record_outputs
+from starfish.heal.capture import record_stream
 from starfish.heal.objectives import cosine_distance
-from starfish.structure import find_blocks
+from starfish.structure import stream_points
 
 
 class DenseReference:
@@ -35,16 +35,16 @@ class DenseReference:
         device: str | torch.device = "auto",
     ) -> None:
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
-        self.names = [name for name, _ in find_blocks(dense, block_pattern)]
         self.inputs = as_batch(images)  # the fixed probe set (small), as a Batch mapping
         self.batch_size = batch_size
-        blocks = [dense.get_submodule(n) for n in self.names]
         was_training = dense.training
         dense.to(self.device).eval()
+        self.points = stream_points(dense, select(self.inputs, slice(0, 2)), block_pattern, self.device)
+        self.names = [p.block for p in self.points]
         self.outputs: list[list[torch.Tensor]] = []  # per batch, per block (kept on CPU)
         try:
             for batch in iter_batches(self.inputs, batch_size):
-                with record_outputs(blocks) as out:
+                with record_stream(dense, self.points) as out:
                     call_model(dense, to_device(batch, self.device))
                 self.outputs.append([o.float().cpu() for o in out])
         finally:
@@ -53,7 +53,6 @@ class DenseReference:
     @torch.no_grad()
     def alignment(self, sparse: nn.Module) -> dict[str, float]:
         """{block name: mean cosine(sparse block output, dense block output)} over the images."""
-        blocks = [sparse.get_submodule(n) for n in self.names]
         was_training = sparse.training
         sparse.to(self.device).eval()
         totals = torch.zeros(len(self.names), dtype=torch.float64)
@@ -61,7 +60,7 @@ class DenseReference:
         try:
             for b, batch in enumerate(iter_batches(self.inputs, self.batch_size)):
                 n = batch_len(batch)
-                with record_outputs(blocks) as out:
+                with record_stream(sparse, self.points) as out:
                     call_model(sparse, to_device(batch, self.device))
                 for j, (s, d) in enumerate(zip(out, self.outputs[b])):
                     totals[j] += (1.0 - cosine_distance(s.float().cpu(), d)).item() * n

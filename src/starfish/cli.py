@@ -153,6 +153,7 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--resize", "preprocess.resize", dict(type=int, help="resize the shorter side to this before a center crop")),
     ("--mean", "preprocess.mean", dict(type=floats_arg, help="override normalization mean, e.g. 0.5,0.5,0.5")),
     ("--std", "preprocess.std", dict(type=floats_arg, help="override normalization std")),
+    ("--channels", "preprocess.channels", dict(type=int, choices=[1, 3], help="image channels the model takes: 3 (RGB) or 1 (grayscale); default from the model")),
     ("--calib", "calib", dict(help="folder of unlabeled calibration images (class sub-folders allowed, labels unused)")),
     ("--calib-size", "calib_size", dict(type=size_arg, help="number of calibration images, or a fraction of the folder (default all)")),
     ("--calib-max-gb", "calib_max_gb", dict(type=float, help="refuse a calibration set larger than this once decoded (default 4)")),

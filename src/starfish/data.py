@@ -136,7 +136,7 @@ class ImageFiles(Dataset):
 
         try:
             with Image.open(self.paths[i]) as img:
-                x = self.transform(img.convert("RGB"))
+                x = self.transform(img.convert(getattr(self.transform, "image_mode", "RGB")))  # "L" for 1-channel models
         except OSError as exc:
             raise StarfishError(f"cannot read image {self.paths[i]}: {exc}; remove or replace the file.") from None
         return {PIXELS: x, LABELS: self.labels[i] if self.labels is not None else -1}

@@ -147,6 +147,8 @@ def build_report(
         "prunable_weights": masks.numel(),
         "layer_sparsity": masks.layer_sparsity(),
         "preprocess": loaded.preprocess.to_dict(),
+        "model_notes": {k: v for k, v in loaded.extra.items() if isinstance(v, str)},
+        "model_notes": dict(loaded.extra),
         "command": command,
         "versions": _versions(),
     }

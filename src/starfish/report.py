@@ -52,9 +52,33 @@ def render_markdown(report: dict) -> str:
     ]
     if report.get("command"):
         lines += ["", "Command:", "", "```", report["command"], "```"]
+    lines += _block_lines(report)
     lines += ["", "## Per-layer sparsity", "", "| weight | sparsity |", "|---|---|"]
     lines += [f"| `{k}` | {pct(v)} |" for k, v in report["layer_sparsity"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _block_lines(report: dict) -> list[str]:
+    """The aligned blocks in forward order, where each one's stream was read, and how many of the
+    prunable weights sit inside it (weights outside every block are counted on their own row)."""
+    heal = report.get("heal", {})
+    blocks = heal.get("blocks") or []
+    if not blocks:
+        return []
+    points = heal.get("points") or []
+    weights = list(report.get("layer_sparsity") or {})
+
+    def inside(weight: str, block: str) -> bool:
+        return weight.startswith(block + ".")
+
+    lines = ["", "## Blocks (aligned, in forward order) and prunable weights", "", "| # | block | stream read at | prunable weights |", "|---|---|---|---|"]
+    for i, block in enumerate(blocks):
+        read_at = points[i] if i < len(points) else "its output"
+        lines.append(f"| {i} | `{block}` | {read_at} | {sum(inside(w, block) for w in weights)} |")
+    outside = [w for w in weights if not any(inside(w, b) for b in blocks)]
+    if outside:
+        lines.append(f"| — | outside every block | — | {len(outside)} |")
+    return lines
 
 
 _PLOT_TITLES = {
@@ -79,10 +103,11 @@ def _protocol_extras(report: dict) -> list[str]:
     if pre:
         lines.append(
             f"- Preprocessing: {pre.get('input_size')}px, resize {pre.get('resize')}, {pre.get('interpolation')}, "
-            f"mean {pre.get('mean')}, std {pre.get('std')}"
+            f"mean {pre.get('mean')}, std {pre.get('std')}, {pre.get('channels', 3)} channel(s)"
+            + (f" — **assumed** ({pre['assumed']})" if pre.get("assumed") else "")
         )
-    if heal.get("blocks"):
-        lines.append(f"- Blocks: {', '.join(f'`{b}`' for b in heal['blocks'])}")
+    for key, note in (report.get("model_notes") or {}).items():
+        lines.append(f"- Model note ({key.replace('_', ' ')}): {note}")
     if report.get("healer") != "none":
         lines.append(
             f"- Heal details: {heal.get('steps')} optimizer steps (max steps {heal.get('max_steps')}), weight decay "

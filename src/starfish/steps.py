@@ -26,9 +26,11 @@ from starfish.heal import HealConfig, HealResult, heal
 from starfish.loading import decode_calibration, stream
 from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model
+from starfish.models.registry import check_preprocess
 from starfish.pruning import PruneConfig, prune_with_notes
 from starfish.repair import apply_repair
 from starfish.run_config import RunConfig
+from starfish.structure import find_blocks
 from starfish.tasks import Evaluation, get_task
 from starfish.validation import check_class_count
 
@@ -40,6 +42,9 @@ def build_model(config: RunConfig) -> LoadedModel:
         merged = {**loaded.preprocess.to_dict(), **config.preprocess}
         merged["mean"], merged["std"] = tuple(merged["mean"]), tuple(merged["std"])
         loaded.preprocess = Preprocess(**merged)
+    check_preprocess(loaded, config.preprocess)
+    if config.prune.blocks:  # a bad --blocks fails here, before any image is read
+        find_blocks(loaded.module, config.prune.blocks)
     return loaded
 
 

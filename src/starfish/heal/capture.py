@@ -1,20 +1,15 @@
-"""Record block outputs during a forward pass with forward hooks on named modules."""
+"""Record block outputs (or the residual stream at chosen points) during a forward pass with hooks."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-
-def _first_tensor(output: object) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]  # e.g. Hugging Face layers return (hidden_states, ...)
-    raise TypeError(f"block returned {type(output).__name__}; expected a tensor or a tuple starting with one")
+from starfish.blockio import first_tensor
+from starfish.structure import StreamPoint, input_tensor
 
 
 @contextmanager
@@ -24,9 +19,36 @@ def record_outputs(modules: list[nn.Module]) -> Iterator[list[torch.Tensor | Non
     handles = []
     for i, module in enumerate(modules):
         def hook(_m, _inp, out, i=i):
-            slots[i] = _first_tensor(out)
+            slots[i] = first_tensor(out)
 
         handles.append(module.register_forward_hook(hook))
+    try:
+        yield slots
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def record_stream(model: nn.Module, points: Sequence[StreamPoint]) -> Iterator[list[torch.Tensor | None]]:
+    """Yields a list holding, per alignment point, the latest tensor read there: a module's output
+    (forward hook) or the input it receives (forward pre-hook), as chosen by ``stream_points``."""
+    slots: list[torch.Tensor | None] = [None] * len(points)
+    handles = []
+    for i, point in enumerate(points):
+        module = model.get_submodule(point.module)
+        if point.side == "output":
+
+            def on_output(_m, _inp, out, i=i):
+                slots[i] = first_tensor(out)
+
+            handles.append(module.register_forward_hook(on_output))
+        else:
+
+            def on_input(_m, args, kwargs, i=i):
+                slots[i] = input_tensor(args, kwargs)
+
+            handles.append(module.register_forward_pre_hook(on_input, with_kwargs=True))
     try:
         yield slots
     finally:

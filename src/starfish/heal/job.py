@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,3 +26,4 @@ class HealJob:
     device: torch.device  # where training computes
     store: TensorStore  # where cached targets / block inputs live
     snapshot_device: torch.device  # where the divergence guard keeps the best weights
+    points: list = field(default_factory=list)  # StreamPoints: where each block's stream is read (joint scope)

@@ -24,7 +24,7 @@ from starfish.device import peak_memory_mb, reset_peak_memory, resolve_device
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
 from starfish.heal.blockwise import check_blockwise, heal_blockwise
-from starfish.heal.capture import record_outputs
+from starfish.heal.capture import record_stream
 from starfish.heal.config import HealConfig
 from starfish.heal.job import HealJob
 from starfish.heal.objectives import Objective, Signals, get_objective
@@ -32,7 +32,7 @@ from starfish.heal.steps import StepsOutcome, cosine_lr, set_heal_mode, train_st
 from starfish.heal.targets import CACHE_DTYPES, TargetCache, TensorStore, cache_location
 from starfish.masks import Masks
 from starfish.memory import MemoryEstimate, estimate_heal_memory
-from starfish.structure import find_blocks
+from starfish.structure import StreamPoint, stream_points
 
 __all__ = ["CACHE_DTYPES", "HealResult", "cosine_lr", "heal"]
 
@@ -57,6 +57,7 @@ class HealResult:
     @property
     def diverged(self) -> bool:
         return self.stopped_reason is not None
+    points: list[str] = field(default_factory=list)  # where each block's stream was read
 
     def to_dict(self) -> dict:
         return {
@@ -68,6 +69,7 @@ class HealResult:
             "memory_measure": self.memory_measure,
             "uses_labels": self.uses_labels,
             "blocks": self.blocks,
+            "points": self.points,
             "loss_first": self.loss_history[0] if self.loss_history else None,
             "loss_last": self.loss_history[-1] if self.loss_history else None,
             "diverged": self.diverged,
@@ -81,14 +83,14 @@ class HealResult:
 class _Runner:
     """Runs a model on a batch and returns the Signals an objective needs."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], device: torch.device) -> None:
+    def __init__(self, model: nn.Module, points: list[StreamPoint], device: torch.device) -> None:
         self.model = model
-        self.blocks = blocks
+        self.points = points
         self.device = device
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> Signals:
         batch = to_device(batch, self.device)
-        with record_outputs(self.blocks) as slots:
+        with record_stream(self.model, self.points) as slots:
             logits = logits_of(call_model(self.model, batch))
         return Signals([s for s in slots if s is not None], logits, position_weights(batch))
 
@@ -117,8 +119,8 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
     set_heal_mode(sparse, config)
     masks = job.masks.to(device)
     masks.apply_(sparse)
-    dense_run = _Runner(dense, [dense.get_submodule(b) for b in block_names], device)
-    sparse_run = _Runner(sparse, [sparse.get_submodule(b) for b in block_names], device)
+    dense_run = _Runner(dense, job.points, device)
+    sparse_run = _Runner(sparse, job.points, device)
     cache: TargetCache | None = None
     if objective.needs_dense and not config.recompute_targets:
         cache = TargetCache.build(dense_run, calib, config.batch_size, job.store, objective.needs_logits, config.progress)
@@ -158,9 +160,10 @@ def heal(
     calib = calibration_set(calibration)
     _check_inputs(objective, calib, config)
 
-    block_names: list[str] = []
-    if objective.needs_blocks:
-        block_names = [name for name, _ in find_blocks(sparse, block_pattern)]
+    points: list[StreamPoint] = []
+    if objective.needs_blocks:  # where each block's residual stream is read, decided on one batch
+        points = stream_points(dense, select(calib, slice(0, 2)), block_pattern)
+    block_names = [p.block for p in points]
     location = cache_location(config.cache_device, device)
     estimate: MemoryEstimate = estimate_heal_memory(
         dense, sparse, masks.names(), calib, config, objective, block_names, device, location
@@ -175,7 +178,7 @@ def heal(
     reset_peak_memory(device)
     started = time.perf_counter()
     per_block: list[dict] = []
-    job = HealJob(dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device)
+    job = HealJob(dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device, points)
     try:
         if config.scope == "blockwise":
             outcomes = heal_blockwise(job)
@@ -203,6 +206,7 @@ def heal(
     return HealResult(
         objective.name, outcome.steps, seconds, peak, measure, objective.uses_labels, outcome.losses, outcome.lrs,
         block_names, config.scope, outcome.stopped_reason, outcome.best_step, estimate.to_dict(), per_block,
+        [p.describe() for p in points],
     )
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import importlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -25,17 +26,36 @@ from starfish.errors import StarfishError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_GRAY_MEAN = (0.449,)  # the ImageNet statistics averaged over R, G, B
+IMAGENET_GRAY_STD = (0.226,)
 
 
 @dataclass
 class Preprocess:
-    """How raw RGB images become model inputs; travels with the model so data can't mismatch it."""
+    """How raw images become model inputs; travels with the model so data can't mismatch it."""
 
     input_size: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     resize: int | None = None  # shorter side before the center crop; None = resize to input_size
     interpolation: str = "bilinear"
+    channels: int = 3  # 3 = RGB, 1 = grayscale ("L")
+    assumed: str | None = None  # what was guessed because the model carries no preprocessing of its own
+
+    def __post_init__(self) -> None:
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        if self.channels not in (1, 3):
+            raise StarfishError(f"--channels must be 1 (grayscale) or 3 (RGB); got {self.channels}.")
+        if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):  # 1 value broadcasts
+            raise StarfishError(
+                f"preprocessing has {self.channels} channel(s) but mean has {len(self.mean)} and std {len(self.std)} "
+                f"values; pass --mean and --std with {self.channels} value(s) each."
+            )
+
+    @property
+    def image_mode(self) -> str:
+        """The PIL mode images are decoded to."""
+        return "L" if self.channels == 1 else "RGB"
 
     def transform(self) -> Callable:
         from torchvision import transforms as T
@@ -47,7 +67,9 @@ class Preprocess:
         else:
             steps += [T.Resize((self.input_size, self.input_size), interpolation=mode)]
         steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
-        return T.Compose(steps)
+        pipeline = T.Compose(steps)
+        pipeline.image_mode = self.image_mode  # read by data.ImageFiles when decoding
+        return pipeline
 
     def to_dict(self) -> dict:
         return {
@@ -56,6 +78,8 @@ class Preprocess:
             "std": list(self.std),
             "resize": self.resize,
             "interpolation": self.interpolation,
+            "channels": self.channels,
+            "assumed": self.assumed,
         }
 
 
@@ -104,18 +128,55 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+WRAPPER_PREFIXES = {"module.": "DataParallel/DDP", "model.": "PyTorch Lightning"}
+
+
+class StateDict(dict):
+    """A state dict that remembers which wrapper prefix was stripped from its keys (if any)."""
+
+    stripped_prefix: str | None = None
+
+
+def strip_wrapper_prefix(state: dict[str, torch.Tensor], own_keys: Iterable[str] | None = None) -> StateDict:
+    """Drop a ``module.`` (DataParallel) / ``model.`` (Lightning) prefix shared by every key, when
+    that makes more keys fit the model (a model whose own keys start with ``model.`` keeps them).
+    Without the model's keys only ``module.`` is stripped, as before."""
+    own = set(own_keys) if own_keys is not None else None
+    allowed = tuple(WRAPPER_PREFIXES) if own is not None else ("module.",)
+    candidates = [("", state)]  # every way of peeling wrapper prefixes off, outermost first
+    while candidates[-1][1]:
+        stripped, current = candidates[-1]
+        prefix = next((p for p in allowed if all(k.startswith(p) for k in current)), None)
+        if prefix is None:
+            break
+        candidates.append((stripped + prefix, {k[len(prefix):]: v for k, v in current.items()}))
+    if own is None:
+        stripped, state = candidates[-1]
+    else:  # the peeling that fits the most of the model's keys; the original wins ties
+        stripped, state = max(candidates, key=lambda c: (len(own & set(c[1])), -len(c[0])))
+    out = StateDict(state)
+    out.stripped_prefix = stripped or None
+    return out
+
+
+def _read_state_dict(path: Path, own_keys: Iterable[str] | None = None) -> StateDict:
+    """A checkpoint's tensors: a bare state dict, or the ``state_dict``/``model`` entry of a training
+    checkpoint (Lightning ``.ckpt`` included), with any wrapper prefix stripped (``.stripped_prefix``
+    says which; create_model records it in ``LoadedModel.extra`` and the report shows it)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return strip_wrapper_prefix(load_file(str(path)), own_keys)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, non-torch files
-        raise StarfishError(
-            f"could not read weights file {path}: {type(exc).__name__}: {exc}. "
-            "Pass a PyTorch state dict (.pth/.pt/.th) or a .safetensors file."
-        ) from None
+        hint = (
+            "a Lightning checkpoint holding Python objects cannot be read safely; save its weights with "
+            "torch.save(torch.load(p, weights_only=False)['state_dict'], 'weights.pth')"
+            if path.suffix == ".ckpt"
+            else "Pass a PyTorch state dict (.pth/.pt/.th/.ckpt) or a .safetensors file"
+        )
+        raise StarfishError(f"could not read weights file {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}; {hint}.") from None
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -125,18 +186,18 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"weights file {path} does not hold a state dict of tensors; "
             "save it with torch.save(model.state_dict(), path)."
         )
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+    return strip_wrapper_prefix(obj, own_keys)
 
 
-def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") -> None:
-    """Strictly load a state dict; a mismatch is a clear error listing what does not fit."""
+def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") -> str | None:
+    """Strictly load a state dict; a mismatch is a clear error listing what does not fit.
+    Returns the wrapper prefix stripped from the keys ('module.', 'model.'), if any."""
     path = Path(path)
     if not path.is_file():
         raise StarfishError(f"weights file {path} does not exist; check the --weights path.")
+    own = model.state_dict()
     try:
-        state = _read_state_dict(path)
+        state = _read_state_dict(path, own.keys())
     except StarfishError:
         raise
     except Exception as exc:  # a corrupt or truncated .safetensors file (SafetensorError), unreadable file
@@ -149,7 +210,6 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") ->
     bad = first_non_finite(state.items())
     if bad is not None:
         raise StarfishError(f"weights file {path} holds NaN or infinite values (first in '{bad}'); pass intact weights.")
-    own = model.state_dict()
     for key in set(own) - set(state):
         if key.endswith("num_batches_tracked"):  # absent from checkpoints of old PyTorch; harmless
             state[key] = own[key]
@@ -171,6 +231,7 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") ->
             "pass the weights that were trained for this architecture or pick the matching --model."
         )
     model.load_state_dict(state, strict=True)
+    return state.stripped_prefix
 
 
 def _timm_model(name: str, pretrained: bool, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
@@ -255,7 +316,7 @@ def _factory_model(spec: str, num_classes: int | None) -> tuple[nn.Module, Prepr
     model = factory() if num_classes is None else factory(num_classes=num_classes)
     if not isinstance(model, nn.Module):
         raise StarfishError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module.")
-    pre = getattr(model, "starfish_preprocess", None) or Preprocess()
+    pre = getattr(model, "starfish_preprocess", None) or _assumed_preprocess(model)
     return model, pre
 
 
@@ -267,6 +328,64 @@ def _hf_causal_lm(spec: str, weights: str | Path | None, dtype: str | None) -> L
     model, tokenizer, pattern = load_causal_lm(spec[len("hf:"):], dtype)
     extra = {"tokenizer": tokenizer, "seq_len": default_seq_len(model)}
     return LoadedModel(model, spec, Preprocess(), None, None, pattern, extra, CAUSAL_LM)
+
+
+def _assumed_preprocess(model: nn.Module) -> Preprocess:
+    """ImageNet-style defaults for a model that says nothing about its inputs (flagged as assumed);
+    grayscale when its first convolution takes one channel."""
+    from starfish.structure import input_channels
+
+    if input_channels(model) == 1:
+        return Preprocess(224, IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD, channels=1, assumed="224 px, 1 channel, mean 0.449, std 0.226")
+    return Preprocess(assumed="224 px, RGB, ImageNet mean/std")
+
+
+@torch.no_grad()
+def _dry_run(loaded: LoadedModel, expected_channels: int) -> None:
+    """Run one blank image of the configured shape; a shape error becomes a one-line fix."""
+    from starfish.batch import call_model, model_device
+
+    pre = loaded.preprocess
+    blank = torch.zeros(1, pre.channels, pre.input_size, pre.input_size, device=model_device(loaded.module))
+    was_training = loaded.module.training
+    loaded.module.eval()
+    try:
+        call_model(loaded.module, {"pixel_values": blank})
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        fix = (
+            f"pass --channels {expected_channels} (with --mean/--std of {expected_channels} value(s))"
+            if expected_channels != pre.channels
+            else "pass the --input-size it was trained at"
+        )
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise StarfishError(
+            f"{loaded.spec} cannot take {pre.channels}-channel {pre.input_size}px images ({first}); {fix}."
+        ) from None
+    finally:
+        loaded.module.train(was_training)
+
+
+def check_preprocess(loaded: LoadedModel, overrides: dict | None = None) -> None:
+    """Before any data is read: refuse a channel count the model cannot take, and warn loudly (and
+    record in ``loaded.extra``) when preprocessing is a guess the user did not override."""
+    from starfish.structure import input_channels
+
+    pre = loaded.preprocess
+    expected = input_channels(loaded.module)
+    given = set(overrides or {})
+    if expected is not None:  # an image model: one blank image must go through it
+        _dry_run(loaded, expected)
+    if pre.assumed and {"input_size", "mean", "std"} <= given:
+        pre.assumed = None  # the user gave every guessed value
+    if pre.assumed:
+        note = f"{loaded.spec} defines no starfish_preprocess; assuming {pre.assumed}" + (
+            f" (overridden: {', '.join(sorted(given))})" if given else ""
+        )
+        loaded.extra["preprocess_assumed"] = note
+        sys.stderr.write(
+            f"starfish: warning: {note}. If that is wrong, accuracy is meaningless: pass --input-size/--mean/--std "
+            "(and --channels) or set model.starfish_preprocess = starfish.Preprocess(...).\n"
+        )
 
 
 def create_model(
@@ -301,11 +420,14 @@ def create_model(
             "or use timm:<name>, torchvision:<name>, hf:<name or folder>, package.module:factory."
         )
     digest = None
+    extra: dict = {}
     if weights is not None:
-        load_weights(model, weights, spec)
+        stripped = load_weights(model, weights, spec)
+        if stripped:
+            extra["weights_prefix_stripped"] = stripped
         digest = sha256_of(weights)
     model.eval()
-    return LoadedModel(model, spec, pre, str(weights) if weights else None, digest)
+    return LoadedModel(model, spec, pre, str(weights) if weights else None, digest, extra=extra)
 
 
 def parse_floats(text: str | Sequence[float]) -> tuple[float, ...]:

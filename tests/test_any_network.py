@@ -75,9 +75,9 @@ def test_grayscale_factory_runs_with_a_loud_assumption_and_lists_its_blocks(fold
 
 def test_grayscale_images_are_decoded_to_one_channel(folders):
     pre = Preprocess(16, (0.5,), (0.5,), channels=1)
-    x, _ = ImageFiles(sorted(folders[0].iterdir()), None, pre.transform())[0]
+    x = ImageFiles(sorted(folders[0].iterdir()), None, pre.transform())[0]["pixel_values"]
     assert x.shape == (1, 16, 16)
-    assert ImageFiles(sorted(folders[0].iterdir()), None, Preprocess(16).transform())[0][0].shape == (3, 16, 16)
+    assert ImageFiles(sorted(folders[0].iterdir()), None, Preprocess(16).transform())[0]["pixel_values"].shape == (3, 16, 16)
 
 
 def test_channel_misuse_is_one_line(folders, tmp_path, capsys):
@@ -85,7 +85,7 @@ def test_channel_misuse_is_one_line(folders, tmp_path, capsys):
         Preprocess(channels=1)  # ImageNet's three means for one channel
     _refused(capsys, _run(folders, tmp_path / "c", "--channels", "3", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"),
              "pass --channels 1")
-    _refused(capsys, _run(folders, tmp_path / "d", "--mean", "0.5,0.5", "--std", "0.5,0.5"), "--mean and --std with 1 value(s)")
+    _refused(capsys, _run(folders, tmp_path / "d", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"), "--mean and --std with 1 value(s)")
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 

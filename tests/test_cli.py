@@ -198,14 +198,18 @@ def compare_args(out: Path, **overrides) -> list[str]:
     return ["compare", *args[1:], "--sparsities", "0.5", "--healers", "none"]
 
 
-@pytest.mark.parametrize("flag, value, needle", [("--pruner", "bogus", "unknown pruner 'bogus'"), ("--sparsegpt-damp", "-0.1", "damping > 0")])
+@pytest.mark.parametrize("flag, value, needle", [("--pruner", "bogus", "unknown pruner 'bogus'"), ("--sparsegpt-damp", "-0.1", "--sparsegpt-damp")])
 def test_compare_refuses_what_run_refuses_with_the_same_message(capsys, tmp_path, shared, flag, value, needle):
     out = tmp_path / "out"
     errors = []
     for args in (run_args(out, **{flag: value}), compare_args(out, **{flag: value})):
         assert_refused(capsys, args, needle, out)  # one line, exit 2, nothing written
-        assert main(args) == 2
-        errors.append(capsys.readouterr().err)
+        try:
+            code = main(args)
+        except SystemExit as exc:  # refused by the flag's own check, as argparse usage errors are
+            code = exc.code
+        assert code == 2
+        errors.append(capsys.readouterr().err.split("error:", 1)[1].split(" (see ")[0])  # without the subcommand names
     assert errors[0] == errors[1]
 
 
@@ -230,3 +234,17 @@ def test_diagnose_and_compare_take_the_run_model_data_and_preprocessing_flags():
 
     config = config_from_args(args)
     assert (config.num_classes, config.preprocess["input_size"], config.calib_max_gb) == (10, 64, 1.0)
+
+
+def test_batchnorm_control_is_reported_whenever_batchnorm_is_re_estimated(shared, tmp_path):
+    """Healing with BatchNorm in train mode re-estimates its statistics; the dense network with only that
+    done is reported beside dense, so BatchNorm adaptation is not read as recovery."""
+    from starfish.report import render_markdown
+
+    assert main(run_args(tmp_path / "bn", **{"--max-steps": "2"})) == 0
+    report = json.loads((tmp_path / "bn" / "report.json").read_text())
+    control = report["top1"]["dense_bn_reestimated"]
+    assert control is not None and 0.0 < control <= 1.0 and control != report["top1"]["dense"]
+    assert "BatchNorm re-estimated on the calibration set (control)" in render_markdown(report)
+    assert main(run_args(tmp_path / "frozen", **{"--max-steps": "2", "--bn-mode": "frozen"})) == 0
+    assert "dense_bn_reestimated" not in json.loads((tmp_path / "frozen" / "report.json").read_text())["top1"]

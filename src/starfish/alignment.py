@@ -112,6 +112,14 @@ class AlignmentProbe:
                 return cls(probe, f"{batch_len(probe)} {source} images (seeded random subset, labels unused)")
         return None
 
+    @classmethod
+    def from_text(cls, windows, count: int = 4, tokens: int = 256) -> "AlignmentProbe":
+        """The first tokens of the first evaluation windows: block outputs of a long window for every
+        block of a language model would take far more memory than the measurement is worth."""
+        ids = windows.input_ids[:count, :tokens]
+        probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return cls(probe, f"first {ids.shape[1]} tokens of {ids.shape[0]} evaluation windows")
+
     def measure(self, dense: nn.Module, sparse: nn.Module, block_pattern: str | None, device) -> dict[str, float] | None:
         """Per-block alignment, or None when the model has no discoverable blocks (nothing to plot)."""
         from starfish.errors import StarfishError

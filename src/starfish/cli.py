@@ -112,6 +112,11 @@ def device_arg(text: str) -> str:
     return _checked(lambda v: device("value", v), text, parse=str)
 
 
+def cache_device_arg(text: str) -> str:
+    """Where cached dense targets live: a device, or 'disk' (memory-mapped files)."""
+    return text if text == "disk" else device_arg(text)
+
+
 # Value checks per flag, applied by add_run_flags (config files get the same checks in validate()).
 FLAG_TYPES: dict[str, Callable[[str], object]] = {
     "--num-classes": positive_int,
@@ -134,9 +139,11 @@ FLAG_TYPES: dict[str, Callable[[str], object]] = {
     "--max-steps": positive_int,
     "--temperature": positive_float,
     "--device": device_arg,
-    "--cache-device": device_arg,
+    "--cache-device": cache_device_arg,
     "--eval-batch-size": positive_int,
     "--workers": non_negative_int,
+    "--seq-len": positive_int,
+    "--eval-seq-len": positive_int,
 }
 
 
@@ -159,7 +166,10 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--calib-max-gb", "calib_max_gb", dict(type=float, help="refuse a calibration set larger than this once decoded (default 4)")),
     ("--eval", "eval", dict(help="evaluation folder with one sub-folder per class (streamed, never held in memory)")),
     ("--eval-size", "eval_size", dict(type=int, help="fixed, seeded, class-balanced evaluation subset (default all)")),
-    ("--task", "task", dict(help="how models are scored on --eval: classification (default)")),
+    ("--task", "task", dict(help="how models are scored on --eval: auto (default: perplexity for causal LMs, classification otherwise), classification, perplexity")),
+    ("--dtype", "dtype", dict(choices=["float32", "bfloat16", "float16"], help="causal LMs: precision the model is loaded in (default float32)")),
+    ("--seq-len", "seq_len", dict(type=int, help="causal LMs: tokens per calibration sequence (default 512)")),
+    ("--eval-seq-len", "eval_seq_len", dict(type=int, help="causal LMs: tokens per evaluation window (default the model's context, at most 2048)")),
     ("--seed", "seed", dict(type=int, help="seed for sampling, pruning and healing (default 0)")),
     ("--masks", "masks", dict(help="apply saved masks.safetensors instead of pruning")),
     ("--sparsity", "prune.sparsity", dict(type=float, help="fraction of prunable weights removed, in [0, 1)")),
@@ -201,9 +211,9 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
 
 
 # The model, preprocessing and data flags: every subcommand that loads a model and images takes them.
-MODEL_FLAGS = ("--config", "--model", "--weights", "--pretrained", "--num-classes")
+MODEL_FLAGS = ("--config", "--model", "--weights", "--pretrained", "--num-classes", "--dtype")
 PREPROCESS_FLAGS = ("--input-size", "--resize", "--mean", "--std")
-DATA_FLAGS = ("--calib", "--calib-size", "--calib-max-gb", "--eval", "--eval-size", "--task", "--seed", "--eval-batch-size", "--workers")
+DATA_FLAGS = ("--calib", "--calib-size", "--calib-max-gb", "--eval", "--eval-size", "--task", "--seq-len", "--eval-seq-len", "--seed", "--eval-batch-size", "--workers")
 # What ``diagnose`` takes besides those: which weights, its per-layer sparsity, where to run and write.
 DIAGNOSE_FLAGS = (*MODEL_FLAGS, *PREPROCESS_FLAGS, *DATA_FLAGS, "--sparsity", "--include", "--exclude", "--blocks",
                   "--device", "--no-progress", "--out", "--force")
@@ -238,6 +248,9 @@ def config_from_args(args: argparse.Namespace):
             raise StarfishError(f"cannot read config file {path} ({getattr(exc, 'strerror', None) or exc}); pass a JSON file.") from None
         if not isinstance(base, dict):
             raise StarfishError(f"config file {path} does not hold a JSON object.")
+        from starfish.validation import config_types
+
+        config_types(RunConfig, base)  # a wrong type is named even for keys a rerun then drops
         for key in INVOCATION_KEYS:  # older config.json files carried them; a rerun names its own
             base.pop(key, None)
     merged = RunConfig.from_dict(base).to_dict()
@@ -263,7 +276,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise StarfishError("pass --out DIR for the healed model, masks and reports.")
     report = run(config, command=_command_line())
     print(render_markdown(report).split("\n## Protocol")[0])
-    print(f"wrote {config.out}/ (model.safetensors, masks.safetensors, config.json, report.json, report.md)")
+    files = "model/ (Hugging Face folder)" if report.get("task") == "perplexity" else "model.safetensors"
+    print(f"wrote {config.out}/ ({files}, masks.safetensors, config.json, report.json, report.md)")
     return 0
 
 

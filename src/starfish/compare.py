@@ -158,7 +158,7 @@ def compare(
     align_inputs = probe_sample(data.evaluation, config.seed, alignment_images)
 
     dense = loaded.module
-    scoring = evaluation(config, data, dense)
+    scoring = evaluation(config, data, loaded)
     dense_top1 = scoring.score("dense", dense)["top1"]
     reference = DenseReference(dense, align_inputs, block_pattern, device=device)
     _log(f"dense top-1 {_pct(dense_top1)} on {data.eval_size} images")

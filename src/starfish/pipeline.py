@@ -7,18 +7,26 @@ config and the reports atomically.
 
 from __future__ import annotations
 
+import copy
 import platform
 
 import torch
 
 from starfish.alignment import AlignmentProbe
+from starfish.batch import select
 from starfish.heal import HealResult
 from starfish.masks import Masks
 from starfish.models import LoadedModel
+from starfish.models.causal_lm import CAUSAL_LM
 from starfish.outputs import atomic_output_dir, save_weights, write_json
-from starfish.repair import resolve_repair
+from starfish.repair import AUTO, has_batchnorm, resolve_repair
+from starfish.repair.bn import recalibrate_batchnorm
 from starfish.run_config import RunConfig, validate
-from starfish.steps import RunData, build_model, check_masks, evaluation, heal_step, load_data, prune_step, repair_step
+from starfish.steps import (
+    RunData, build_model, check_masks, evaluation, heal_step, load_data, prune_step, repair_step, stage_calibration, task_name,
+)
+from starfish.structure import find_blocks
+from starfish.text import TextWindows
 
 __all__ = ["RunConfig", "build_model", "build_report", "run", "validate"]
 
@@ -43,21 +51,30 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     loaded = build_model(config)
     data = load_data(config, loaded)
     dense = loaded.module
-    scoring = evaluation(config, data, dense)
+    scoring = evaluation(config, data, loaded)
 
     def score(label: str, model: torch.nn.Module) -> None:
         if scoring is not None:
             scoring.score(label, model)
 
     score("dense", dense)
+    if config.prune.blocks and data.calibration is not None:  # a --blocks module that never runs fails before pruning
+        find_blocks(dense, config.prune.blocks, select(data.calibration, slice(0, 2)), config.heal.device)
     sparse, masks, prune_notes, prune_seconds = prune_step(config, dense, data.calibration)
     score("pruned", sparse)
     trained = config.heal.healer != "none"
     repair, repair_reason = resolve_repair(config.repair, sparse, trained, config.heal.bn_mode, data.calibration is not None)
+    if loaded.task == CAUSAL_LM and config.repair == AUTO:
+        repair, repair_reason = "none", "auto: language model (variance matching is not benchmarked on language models yet)"
     repair_stats = repair_step(repair, dense, sparse, masks, data.calibration, shrinkage=config.repair_shrinkage)
     if repair != "none":
         score("repaired", sparse)
-    probe = AlignmentProbe.choose(data.evaluation, data.calibration, config.seed)
+    if scoring is not None and reestimates_batchnorm(config, repair, dense, data):
+        score("dense_bn", bn_control(dense, data))
+    if isinstance(data.evaluation, TextWindows):
+        probe = AlignmentProbe.from_text(data.evaluation)
+    else:
+        probe = AlignmentProbe.choose(data.evaluation, data.calibration, config.seed)
     block_pattern = config.prune.blocks or loaded.block_pattern
     device = config.heal.device
     align_before = probe.measure(dense, sparse, block_pattern, device) if probe else None
@@ -80,19 +97,44 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     if probe is not None and align_before is not None:
         report["alignment"] = {"images": probe.source, "before": align_before, "after": probe.measure(dense, sparse, block_pattern, device)}
     if config.out is not None:
-        write_run(config, report, sparse, masks, heal_result)
+        write_run(config, report, sparse, masks, heal_result, loaded)
     return report
 
 
-def write_run(config: RunConfig, report: dict, sparse: torch.nn.Module, masks: Masks, heal_result: HealResult | None) -> None:
-    """Weights, masks, config.json (without out/force), reports and plots, appearing together."""
+def reestimates_batchnorm(config: RunConfig, repair: str, dense: torch.nn.Module, data: RunData) -> bool:
+    """Whether this run re-estimates BatchNorm statistics on the calibration set (a recalibrating
+    repair, or healing with BatchNorm in train mode): then part of any gain is BatchNorm adaptation."""
+    if data.calibration is None or not has_batchnorm(dense):
+        return False
+    healing_in_train_mode = config.heal.healer != "none" and config.heal.bn_mode == "train"
+    return healing_in_train_mode or repair in ("bn", "bn+varmatch")
+
+
+def bn_control(dense: torch.nn.Module, data: RunData) -> torch.nn.Module:
+    """The dense network with its BatchNorm statistics re-estimated on the calibration set: the control
+    that separates BatchNorm adaptation from what healing recovers."""
+    control = copy.deepcopy(dense)
+    recalibrate_batchnorm(control, stage_calibration(data.calibration))
+    return control
+
+
+def write_run(
+    config: RunConfig, report: dict, sparse: torch.nn.Module, masks: Masks, heal_result: HealResult | None, loaded: LoadedModel
+) -> None:
+    """Weights, masks, config.json (without out/force), reports and plots, appearing together. A
+    causal LM is written as a Hugging Face folder (``model/``) that its own library loads as it is."""
     from starfish.report import render_markdown
     from starfish.run_plots import write_run_plots
 
     with atomic_output_dir(config.out, config.force) as scratch:
         report["plots"] = write_run_plots(scratch, report, heal_result.loss_history if heal_result else None)
-        save_weights(sparse, scratch / "model.safetensors")
-        masks.save(scratch / "masks.safetensors")
+        if loaded.task == CAUSAL_LM:
+            from starfish.models.causal_lm import save_hf_folder
+
+            save_hf_folder(sparse, loaded.extra.get("tokenizer"), scratch / "model", masks, scratch / "masks.safetensors")
+        else:
+            save_weights(sparse, scratch / "model.safetensors")
+            masks.save(scratch / "masks.safetensors")
         write_json(scratch / "config.json", config.saved_dict())
         write_json(scratch / "report.json", report)
         if heal_result is not None:
@@ -118,9 +160,15 @@ def build_report(
         top1 = {"dense": scores["dense"].get("top1"), "pruned": scores["pruned"].get("top1"), "healed": scores[final].get("top1")}
         if "repaired" in scores:
             top1["repaired"] = scores["repaired"].get("top1")
+        if "dense_bn" in scores:
+            top1["dense_bn_reestimated"] = scores["dense_bn"].get("top1")
         for label, source in (("pruned", "pruned"), ("healed", final)):
             if "agreement" in scores[source]:
                 fidelity[label] = {"agreement": scores[source]["agreement"], "kl": scores[source]["kl"]}
+    perplexity = {label: scores[source].get("perplexity") for label, source in (("dense", "dense"), ("pruned", "pruned"), ("healed", final))} if scores else {}
+    for label, source in (("pruned", "pruned"), ("healed", final)):
+        if scores and "top1_agreement" in scores[source]:
+            fidelity[label] = {"agreement": scores[source]["top1_agreement"], "kl": scores[source]["kl_from_reference"]}
     recovered = top1["healed"] / top1["dense"] if top1["dense"] and top1["healed"] is not None else None
     return {
         "model": config.model,
@@ -134,21 +182,36 @@ def build_report(
         "uses_labels": heal_result.uses_labels if heal_result else False,
         "top1": top1,
         "recovered_fraction": recovered,
+        **({"perplexity": perplexity} if loaded.task == CAUSAL_LM else {}),
         "fidelity_to_dense": fidelity,
-        "task": config.task,
+        "task": task_name(config, loaded),
         "metrics": scores,
         "heal_seconds": heal_result.seconds if heal_result else 0.0,
         "prune_seconds": prune_seconds,
         "heal": {**config.heal.to_dict(), **(heal_result.to_dict() if heal_result else {})},
         "peak_memory_mb": heal_result.peak_memory_mb if heal_result else None,
         "memory_measure": heal_result.memory_measure if heal_result else None,
-        "calibration": {"source": config.calib, "size": data.calib_size, "seed": config.seed},
-        "eval": {"source": config.eval, "size": data.eval_size, "seed": config.seed, "class_balanced": True},
+        "calibration": calibration_protocol(config, loaded, data),
+        "eval": eval_protocol(config, data),
         "prunable_weights": masks.numel(),
         "layer_sparsity": masks.layer_sparsity(),
         "preprocess": loaded.preprocess.to_dict(),
         "model_notes": {k: v for k, v in loaded.extra.items() if isinstance(v, str)},
-        "model_notes": dict(loaded.extra),
         "command": command,
         "versions": _versions(),
     }
+
+
+def calibration_protocol(config: RunConfig, loaded: LoadedModel, data: RunData) -> dict:
+    out = {"source": config.calib, "size": data.calib_size, "seed": config.seed}
+    if loaded.task == CAUSAL_LM:
+        out["seq_len"] = config.seq_len
+    return out
+
+
+def eval_protocol(config: RunConfig, data: RunData) -> dict:
+    """How the evaluation set was drawn: class-balanced images, or the first windows of a text."""
+    if isinstance(data.evaluation, TextWindows):
+        windows = data.evaluation.protocol()
+        return {"source": config.eval, "size": windows["windows"], "text_sha256": windows["sha256"], **windows}
+    return {"source": config.eval, "size": data.eval_size, "seed": config.seed, "class_balanced": True}

@@ -7,26 +7,61 @@ def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
 
 
-def render_markdown(report: dict) -> str:
+def _row_name(report: dict, label: str) -> str:
+    if label == "dense_bn_reestimated":
+        return "dense, BatchNorm re-estimated on the calibration set (control)"
+    if label == "repaired":
+        return f"repaired ({report.get('repair')})"
+    if label == "healed":
+        return f"healed ({report['healer']}{', uses labels' if report.get('uses_labels') else ''})"
+    return label
+
+
+def _fidelity_cells(report: dict, label: str) -> tuple[str, str]:
+    f = report.get("fidelity_to_dense", {}).get(label, {})
+    return (pct(f.get("agreement")), f"{f['kl']:.4f}") if f else ("—", "—")
+
+
+def _score_table(report: dict) -> list[str]:
+    """Top-1 for classifiers; perplexity (lower is better) for language models."""
+    if "perplexity" in report:
+        ppl = report["perplexity"]
+        lines = ["| model | perplexity | next-token agreement with dense | KL(dense ‖ model) per token |", "|---|---|---|---|"]
+        for label in ("dense", "pruned", "healed"):
+            value = ppl.get(label)
+            agree, kl = _fidelity_cells(report, label)
+            lines.append(f"| {_row_name(report, label)} | {'—' if value is None else f'{value:.2f}'} | {agree} | {kl} |")
+        return lines
     top1 = report["top1"]
-    fid = report.get("fidelity_to_dense", {})
-    lines = [
-        f"# starfish report — {report['model']} at {pct(report['sparsity'])} sparsity",
-        "",
-        "| model | top-1 | of dense | agreement with dense | KL(dense ‖ model) |",
-        "|---|---|---|---|---|",
-    ]
+    lines = ["| model | top-1 | of dense | agreement with dense | KL(dense ‖ model) |", "|---|---|---|---|---|"]
     dense = top1.get("dense")
-    for label in ("dense", "pruned", "repaired", "healed"):
-        if label == "repaired" and top1.get("repaired") is None:
+    for label in ("dense", "dense_bn_reestimated", "pruned", "repaired", "healed"):
+        if label in ("repaired", "dense_bn_reestimated") and top1.get(label) is None:
             continue
         acc = top1.get(label)
         share = pct(acc / dense) if acc is not None and dense else "—"
-        f = fid.get(label, {})
-        agree = pct(f.get("agreement")) if f else "—"
-        kl = f"{f['kl']:.4f}" if f else "—"
-        name = f"repaired ({report.get('repair')})" if label == "repaired" else label if label != "healed" else f"healed ({report['healer']}{', uses labels' if report.get('uses_labels') else ''})"
-        lines.append(f"| {name} | {pct(acc)} | {share} | {agree} | {kl} |")
+        agree, kl = _fidelity_cells(report, label)
+        lines.append(f"| {_row_name(report, label)} | {pct(acc)} | {share} | {agree} | {kl} |")
+    return lines
+
+
+def _data_lines(report: dict) -> list[str]:
+    cal, ev = report["calibration"], report["eval"]
+    labels = f"labels not used{' — except by this healer' if report.get('uses_labels') else ''}"
+    if "seq_len" in cal:
+        return [
+            f"- Calibration: {cal['size']} sequences of {cal['seq_len']} tokens from `{cal['source']}`, seed {cal['seed']} (padding never counts)",
+            f"- Evaluation: first {ev.get('windows')} non-overlapping windows of {ev.get('seq_len')} tokens of `{ev['source']}` "
+            f"(sha256 `{ev.get('text_sha256')}`, {ev.get('tokens')} tokens); perplexity = exp(mean next-token NLL)",
+        ]
+    return [
+        f"- Calibration: {cal['size']} images from `{cal['source']}`, seed {cal['seed']} ({labels})",
+        f"- Evaluation: {ev['size']} images from `{ev['source']}` (class-balanced, seed {ev['seed']})",
+    ]
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# starfish report — {report['model']} at {pct(report['sparsity'])} sparsity", "", *_score_table(report)]
     heal = report.get("heal", {})
     lines += [
         "",
@@ -42,9 +77,7 @@ def render_markdown(report: dict) -> str:
         f"{report['requested_sparsity']}, achieved {report['sparsity']:.6f} over {report['prunable_weights']} prunable weights"
         f"; label-free repair: {report.get('repair', 'none')}"
         + (f" (requested {report['repair_requested']}: {report.get('repair_reason')})" if report.get("repair_requested") == "auto" else ""),
-        f"- Calibration: {report['calibration']['size']} images from `{report['calibration']['source']}`, "
-        f"seed {report['calibration']['seed']} (labels not used{' — except by this healer' if report.get('uses_labels') else ''})",
-        f"- Evaluation: {report['eval']['size']} images from `{report['eval']['source']}` (class-balanced, seed {report['eval']['seed']})",
+        *_data_lines(report),
         f"- Healer `{report['healer']}`: optimizer {heal.get('optimizer')}, lr {heal.get('lr')} → {heal.get('min_lr')} (cosine per step), "
         f"batch {heal.get('batch_size')}, epochs {heal.get('epochs')}, cache {heal.get('cache_dtype')}, blocks {len(heal.get('blocks') or [])}",
         *_protocol_extras(report),

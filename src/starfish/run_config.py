@@ -31,7 +31,10 @@ class RunConfig:
     calib_max_gb: float = 4.0  # refuse a calibration set whose decoded size is larger than this
     eval: str | None = None
     eval_size: int | None = None  # None = the whole folder
-    task: str = "classification"  # how models are scored on the evaluation set (starfish.tasks)
+    task: str = "auto"  # how models are scored (starfish.tasks); auto: perplexity for causal LMs, else classification
+    dtype: str | None = None  # causal LMs: float32 | bfloat16 | float16 (None = float32)
+    seq_len: int = 512  # causal LMs: tokens per calibration sequence
+    eval_seq_len: int | None = None  # causal LMs: tokens per evaluation window (None = the model's context, at most 2048)
     seed: int = 0
     masks: str | None = None  # start from saved masks instead of pruning
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -94,7 +97,13 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
         Masks.load(config.masks)  # a missing, corrupt or non-boolean masks file fails before any work
     pruner = get_pruner(config.prune.pruner)  # an unknown pruner is refused here, naming the choices
     config.heal.validate()
-    TASKS.get(config.task)
+    if config.task != "auto":
+        TASKS.get(config.task)
+    if config.dtype not in (None, "float32", "bfloat16", "float16"):
+        raise StarfishError(f"--dtype must be float32, bfloat16 or float16; got '{config.dtype}'.")
+    for flag, value in (("--seq-len", config.seq_len), ("--eval-seq-len", config.eval_seq_len)):
+        if value is not None and (not isinstance(value, int) or value < 2):
+            raise StarfishError(f"{flag} must be a whole number of at least 2 tokens; got {value}.")
     if config.calib_max_gb <= 0:
         raise StarfishError(f"--calib-max-gb must be positive; got {config.calib_max_gb}.")
     if config.eval_batch_size < 1 or config.workers < 0:

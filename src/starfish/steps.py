@@ -26,7 +26,9 @@ from starfish.heal import HealConfig, HealResult, heal
 from starfish.loading import decode_calibration, stream
 from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model
+from starfish.models.causal_lm import CAUSAL_LM
 from starfish.models.registry import check_preprocess
+from starfish.text import TextWindows
 from starfish.pruning import PruneConfig, prune_with_notes
 from starfish.repair import apply_repair
 from starfish.run_config import RunConfig
@@ -35,9 +37,17 @@ from starfish.tasks import Evaluation, get_task
 from starfish.validation import check_class_count
 
 
+TEXT_CALIB_DEFAULT = 128  # calibration sequences when --calib-size is not given (the Wanda/SparseGPT default)
+
+
 def build_model(config: RunConfig) -> LoadedModel:
     """The dense model with the run's preprocessing overrides applied."""
-    loaded = create_model(config.model, config.weights, config.pretrained, config.num_classes)
+    loaded = create_model(config.model, config.weights, config.pretrained, config.num_classes, dtype=config.dtype)
+    if loaded.task == CAUSAL_LM:
+        check_text_run(config, loaded)
+        return loaded
+    if config.dtype is not None:
+        raise StarfishError("--dtype applies to causal language models (hf:FOLDER); drop it for image models.")
     if config.preprocess:
         merged = {**loaded.preprocess.to_dict(), **config.preprocess}
         merged["mean"], merged["std"] = tuple(merged["mean"]), tuple(merged["std"])
@@ -70,6 +80,8 @@ class RunData:
         """A fresh pass over the evaluation set as dict batches (DataLoader, pinned on accelerators)."""
         if self.evaluation is None:
             return iter(())
+        if isinstance(self.evaluation, TextWindows):  # one window at a time: full-vocabulary logits are large
+            return self.evaluation.batches(1)
         return stream(self.evaluation, self.eval_batch_size, self.workers, device)
 
     def calibration_labelled(self) -> bool:
@@ -81,8 +93,46 @@ class RunData:
         return labels is not None
 
 
+def check_text_run(config: RunConfig, loaded: LoadedModel) -> None:
+    """What a language-model run needs beyond the shared validation, before any text is read."""
+    from starfish.models.causal_lm import tokenizer_of
+
+    if config.calib is not None or config.eval is not None:
+        tokenizer_of(loaded.extra)  # a folder without a tokenizer cannot read text
+    for flag, value in (("--calib-size", config.calib_size), ("--eval-size", config.eval_size)):
+        if value is not None and (value < 1 or value != int(value)):
+            raise StarfishError(f"{flag} counts sequences/windows for a language model: pass a whole number >= 1 (got {value}).")
+    if config.preprocess:
+        raise StarfishError("--input-size/--resize/--mean/--std/--channels apply to image models; drop them for a language model.")
+
+
+def task_name(config: RunConfig, loaded: LoadedModel) -> str:
+    """The evaluation task: the one asked for, or (auto) perplexity for causal LMs, top-1 otherwise."""
+    if config.task != "auto":
+        return config.task
+    return "perplexity" if loaded.task == CAUSAL_LM else "classification"
+
+
+def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, evaluation: bool) -> RunData:
+    """Calibration sequences (one mapping with padding masked) and the evaluation windows of a text."""
+    from starfish.models.causal_lm import tokenizer_of
+    from starfish.text import calibration_text, evaluation_windows
+
+    calib, windows = None, None
+    if calibration and config.calib is not None:
+        size = int(config.calib_size) if config.calib_size is not None else TEXT_CALIB_DEFAULT
+        calib = calibration_text(config.calib, tokenizer_of(loaded.extra), size, config.seq_len, config.seed)
+    if evaluation and config.eval is not None:
+        seq_len = config.eval_seq_len or int(loaded.extra["seq_len"])
+        size = int(config.eval_size) if config.eval_size is not None else None
+        windows = evaluation_windows(config.eval, tokenizer_of(loaded.extra), seq_len, size)
+    return RunData(calib, windows, 1, config.workers)
+
+
 def load_data(config: RunConfig, loaded: LoadedModel, calibration: bool = True, evaluation: bool = True) -> RunData:
-    """Select the calibration and evaluation images; decode calibration only (within its budget)."""
+    """Select the calibration and evaluation samples; decode calibration only (within its budget)."""
+    if loaded.task == CAUSAL_LM:
+        return load_text_data(config, loaded, calibration, evaluation)
     transform = loaded.preprocess.transform()
     calib = None
     if calibration and config.calib is not None:
@@ -105,14 +155,15 @@ def stage_calibration(calibration: Batch | None, labels: bool = False) -> Batch 
     return {k: v for k, v in calibration.items() if k != LABELS}
 
 
-def evaluation(config: RunConfig, data: RunData, dense: nn.Module) -> Evaluation | None:
-    """The run's task on its evaluation set, with ``dense`` as the reference every model is compared to."""
+def evaluation(config: RunConfig, data: RunData, loaded: LoadedModel) -> Evaluation | None:
+    """The run's task on its evaluation set, with the dense model as the reference every model is compared to."""
+    dense = loaded.module
     if data.evaluation is None:
         return None
     device = resolve_device(config.heal.device)
     if data.eval_classes:  # before any long pass: wrong class folders would mean wrong labels
         check_class_count(output_width(dense, data.evaluation, device), data.eval_classes, config.eval)
-    return Evaluation(get_task(config.task), lambda: data.eval_batches(device), dense, device)
+    return Evaluation(get_task(task_name(config, loaded)), lambda: data.eval_batches(device), dense, device)
 
 
 @torch.no_grad()

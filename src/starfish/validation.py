@@ -167,7 +167,7 @@ def preprocess_overrides(overrides: dict | None) -> None:
     """The --input-size/--resize/--mean/--std overrides (or a config's preprocess section)."""
     if not overrides:
         return
-    allowed = {"input_size", "resize", "mean", "std", "interpolation"}
+    allowed = {"input_size", "resize", "mean", "std", "interpolation", "channels"}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise StarfishError(f"config key 'preprocess' has unknown entries {unknown}; known: {sorted(allowed)}.")
@@ -179,6 +179,8 @@ def preprocess_overrides(overrides: dict | None) -> None:
         floats("--mean", overrides["mean"])
     if "std" in overrides:
         floats("--std", overrides["std"], nonzero=True)
+    if "channels" in overrides and overrides["channels"] not in (1, 3):
+        raise StarfishError(f"--channels must be 1 or 3; got {overrides['channels']!r}.")
     if "interpolation" in overrides and overrides["interpolation"] not in ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"):
         raise StarfishError(f"preprocess interpolation must be nearest, bilinear, bicubic, box, hamming or lanczos; got {overrides['interpolation']!r}.")
 
@@ -214,7 +216,8 @@ def heal_settings(config: Any) -> None:
         integer("--max-steps", config.max_steps, 1)
     seed("seed", config.seed)
     device("--device", config.device)
-    device("--cache-device", config.cache_device)
+    if config.cache_device != "disk":
+        device("--cache-device", config.cache_device)
 
 
 def prune_settings(config: Any) -> None:

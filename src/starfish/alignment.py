@@ -22,8 +22,12 @@ from starfish.structure import stream_points
 
 
 class DenseReference:
-    """The dense model's block outputs on fixed images, computed once so many sparse models can be
-    compared against them cheaply (a compare grid measures every healer on the same images)."""
+    """The dense model's block outputs on fixed inputs, to compare sparse models against.
+
+    ``cache=True`` computes them once, so many sparse models are compared cheaply (a compare grid
+    measures every healer on the same inputs); ``cache=False`` recomputes them batch by batch, so
+    memory stays at one batch of block outputs (a single run at 224 px: 256 cached probe images
+    of every block would take gigabytes)."""
 
     @torch.no_grad()
     def __init__(
@@ -33,40 +37,46 @@ class DenseReference:
         block_pattern: str | None = None,
         batch_size: int = 128,
         device: str | torch.device = "auto",
+        cache: bool = True,
     ) -> None:
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.inputs = as_batch(images)  # the fixed probe set (small), as a Batch mapping
         self.batch_size = batch_size
+        self.dense = dense
         was_training = dense.training
         dense.to(self.device).eval()
-        self.points = stream_points(dense, select(self.inputs, slice(0, 2)), block_pattern, self.device)
-        self.names = [p.block for p in self.points]
-        self.outputs: list[list[torch.Tensor]] = []  # per batch, per block (kept on CPU)
         try:
-            for batch in iter_batches(self.inputs, batch_size):
-                with record_stream(dense, self.points) as out:
-                    call_model(dense, to_device(batch, self.device))
-                self.outputs.append([o.float().cpu() for o in out])
+            self.points = stream_points(dense, select(self.inputs, slice(0, 2)), block_pattern, self.device)
         finally:
             dense.train(was_training)
+        self.names = [p.block for p in self.points]
+        self.outputs: list[list[torch.Tensor]] | None = None  # per batch, per block (kept on CPU)
+        if cache:
+            self.outputs = [self._stream(dense, batch) for batch in iter_batches(self.inputs, batch_size)]
+
+    @torch.no_grad()
+    def _stream(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The state read at every alignment point for one batch (eval mode, on the CPU)."""
+        was_training = model.training
+        model.to(self.device).eval()
+        try:
+            with record_stream(model, self.points) as out:
+                call_model(model, to_device(batch, self.device))
+            return [o.float().cpu() for o in out]
+        finally:
+            model.train(was_training)
 
     @torch.no_grad()
     def alignment(self, sparse: nn.Module) -> dict[str, float]:
-        """{block name: mean cosine(sparse block output, dense block output)} over the images."""
-        was_training = sparse.training
-        sparse.to(self.device).eval()
+        """{block name: mean cosine(sparse block output, dense block output)} over the inputs."""
         totals = torch.zeros(len(self.names), dtype=torch.float64)
         count = 0
-        try:
-            for b, batch in enumerate(iter_batches(self.inputs, self.batch_size)):
-                n = batch_len(batch)
-                with record_stream(sparse, self.points) as out:
-                    call_model(sparse, to_device(batch, self.device))
-                for j, (s, d) in enumerate(zip(out, self.outputs[b])):
-                    totals[j] += (1.0 - cosine_distance(s.float().cpu(), d)).item() * n
-                count += n
-        finally:
-            sparse.train(was_training)
+        for b, batch in enumerate(iter_batches(self.inputs, self.batch_size)):
+            n = batch_len(batch)
+            dense_out = self.outputs[b] if self.outputs is not None else self._stream(self.dense, batch)
+            for j, (s, d) in enumerate(zip(self._stream(sparse, batch), dense_out)):
+                totals[j] += (1.0 - cosine_distance(s, d)).item() * n
+            count += n
         return {n: float(totals[j] / max(count, 1)) for j, n in enumerate(self.names)}
 
 
@@ -75,11 +85,12 @@ def block_alignment(
     sparse: nn.Module,
     images: torch.Tensor | Mapping[str, torch.Tensor],
     block_pattern: str | None = None,
-    batch_size: int = 128,
+    batch_size: int = 32,
     device: str | torch.device = "auto",
 ) -> dict[str, float]:
-    """{block name: mean cosine(sparse block output, dense block output)} over ``images``."""
-    return DenseReference(dense, images, block_pattern, batch_size, device).alignment(sparse)
+    """{block name: mean cosine(sparse block output, dense block output)} over ``images``, one batch
+    of block outputs in memory at a time."""
+    return DenseReference(dense, images, block_pattern, batch_size, device, cache=False).alignment(sparse)
 
 
 def probe_sample(data: Dataset | Mapping[str, torch.Tensor], seed: int, size: int) -> Batch:

@@ -11,7 +11,9 @@ import sys
 
 import torch
 
-from any_network_models import LoopViT
+from any_network_models import synthetic_images as images
+from any_network_models import synthetic_label as label
+from any_network_models import trained_loop_vit
 from starfish.heal import HealConfig, heal
 from starfish.pruning import prune
 from starfish.structure import StreamPoint, find_blocks
@@ -19,28 +21,8 @@ from starfish.structure import StreamPoint, find_blocks
 loop = importlib.import_module("starfish.heal.loop")
 
 
-def images(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.nn.functional.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=16, mode="bilinear")
-    return coarse + 0.3 * torch.randn(n, 3, 16, 16, generator=g)
-
-
-def label(x: torch.Tensor) -> torch.Tensor:
-    return (x[:, :, :8].mean((1, 2, 3)) > x[:, :, 8:].mean((1, 2, 3))).long() + 2 * (x[:, 0].mean((1, 2)) > 0).long()
-
-
 def main(sparsity: float, steps: int) -> None:
-    torch.manual_seed(0)
-    dense = LoopViT()
-    train = images(2048, 3)
-    opt = torch.optim.Adam(dense.parameters(), 3e-3)
-    for _ in range(300):
-        idx = torch.randint(0, 2048, (64,))
-        loss = torch.nn.functional.cross_entropy(dense(train[idx]), label(train[idx]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    dense.eval()
+    dense = trained_loop_vit()
     calib, held = images(128, 1), images(256, 2)
     with torch.no_grad():
         print(f"dense top-1 on the synthetic task: {(dense(held).argmax(1) == label(held)).float().mean().item():.4f}")

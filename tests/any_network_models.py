@@ -203,3 +203,30 @@ class Wrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def synthetic_images(n: int, seed: int) -> torch.Tensor:
+    """Smooth random 16x16 images (coarse structure plus noise): a task a small encoder can learn."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = nn.functional.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=16, mode="bilinear")
+    return coarse + 0.3 * torch.randn(n, 3, 16, 16, generator=g)
+
+
+def synthetic_label(x: torch.Tensor) -> torch.Tensor:
+    """Four classes from two visible properties: left/right brightness and the first channel's sign."""
+    return (x[:, :, :8].mean((1, 2, 3)) > x[:, :, 8:].mean((1, 2, 3))).long() + 2 * (x[:, 0].mean((1, 2)) > 0).long()
+
+
+def trained_loop_vit(steps: int = 300) -> nn.Module:
+    """A LoopViT trained on the synthetic task, so its decisions mean something (eval mode)."""
+    torch.manual_seed(0)
+    dense = LoopViT()
+    train = synthetic_images(2048, 3)
+    opt = torch.optim.Adam(dense.parameters(), 3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, 2048, (64,))
+        loss = nn.functional.cross_entropy(dense(train[idx]), synthetic_label(train[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return dense.eval()

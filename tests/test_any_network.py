@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from any_network_models import FORWARD_ORDER, Backwards, GrayCNN, LoopViT, NestedDenseNet, Wrapper
+from any_network_models import FORWARD_ORDER, Backwards, GrayCNN, LoopViT, NestedDenseNet, Wrapper, synthetic_images, trained_loop_vit
 from starfish.cli import main
 from starfish.data import ImageFiles
 from starfish.errors import StarfishError
@@ -118,26 +118,8 @@ def _branch_points(model, batch, pattern=None, device=None):
 def test_healing_on_the_stream_is_at_least_as_good_as_on_branch_outputs(monkeypatch):
     loop = importlib.import_module("starfish.heal.loop")
 
-    def images(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        coarse = torch.nn.functional.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=16, mode="bilinear")
-        return coarse + 0.3 * torch.randn(n, 3, 16, 16, generator=g)
-
-    def label(x):
-        return (x[:, :, :8].mean((1, 2, 3)) > x[:, :, 8:].mean((1, 2, 3))).long() + 2 * (x[:, 0].mean((1, 2)) > 0).long()
-
-    torch.manual_seed(0)
-    dense = LoopViT()
-    train = images(2048, 3)
-    opt = torch.optim.Adam(dense.parameters(), 3e-3)
-    for _ in range(300):  # a dense model whose decisions mean something
-        idx = torch.randint(0, 2048, (64,))
-        loss = torch.nn.functional.cross_entropy(dense(train[idx]), label(train[idx]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    dense.eval()
-    calib, held_out = images(128, 1), images(256, 2)
+    dense = trained_loop_vit()
+    calib, held_out = synthetic_images(128, 1), synthetic_images(256, 2)
 
     def healed_kl(points_fn):
         monkeypatch.setattr(loop, "stream_points", points_fn)

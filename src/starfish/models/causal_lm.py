@@ -198,7 +198,9 @@ def load_tokenizer(name: str):
 def load_causal_lm(name: str, dtype: str | None = None) -> tuple[nn.Module, object, str]:
     """(model in eval mode, tokenizer or None, block pattern) for a local folder or a cached hub id."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # starfish shows its own progress; loading bars only add noise
     torch_dtype = parse_dtype(dtype) or torch.float32
     tokenizer = load_tokenizer(name)
     try:

@@ -51,6 +51,8 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     loaded = build_model(config)
     data = load_data(config, loaded)
     dense = loaded.module
+    if config.prune.blocks and data.calibration is not None:  # a --blocks module that never runs fails before any pass
+        find_blocks(dense, config.prune.blocks, select(data.calibration, slice(0, 2)), config.heal.device)
     scoring = evaluation(config, data, loaded)
 
     def score(label: str, model: torch.nn.Module) -> None:
@@ -58,8 +60,6 @@ def run(config: RunConfig, command: str | None = None) -> dict:
             scoring.score(label, model)
 
     score("dense", dense)
-    if config.prune.blocks and data.calibration is not None:  # a --blocks module that never runs fails before pruning
-        find_blocks(dense, config.prune.blocks, select(data.calibration, slice(0, 2)), config.heal.device)
     sparse, masks, prune_notes, prune_seconds = prune_step(config, dense, data.calibration)
     score("pruned", sparse)
     trained = config.heal.healer != "none"

@@ -35,6 +35,8 @@ def cell_config(pruner: str, healer: str, pattern: str | None, args: argparse.Na
         heal.epochs = args.epochs
     if args.heal_scope:
         heal.scope = args.heal_scope
+    if args.batch_size is not None:
+        heal.batch_size = args.batch_size
     return RunConfig(
         model=f"hf:{MODEL}",
         calib=str(SHARED / "data/wikitext2/valid.tokenized.txt"),
@@ -69,6 +71,7 @@ def main() -> int:
     parser.add_argument("--cells", default="wanda:none,wanda:starfish", help="PRUNER:HEALER[:N:M],... e.g. wanda:starfish:2:4")
     parser.add_argument("--epochs", type=int, default=None, help="healing epochs (default: the recipe's 10)")
     parser.add_argument("--heal-scope", default=None, help="joint (default) or blockwise")
+    parser.add_argument("--batch-size", type=int, default=None, help="healing batch size (default: the recipe's 32)")
     args = parser.parse_args()
     if not (MODEL / "config.json").is_file():
         sys.exit(f"no SmolLM2 folder at {MODEL}: run python scripts/install_smollm2.py first")

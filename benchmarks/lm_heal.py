@@ -37,6 +37,8 @@ def cell_config(pruner: str, healer: str, pattern: str | None, args: argparse.Na
         heal.scope = args.heal_scope
     if args.batch_size is not None:
         heal.batch_size = args.batch_size
+    if args.lr is not None:
+        heal.lr = args.lr
     return RunConfig(
         model=f"hf:{MODEL}",
         calib=str(SHARED / "data/wikitext2/valid.tokenized.txt"),
@@ -72,6 +74,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=None, help="healing epochs (default: the recipe's 10)")
     parser.add_argument("--heal-scope", default=None, help="joint (default) or blockwise")
     parser.add_argument("--batch-size", type=int, default=None, help="healing batch size (default: the recipe's 32)")
+    parser.add_argument("--lr", type=float, default=None, help="healing learning rate (default: the recipe's 6e-4)")
     args = parser.parse_args()
     if not (MODEL / "config.json").is_file():
         sys.exit(f"no SmolLM2 folder at {MODEL}: run python scripts/install_smollm2.py first")

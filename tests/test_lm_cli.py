@@ -88,3 +88,27 @@ def test_language_model_misuse_is_a_one_line_error(texts, tmp_path, capsys):
     assert _run(model_dir, texts, tmp_path / "c", "--eval-seq-len", "1") == 2
     assert "at least 2" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_compare_ranks_healers_by_perplexity_on_a_language_model(texts, tmp_path):
+    """`starfish compare` on a causal LM: every healer from the same pruned weights, scored by perplexity."""
+    model_dir = save_tiny(tmp_path / "llama", llama_config(VOCAB))
+    out = tmp_path / "cmp"
+    code = main([
+        "compare", "--model", f"hf:{model_dir}", "--calib", str(texts / "calib.txt"), "--calib-size", "16",
+        "--seq-len", "16", "--eval", str(texts / "eval.txt"), "--eval-size", "4", "--eval-seq-len", "32",
+        "--sparsities", "0.5", "--healers", "none,starfish,kd", "--epochs", "2", "--batch-size", "4",
+        "--seed", "0", "--no-progress", "--out", str(out),
+    ])
+    assert code == 0
+    rows = {r["healer"]: r for r in json.loads((out / "compare.json").read_text())}
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["metric"] == "perplexity" and protocol["dense_perplexity"] > 1
+    assert protocol["eval"]["windows"] == 4 and protocol["eval"]["tokens"] == 128
+    assert len({r["start_sha256"] for r in rows.values()}) == 1  # same pruned start for every healer
+    assert all(r["top1"] is None and r["perplexity"] > 1 and r["mask_violations"] == 0 for r in rows.values())
+    assert rows["starfish"]["steps"] == rows["kd"]["steps"] == 8
+    assert rows["starfish"]["perplexity"] != rows["none"]["perplexity"]
+    md = (out / "compare.md").read_text()
+    best = min(rows.values(), key=lambda r: r["perplexity"])
+    assert f"**{best['perplexity']:.2f}**" in md and "lower is better" in md

@@ -21,12 +21,13 @@ from typing import Callable
 
 from torch import nn
 
-from starfish.alignment import DenseReference, probe_sample
+from starfish.alignment import AlignmentProbe, DenseReference, probe_sample
 from starfish.batch import batch_len
 from starfish.errors import StarfishError
 from starfish.heal.objectives import OBJECTIVES
 from starfish.masks import Masks
 from starfish.run_config import RunConfig, validate
+from starfish.text import TextWindows
 from starfish.steps import RunData, build_model, check_masks, evaluation, heal_step, load_data, prune_step, repair_step
 
 ALIGNMENT_IMAGES = 256  # held-out eval images used to measure per-block alignment (labels unused)
@@ -153,15 +154,20 @@ def compare(
             "healer 'finetune' trains on labels but the calibration folder has none; "
             "use a folder with one sub-folder per class, or drop finetune from --healers."
         )
-    if not data.evaluation_labelled():
+    text = isinstance(data.evaluation, TextWindows)
+    if not text and not data.evaluation_labelled():
         raise StarfishError(f"evaluation folder {config.eval} has no class sub-folders, so accuracy cannot be scored; pass a labelled --eval folder.")
-    align_inputs = probe_sample(data.evaluation, config.seed, alignment_images)
+    if text:
+        align_inputs = AlignmentProbe.from_text(data.evaluation).images
+    else:
+        align_inputs = probe_sample(data.evaluation, config.seed, alignment_images)
 
     dense = loaded.module
     scoring = evaluation(config, data, loaded)
-    dense_top1 = scoring.score("dense", dense)["top1"]
+    metric = scoring.task.headline
+    dense_stats = scoring.score("dense", dense)
     reference = DenseReference(dense, align_inputs, block_pattern, device=device)
-    _log(f"dense top-1 {_pct(dense_top1)} on {data.eval_size} images")
+    _log(f"dense {_show(metric, dense_stats.get(metric))} on {data.eval_size} {'windows' if text else 'images'}")
 
     rows: list[dict] = []
     curves: list[dict] = []
@@ -198,10 +204,9 @@ def compare(
                 after = reference.alignment(model)
                 row.update(
                     {
-                        "top1": stats["top1"],
-                        "recovered_fraction": stats["top1"] / dense_top1 if dense_top1 else None,
-                        "agreement": stats["agreement"],
-                        "kl": stats["kl"],
+                        **headline_fields(stats, dense_stats),
+                        "agreement": stats.get("agreement", stats.get("top1_agreement")),
+                        "kl": stats.get("kl", stats.get("kl_from_reference")),
                         "heal_seconds": seconds,
                         "prune_seconds": prune_seconds,
                         "steps": result.steps if result else 0,
@@ -219,11 +224,9 @@ def compare(
                 }
                 if inspect:
                     inspect("end", row, model, own_masks)
-                _log(
-                    f"{allocation:>8s} {100 * sparsity:5.1f}% {spec.name:>16s}: top-1 {_pct(row['top1'])} "
-                    f"({_pct(row['recovered_fraction'])} of dense) in {seconds:.1f} s"
-                )
-    protocol = _protocol(config, loaded, specs, sparsities, allocations, data, dense_top1, prunable, blocks, align_inputs, command)
+                share = f" ({_pct(row['recovered_fraction'])} of dense)" if metric == "top1" else ""
+                _log(f"{allocation:>8s} {100 * sparsity:5.1f}% {spec.name:>16s}: {_show(metric, row[metric])}{share} in {seconds:.1f} s")
+    protocol = _protocol(config, loaded, specs, sparsities, allocations, data, dense_stats, metric, prunable, blocks, align_inputs, command)
     result = {"rows": rows, "protocol": protocol, "curves": curves}
     if config.out is not None:
         from starfish.compare_report import write_outputs
@@ -245,14 +248,37 @@ def _apply(spec: HealerSpec, dense, model, masks, data: RunData, config: RunConf
     return result, (time.perf_counter() - started) if (spec.repair or spec.objective) else 0.0
 
 
+def headline_fields(stats: dict, dense_stats: dict) -> dict:
+    """Top-1 and its share of dense for classifiers; perplexity for language models (both keys always
+    present, None where the task does not measure it)."""
+    top1, dense_top1 = stats.get("top1"), dense_stats.get("top1")
+    return {
+        "top1": top1,
+        "recovered_fraction": top1 / dense_top1 if top1 is not None and dense_top1 else None,
+        "perplexity": stats.get("perplexity"),
+    }
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
 
 
-def _protocol(config, loaded, specs, sparsities, allocations, data: RunData, dense_top1, prunable, blocks, align_inputs, command) -> dict:
+def _show(metric: str, value: float | None) -> str:
+    if metric == "top1":
+        return f"top-1 {_pct(value)}"
+    return f"{metric} {'—' if value is None else f'{value:.2f}'}"
+
+
+def _probe_source(data: RunData) -> str:
+    if isinstance(data.evaluation, TextWindows):
+        return "the first tokens of the first evaluation windows"
+    return "the evaluation set (seeded random subset, labels unused)"
+
+
+def _protocol(config, loaded, specs, sparsities, allocations, data: RunData, dense_stats, metric, prunable, blocks, align_inputs, command) -> dict:
     import matplotlib
 
-    from starfish.pipeline import _versions
+    from starfish.pipeline import _versions, calibration_protocol, eval_protocol
 
     heal_config = config.heal.to_dict()
     heal_config.pop("healer", None)
@@ -261,7 +287,9 @@ def _protocol(config, loaded, specs, sparsities, allocations, data: RunData, den
         "weights": config.weights,
         "weights_sha256": loaded.weights_sha256,
         "preprocess": loaded.preprocess.to_dict(),
-        "dense_top1": dense_top1,
+        "metric": metric,
+        "dense_top1": dense_stats.get("top1"),
+        "dense_perplexity": dense_stats.get("perplexity"),
         "pruner": config.prune.pruner,
         "allocations": allocations,
         "sparsities": list(sparsities),
@@ -271,14 +299,12 @@ def _protocol(config, loaded, specs, sparsities, allocations, data: RunData, den
         "healers": [{"name": s.name, "kind": s.kind, "uses_labels": s.uses_labels} for s in specs],
         "heal_budget": heal_config,
         "calibration": {
-            "source": config.calib,
-            "size": data.calib_size,
-            "seed": config.seed,
+            **calibration_protocol(config, loaded, data),
             "sampling": "uniform random without replacement, seeded",
             "labels": "used only by healers marked uses_labels",
         },
-        "eval": {"source": config.eval, "size": data.eval_size, "seed": config.seed, "class_balanced": True},
-        "alignment_images": {"size": batch_len(align_inputs), "from": "the evaluation set (seeded random subset, labels unused)"},
+        "eval": eval_protocol(config, data),
+        "alignment_images": {"size": batch_len(align_inputs), "from": _probe_source(data)},
         "seed": config.seed,
         "command": command,
         "versions": {**_versions(), "matplotlib": matplotlib.__version__},

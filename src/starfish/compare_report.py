@@ -26,21 +26,37 @@ def _columns(rows: list[dict]) -> list[tuple[str, float]]:
     return list(dict.fromkeys((r["allocation"], r["sparsity"]) for r in rows))
 
 
+def _metric(protocol: dict) -> str:
+    return protocol.get("metric", "top1")
+
+
+def _value(row: dict, metric: str) -> str:
+    """A cell: top-1 with its share of dense, or a perplexity."""
+    if metric == "top1":
+        return f"{pct(row['top1'])} ({pct(row['recovered_fraction'])})"
+    value = row.get(metric)
+    return "—" if value is None else f"{value:.2f}"
+
+
 def glance_table(rows: list[dict], protocol: dict) -> str:
-    """Healers down, sparsities across: top-1 (share of dense). Best label-free healer per column in bold."""
+    """Healers down, sparsities across: top-1 (share of dense), or perplexity for language models.
+    The best label-free healer per column in bold."""
+    metric = _metric(protocol)
+    better = max if metric == "top1" else min
     cols = _columns(rows)
     many = len({a for a, _ in cols}) > 1
     head = [f"{a} {100 * s:g}%" if many else f"{100 * s:g}%" for a, s in cols]
     cell = {(r["healer"], r["allocation"], r["sparsity"]): r for r in rows}
     best = {}
     for a, s in cols:
-        free = [r for r in rows if r["allocation"] == a and r["sparsity"] == s and not r["uses_labels"] and r["top1"] is not None]
+        free = [r for r in rows if r["allocation"] == a and r["sparsity"] == s and not r["uses_labels"] and r.get(metric) is not None]
         if free:
-            best[(a, s)] = max(r["top1"] for r in free)
+            best[(a, s)] = better(r[metric] for r in free)
+    dense = pct(protocol.get("dense_top1")) if metric == "top1" else _value({metric: protocol.get(f"dense_{metric}")}, metric)
     lines = [
         "| healer | " + " | ".join(head) + " |",
         "|---|" + "---|" * len(cols),
-        f"| dense | " + " | ".join(pct(protocol.get("dense_top1")) for _ in cols) + " |",
+        f"| dense | " + " | ".join(dense for _ in cols) + " |",
     ]
     for healer in dict.fromkeys(r["healer"] for r in rows):
         parts = []
@@ -49,8 +65,8 @@ def glance_table(rows: list[dict], protocol: dict) -> str:
             if r is None:
                 parts.append("—")
                 continue
-            text = f"{pct(r['top1'])} ({pct(r['recovered_fraction'])})"
-            if not r["uses_labels"] and r["top1"] is not None and r["top1"] == best.get((a, s)):
+            text = _value(r, metric)
+            if not r["uses_labels"] and r.get(metric) is not None and r[metric] == best.get((a, s)):
                 text = f"**{text}**"
             parts.append(text)
         uses = any(r["uses_labels"] for r in rows if r["healer"] == healer)
@@ -58,15 +74,17 @@ def glance_table(rows: list[dict], protocol: dict) -> str:
     return "\n".join(lines)
 
 
-def full_table(rows: list[dict]) -> str:
+def full_table(rows: list[dict], metric: str = "top1") -> str:
+    score = "top-1 | of dense" if metric == "top1" else metric
     lines = [
-        "| allocation | sparsity | healer | kind | top-1 | of dense | agreement | KL(dense ‖ model) | mean block cosine | seconds | steps | labels |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| allocation | sparsity | healer | kind | {score} | agreement | KL(dense ‖ model) | mean block cosine | seconds | steps | labels |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if metric == "top1" else ""),
     ]
     for r in rows:
+        value = f"{pct(r['top1'])} | {pct(r['recovered_fraction'])}" if metric == "top1" else _value(r, metric)
         lines.append(
             f"| {r['allocation']} | {100 * r['sparsity']:g}% (achieved {100 * r['achieved_sparsity']:.2f}%) | {r['healer']} | {r['kind']} | "
-            f"{pct(r['top1'])} | {pct(r['recovered_fraction'])} | {pct(r['agreement'])} | {r['kl']:.4f} | "
+            f"{value} | {pct(r['agreement'])} | {r['kl']:.4f} | "
             f"{r['block_cosine_mean']:.4f} | {r['heal_seconds']:.1f} | {r['steps']} | {'**yes**' if r['uses_labels'] else 'no'} |"
         )
     return "\n".join(lines)
@@ -75,21 +93,35 @@ def full_table(rows: list[dict]) -> str:
 def protocol_lines(p: dict) -> list[str]:
     cal, ev, budget = p["calibration"], p["eval"], p["heal_budget"]
     steps = f"at most {budget['max_steps']} steps" if budget.get("max_steps") else f"{budget['epochs']} epochs over the calibration set"
-    pre = p["preprocess"]
-    return [
-        f"- Model: `{p['model']}`, weights `{p['weights']}` (sha256 `{p['weights_sha256']}`); "
-        f"dense top-1 {pct(p['dense_top1'])} on the evaluation images below.",
-        f"- Preprocessing: {pre['input_size']}px, resize {pre['resize']}, {pre['interpolation']}, mean {pre['mean']}, std {pre['std']}.",
+    if _metric(p) == "top1":
+        pre = p["preprocess"]
+        head = [
+            f"- Model: `{p['model']}`, weights `{p['weights']}` (sha256 `{p['weights_sha256']}`); "
+            f"dense top-1 {pct(p['dense_top1'])} on the evaluation images below.",
+            f"- Preprocessing: {pre['input_size']}px, resize {pre['resize']}, {pre['interpolation']}, mean {pre['mean']}, std {pre['std']}.",
+        ]
+        data = [
+            f"- Calibration: {cal['size']} images from `{cal['source']}`, {cal['sampling']} (seed {cal['seed']}); "
+            f"labels are given only to healers marked *uses labels*.",
+            f"- Evaluation: {ev['size']} images from `{ev['source']}`, class-balanced subset (seed {ev['seed']}); "
+            f"identical images for every row. Block alignment is measured on {p['alignment_images']['size']} of them "
+            "(seeded random subset, labels unused).",
+        ]
+    else:
+        head = [f"- Model: `{p['model']}`; dense perplexity {p['dense_perplexity']:.2f} on the evaluation windows below."]
+        data = [
+            f"- Calibration: {cal['size']} sequences of {cal.get('seq_len')} tokens from `{cal['source']}`, {cal['sampling']} (seed {cal['seed']}).",
+            f"- Evaluation: the first {ev['windows']} non-overlapping windows of {ev['seq_len']} tokens ({ev['tokens']} tokens) of "
+            f"`{ev['source']}` (sha256 `{ev['text_sha256']}`); perplexity = exp(mean next-token NLL); identical windows for "
+            f"every row. Block alignment is measured on {p['alignment_images']['from']}.",
+        ]
+    return head + [
         f"- Pruning: `{p['pruner']}` scores, allocations {', '.join(p['allocations'])}, sparsities "
         f"{', '.join(f'{100 * s:g}%' for s in p['sparsities'])} of {p['prunable_weights']} prunable weights "
         f"(pruning settings {p['prune']}), pruned once per cell; every healer starts from a deep copy "
         "of those exact weights and masks (`start_sha256` in compare.json).",
         f"- Blocks ({len(p['blocks'])}): {', '.join(f'`{b}`' for b in p['blocks'])}.",
-        f"- Calibration: {cal['size']} images from `{cal['source']}`, {cal['sampling']} (seed {cal['seed']}); "
-        f"labels are given only to healers marked *uses labels*.",
-        f"- Evaluation: {ev['size']} images from `{ev['source']}`, class-balanced subset (seed {ev['seed']}); "
-        f"identical images for every row. Block alignment is measured on {p['alignment_images']['size']} of them "
-        "(seeded random subset, labels unused).",
+        *data,
         f"- Shared healing budget for every trained healer: {budget['optimizer']}, lr {budget['lr']} → {budget['min_lr']} "
         f"(cosine per step), batch {budget['batch_size']}, {steps}, weight decay {budget['weight_decay']}, "
         f"train mode {budget['train_mode']}, BatchNorm {budget.get('bn_mode', 'frozen (eval mode)')}, kd temperature {budget['temperature']}, cached targets {budget['cache_dtype']}, "
@@ -98,23 +130,30 @@ def protocol_lines(p: dict) -> list[str]:
     ]
 
 
+def _caption(metric: str) -> str:
+    if metric == "top1":
+        return "Top-1 accuracy (share of dense top-1 in brackets). Bold: the best healer that uses no labels, per column."
+    return f"{metric.capitalize()} (lower is better). Bold: the best healer that uses no labels, per column."
+
+
 def render_markdown(result: dict, plots: list[str]) -> str:
     rows, p = result["rows"], result["protocol"]
     lines = [
         f"# starfish compare — {p['model']}",
         "",
-        "Top-1 accuracy (share of dense top-1 in brackets). Bold: the best healer that uses no labels, per column.",
+        _caption(_metric(p)),
         "`none` = pruned, not healed. Rows marked *uses labels* are supervised and not a like-for-like comparison.",
         "",
         glance_table(rows, p),
         "",
     ]
     for name in plots:
-        lines += [f"![{PLOTS.get(name, name)}]({name})", ""]
+        caption = PLOTS.get(name, name) if name != "accuracy_vs_sparsity.png" or _metric(p) == "top1" else f"{_metric(p).capitalize()} against sparsity"
+        lines += [f"![{caption}]({name})", ""]
     lines += ["## Protocol", ""] + protocol_lines(p)
     if p.get("command"):
         lines += ["", "Command:", "", "```", p["command"], "```"]
-    lines += ["", "## All rows", "", full_table(rows), ""]
+    lines += ["", "## All rows", "", full_table(rows, _metric(p)), ""]
     return "\n".join(lines)
 
 
@@ -127,7 +166,9 @@ def make_plots(result: dict, folder: Path) -> list[str]:
     many = len(p["allocations"]) > 1
     title = lambda c: (f"{c['allocation']} " if many else "") + f"{100 * c['sparsity']:g}% sparsity"  # noqa: E731
     jobs = {
-        "accuracy_vs_sparsity.png": lambda path: plots.accuracy_vs_sparsity(rows, p["dense_top1"], path, p["model"]),
+        "accuracy_vs_sparsity.png": lambda path: plots.accuracy_vs_sparsity(
+            rows, p.get(f"dense_{_metric(p)}"), path, p["model"], _metric(p)
+        ),
         "block_alignment.png": lambda path: plots.block_alignment(
             [(title(c), {"pruned, before healing": c["alignment_before"], **{h: v["alignment_after"] for h, v in c["healers"].items() if h != "none"}}) for c in curves],
             path,

@@ -106,29 +106,38 @@ def accuracy_vs_sparsity(
     dense_top1: float | None,
     path: str | Path,
     title: str,
+    metric: str = "top1",
 ) -> Path:
-    """Top-1 against sparsity, one line per healer (one panel per allocation), dense as a dashed line."""
+    """Top-1 (or ``metric``, e.g. perplexity on a log axis) against sparsity, one line per healer
+    (one panel per allocation), dense as a dashed line."""
+    top1 = metric == "top1"
+    scale = 100.0 if top1 else 1.0
     allocations = sorted({str(r.get("allocation", "")) for r in rows})
     fig, axes = _figure(len(allocations))
     for ax, allocation in zip(axes, allocations):
-        mine = [r for r in rows if str(r.get("allocation", "")) == allocation and r.get("top1") is not None]
+        mine = [r for r in rows if str(r.get("allocation", "")) == allocation and r.get(metric) is not None]
         healers = list(dict.fromkeys(r["healer"] for r in mine))
         for healer in healers:
-            pts = sorted((r["sparsity"], r["top1"]) for r in mine if r["healer"] == healer)
+            pts = sorted((r["sparsity"], r[metric]) for r in mine if r["healer"] == healer)
             uses = any(r.get("uses_labels") for r in mine if r["healer"] == healer)
             ax.plot(
                 [100 * s for s, _ in pts],
-                [100 * a for _, a in pts],
+                [scale * a for _, a in pts],
                 **style_of(healer, uses),
                 label=label_of(healer, uses),
             )
         if dense_top1 is not None:
-            ax.axhline(100 * dense_top1, color="black", linestyle=":", linewidth=1.5, label=f"dense ({100 * dense_top1:.1f}%)")
+            shown = f"{100 * dense_top1:.1f}%" if top1 else f"{dense_top1:.2f}"
+            ax.axhline(scale * dense_top1, color="black", linestyle=":", linewidth=1.5, label=f"dense ({shown})")
         sparsities = sorted({100 * r["sparsity"] for r in mine})
         ax.set_xticks(sparsities)
         ax.set_xlabel("sparsity of the prunable weights (%)")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_ylim(0, 100)
+        if top1:
+            ax.set_ylabel("top-1 accuracy (%)")
+            ax.set_ylim(0, 100)
+        else:
+            ax.set_ylabel(f"{metric} (lower is better)")
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.set_title(f"{title}" + (f" — {allocation} allocation" if allocation and len(allocations) > 1 else ""))
     _legend(fig, axes)

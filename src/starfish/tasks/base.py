@@ -29,6 +29,9 @@ class Task(ABC):
     # True when the task keeps the reference model's per-sample outputs between calls: later calls
     # may then omit the reference model. False: pass the reference model in every call.
     remembers_reference: ClassVar[bool] = False
+    # The one number a table ranks models by, and its direction (compare bolds the best row by it).
+    headline: ClassVar[str] = "top1"
+    higher_is_better: ClassVar[bool] = True
 
     @abstractmethod
     def evaluate(

@@ -21,6 +21,8 @@ from starfish.tasks.base import TASKS, Task
 class Perplexity(Task):
     name = "perplexity"
     remembers_reference = False
+    headline = "perplexity"
+    higher_is_better = False
 
     def evaluate(
         self,

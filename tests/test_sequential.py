@@ -105,26 +105,47 @@ def test_the_whole_model_fallback_costs_a_pass_per_target():
     assert len(counter.model_calls) > 3 * 2 * BLOCKS  # one truncated pass per target and batch
 
 
-@pytest.mark.parametrize("scheme", ["block", "layer"])
-def test_varmatch_costs_at_most_two_passes_per_block(scheme):
+@pytest.mark.parametrize("scheme", ["block", "layer", "layer-grouped"])
+def test_varmatch_costs_at_most_two_passes_per_block(scheme, monkeypatch):
+    if scheme == "layer-grouped":  # the fallback when the calibration set does not fit in one call
+        monkeypatch.setattr(varmatch_module, "_one_call_size", lambda calibration, model: None)
     dense, calib = _net(), _calibration(150)
     sparse = copy.deepcopy(dense)
     masks = prune(sparse, PruneConfig(0.6))
     dense_count, sparse_count = Counter(dense), Counter(sparse)
-    stats = apply_repair("varmatch", dense, sparse, masks, calib, scheme=scheme)
+    stats = apply_repair("varmatch", dense, sparse, masks, calib, scheme=scheme.split("-")[0])
     assert stats["calibration"].startswith("sequential")
     dense_count.assert_sequential(batches=3, samples=150, passes_per_block=1)
     # complete calls of the pruned block: its calibration passes stop inside it
     sparse_count.assert_sequential(batches=3, samples=150, passes_per_block=1)
-    # calls started: "block" measures all layers in one pass, "layer" one per group (fc1, fc2)
+    # calls started: "layer" one call of the whole set that corrects as it goes; "block" measures
+    # all layers in one pass then runs again; the grouped fallback one pass per group (fc1, fc2) + 1
     started = [0] * BLOCKS
     for i, block in enumerate(sparse.blocks):
         block.register_forward_pre_hook(lambda m, a, i=i: started.__setitem__(i, started[i] + 1))
-    apply_repair("varmatch", dense, sparse, masks, calib, scheme=scheme)
-    per_batch = 2 if scheme == "block" else 3
-    # + 1: the one-sample chain check; block 0 also sees the 3 prefix passes stop at it
-    assert started[1:] == [per_batch * 3 + 1] * (BLOCKS - 1) and started[0] == per_batch * 3 + 1 + 3
+    apply_repair("varmatch", dense, sparse, masks, calib, scheme=scheme.split("-")[0])
+    calls = {"layer": 1, "block": 2 * 3, "layer-grouped": 3 * 3}[scheme]
+    prefix = 1 if scheme == "layer" else 3
+    # + 1: the one-sample chain check; block 0 also sees the prefix passes stop at it
+    assert started[1:] == [calls + 1] * (BLOCKS - 1) and started[0] == calls + 1 + prefix
     assert masks.violations(sparse) == {}
+
+
+def test_varmatch_in_one_pass_makes_the_per_layer_corrections(monkeypatch):
+    """Correcting inside one call of the whole set equals measuring layer by layer (grouped passes)."""
+    dense, calib = _net(), _calibration(150)
+    sparse = copy.deepcopy(dense)
+    masks = prune(sparse, PruneConfig(0.6))
+    one_pass, grouped = copy.deepcopy(sparse), copy.deepcopy(sparse)
+    stats = apply_repair("varmatch", dense, one_pass, masks, calib)
+    assert stats["passes"].startswith("one pass of each pruned block")
+    monkeypatch.setattr(varmatch_module, "_one_call_size", lambda calibration, model: None)
+    assert apply_repair("varmatch", dense, grouped, masks, calib)["passes"].startswith("one truncated pass")
+    changed = 0
+    for (name, a), b, c in zip(one_pass.state_dict().items(), grouped.state_dict().values(), sparse.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        changed += not torch.equal(a, c)
+    assert changed >= 2 * BLOCKS  # the repair did correct the layers
 
 
 def _force_whole_model(monkeypatch, module) -> None:

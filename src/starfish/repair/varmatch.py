@@ -5,10 +5,14 @@ a_c = std_d / std_p (optionally shrunk, see ``match_scale``), measured on calibr
 
 When the blocks form a chain (``starfish.sequential``) the dense and the pruned network are walked
 side by side, block by block. One pass of the dense block gives the dense moments of all its
-layers (and the order they run in); the pruned block is then measured and corrected one group of
-layers at a time (layers reading the same input form a group), each with every earlier correction
-in place, by a pass that stops right after the group's input is seen; a last full pass of the
-corrected block feeds the next one. The corrections are those of correcting layer by layer over
+layers (and the order they run in). When the whole calibration set fits in one call (always for
+CIFAR-size inputs; ``_one_call_size``), one pass of the pruned block does the rest: each layer's
+pre-hook measures its output on the whole set and folds its correction before the layer runs, so
+every later layer reads corrected inputs, and the pass's output feeds the next block; two passes
+per block in all. Otherwise the pruned block is measured and corrected one group of layers at a
+time (layers reading the same input form a group), each with every earlier correction in place, by
+a pass that stops right after the group's input is seen, and a last full pass of the corrected
+block feeds the next one. The corrections are those of correcting layer by layer over
 the whole network (``scheme="layer"``, the default); ``scheme="block"`` measures a block's layers
 together before any of its corrections (two passes of the pruned block per batch): cheaper, but
 on the CIFAR-10 ViT followed by STARFISH healing it loses 1.3-1.8 points at 50% and 13.6 at 75%
@@ -186,15 +190,54 @@ class _Corrector:
         self.scales.append(float(scale.median()))
 
 
-def _block_by_block(dense: nn.Module, sparse: nn.Module, stages, calibration: object, batch_size: int, correct: _Corrector, scheme: str) -> None:
+ONE_CALL_EXPANSION = 16  # bytes of a block's activations per byte of model input, with margin (ResNet/ViT stems)
+
+
+def _one_call_size(calibration: object, model: nn.Module) -> int | None:
+    """The whole calibration set as one call when its block activations fit a quarter of free memory.
+
+    In one call every layer's correction can be folded in its own pre-hook before the next layer
+    reads it, with moments over the whole set: the per-layer corrections at one pass of the pruned
+    block. Split into several calls, a later call would change what earlier calls measured."""
+    from starfish.batch import batch_len, model_device
+    from starfish.memory import free_device_bytes
+
+    batch = calibration_set(calibration)
+    n = batch_len(batch)
+    nbytes = sum(v.numel() * v.element_size() for k, v in batch.items() if k != "labels")
+    return n if nbytes * ONE_CALL_EXPANSION <= free_device_bytes(model_device(model)) // 4 else None
+
+
+def _correct_in_pass(sparse: nn.Module, dense_moments: "MomentsOf", bn_of: dict[str, str], correct: _Corrector):
+    """A visit that measures each target on the (single) call and folds its correction before the
+    layer runs, so every later layer of the block already reads corrected inputs."""
+    done: set[str] = set()
+
+    def visit(target: Target, module: nn.Module, x: torch.Tensor, weights: torch.Tensor | None) -> None:
+        if target.name in done:  # a module called twice in one block: corrected on its first call
+            return
+        done.add(target.name)
+        measured = MomentsOf(sparse)
+        measured(target, module, x, weights)
+        correct(target, dense_moments.moments[target.name], measured.moments[target.name], bn_of.get(target.name))
+
+    return visit
+
+
+def _block_by_block(dense: nn.Module, sparse: nn.Module, stages, calibration: object, batch_size: int, correct: _Corrector, scheme: str) -> str:
+    one_call = _one_call_size(calibration, sparse) if scheme == "layer" else None
     dense_stream = Stream.start(dense, stages[0].name, calibration, batch_size)
-    sparse_stream = Stream.start(sparse, stages[0].name, calibration, batch_size)
+    sparse_stream = Stream.start(sparse, stages[0].name, calibration, one_call or batch_size)
     bn_of: dict[str, str] = {}
     for stage in stages:
         dense_moments, order = MomentsOf(dense), InputOrder()
         both = lambda *a: (dense_moments(*a), order(*a))  # noqa: E731
         with batchnorm_consumers(dense, stage.targets, bn_of):
             dense_out = dense_stream.run(stage.name, stage.targets, both)
+        if one_call:  # one pass of the pruned block measures, corrects and gives the next block its input
+            sparse_stream.advance(sparse_stream.run(stage.name, stage.targets, _correct_in_pass(sparse, dense_moments, bn_of, correct)))
+            dense_stream.advance(dense_out)
+            continue
         groups = order.groups(stage.targets) if scheme == "layer" else [stage.targets]
         for group in groups if stage.targets else []:
             sparse_moments = MomentsOf(sparse)
@@ -203,6 +246,9 @@ def _block_by_block(dense: nn.Module, sparse: nn.Module, stages, calibration: ob
                 correct(t, dense_moments.moments[t.name], sparse_moments.moments[t.name], bn_of.get(t.name))
         sparse_stream.advance(sparse_stream.run(stage.name))
         dense_stream.advance(dense_out)
+    if one_call:
+        return "one pass of each pruned block (the whole calibration set in one call)"
+    return "one truncated pass of each pruned block per group of layers, then a full pass" if scheme == "layer" else "two passes of each pruned block"
 
 
 def _layer_by_layer(dense: nn.Module, sparse: nn.Module, targets: list[Target], calibration: object, batch_size: int, correct: _Corrector) -> None:
@@ -227,8 +273,9 @@ def variance_match(
     targets = masked_targets(sparse, masks)
     plan = plan_blocks(sparse, targets, calibration)
     correct = _Corrector(dense, sparse, shrinkage)
+    walk = "one truncated whole-model pass per layer"
     if plan.sequential:
-        _block_by_block(dense, sparse, plan.stages, calibration, batch_size, correct, scheme)
+        walk = _block_by_block(dense, sparse, plan.stages, calibration, batch_size, correct, scheme)
     else:
         _layer_by_layer(dense, sparse, targets, calibration, batch_size, correct)
     masks.apply_(sparse)  # a no-op by construction; kept as the contract's guard
@@ -239,4 +286,5 @@ def variance_match(
         "shrinkage": shrinkage,
         "median_scale": float(torch.tensor(scales).median()) if scales else None,
         "calibration": plan.note,
+        "passes": walk,
     }

@@ -18,6 +18,7 @@ from typing import Mapping
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from starfish.batch import Batch, batch_len, calibration_set, call_model, position_weights, select, to_device
 from starfish.device import peak_memory_mb, reset_peak_memory, resolve_device
@@ -129,7 +130,8 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
     def loss_of(index: torch.Tensor) -> torch.Tensor:
         batch = select(calib, index)
         if cache is not None:
-            target = cache.get(index, device)
+            with record_function("starfish.heal.targets"):
+                target = cache.get(index, device)
         elif objective.needs_dense:
             with torch.no_grad():
                 target = dense_run(batch)

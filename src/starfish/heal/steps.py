@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from starfish.heal.config import HealConfig
 from starfish.masks import Masks
@@ -161,15 +162,19 @@ def train_steps(
                 lr = cosine_lr(outcome.steps, total, config.lr, config.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss = loss_of(order[i : i + config.batch_size])
-                value = float(loss.detach())
+                with record_function("starfish.heal.loss"):
+                    loss = loss_of(order[i : i + config.batch_size])
+                    value = float(loss.detach())
                 outcome.stopped_reason = guard.observe(outcome.steps, value)
                 if outcome.stopped_reason is not None:
                     break
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                masks.apply_(module)
+                with record_function("starfish.heal.backward"):
+                    loss.backward()
+                with record_function("starfish.heal.optimizer"):
+                    optimizer.step()
+                with record_function("starfish.heal.remask"):
+                    masks.apply_(module)
                 outcome.losses.append(value)
                 outcome.lrs.append(lr)
                 outcome.steps += 1

@@ -211,7 +211,8 @@ class Checkpointer:
             run = {**self.record, "environment": self.environment}
             _write_atomic(self.folder / "run.json", lambda f: f.write(json.dumps(run, indent=1).encode()))
         _write_atomic(self.folder / f"{key}.pt", lambda f: torch.save(state, f))
-        self.kept = (key, step, total)
+        self.kept = (key, step, total)  # before the folder sync: an interrupt there still names it
+        _sync_folder(self.folder)
         self._last_save = time.monotonic()
         self._save_seconds = self._last_save - started
 
@@ -248,9 +249,13 @@ def _write_atomic(path: Path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fd = os.open(path.parent, os.O_RDONLY)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames into ``folder`` survive a lost machine, not only a killed process."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(fd)  # the rename itself survives a lost machine
+        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from starfish.cli import main
+from starfish.errors import StarfishError
 from starfish.heal import HealConfig, heal
 from starfish.heal.checkpoint import Checkpointer, ResumePoint
 from starfish.masks import Masks
@@ -240,3 +241,34 @@ def test_an_interrupted_heal_resumes_bit_identically(tmp_path, monkeypatch, scop
     if scope == "blockwise":
         assert checkpointer.resumed["block-000"] == result.steps // 3  # a finished block is restored, not retrained
     assert masks.violations(resumed) == {}
+
+
+def test_a_checkpoint_of_other_masks_or_data_is_refused_and_leaves_the_model_alone(tmp_path, monkeypatch):
+    config = HealConfig(epochs=1, batch_size=5, device="cpu", progress=False)
+    dense, sparse, masks, calib = _pruned()
+    original = ResumePoint.step_done
+
+    def stop_after_two(self: ResumePoint) -> None:
+        original(self)
+        if self.outcome.steps == 2:
+            raise Interrupted()
+
+    monkeypatch.setattr(ResumePoint, "step_done", stop_after_two)
+    with pytest.raises(Interrupted):
+        heal(dense, sparse, masks, calib, config, block_pattern=r"blocks\.\d+", checkpointer=Checkpointer(tmp_path, 1, {}))
+    monkeypatch.setattr(ResumePoint, "step_done", original)
+    dense, sparse, masks, calib = _pruned()
+    other = Masks({k: v.clone() for k, v in masks.items()})
+    name = other.names()[0]
+    other[name] = ~other[name]
+    other.apply_(sparse)
+    before = {k: v.clone() for k, v in sparse.state_dict().items()}
+    with pytest.raises(StarfishError, match="pruning masks differ"):
+        heal(dense, sparse, other, calib, config, block_pattern=r"blocks\.\d+", checkpointer=Checkpointer(tmp_path, 1, {}))
+    assert all(torch.equal(before[k], v) for k, v in sparse.state_dict().items())
+    assert all(p.requires_grad for p in sparse.parameters())  # trainability restored after the refusal
+
+    out = tmp_path / "r"
+    Checkpointer.open(RunConfig(out=str(out)), {"pixel_values": torch.zeros(2, 3)}).write("joint", {}, 1, 2)
+    with pytest.raises(StarfishError, match="calibration data differ"):
+        Checkpointer.open(RunConfig(out=str(out), resume=True), {"pixel_values": torch.ones(2, 3)})

@@ -162,10 +162,11 @@ def train_steps(
     guard = DivergenceGuard(snapshot_tensors(module, masks), config, total, snapshot_device)
     generator = torch.Generator().manual_seed(seed)
     outcome = StepsOutcome()
-    if checkpoint is not None:  # restores weights, optimizer, batch order, RNG, histories and guard when saved
-        checkpoint.bind(module, masks, optimizer, generator, guard, outcome, n, config.batch_size, total)
-    bar = tqdm(total=total, initial=outcome.steps, desc=desc, disable=not config.progress, leave=False)
+    bar = tqdm(total=total, desc=desc, disable=not config.progress, leave=False)
     try:
+        if checkpoint is not None:  # restores weights, optimizer, batch order, RNG, histories and guard when saved
+            checkpoint.bind(module, masks, optimizer, generator, guard, outcome, n, config.batch_size, total)
+            bar.update(outcome.steps)
         while outcome.steps < total and outcome.stopped_reason is None:
             order = torch.randperm(n, generator=generator)
             for i in range(epoch_start(outcome.steps, n, config.batch_size), n, config.batch_size):

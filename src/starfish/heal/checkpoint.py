@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from starfish.heal.steps import DivergenceGuard, StepsOutcome
 
 AUTO = "auto"
-AUTO_SECONDS = 300.0  # auto: a checkpoint at most every five minutes of healing...
+AUTO_SECONDS = 300.0  # auto: a checkpoint once five minutes have passed since the last one (or the start)...
 AUTO_SAVE_SHARE = 0.05  # ...and less often when writing one would take more than this share of the time
 FORMAT = 1
 # Settings that change no healed weight: a resume may differ in them.
@@ -150,9 +150,8 @@ class Checkpointer:
         self.environment = environment or {}  # torch version and CPU threads: a change can move the last bits
         self.resumed: dict[str, int] = {}  # scope -> the step it continued from
         self.kept: tuple[str, int, int] | None = None  # (scope, step, total) of the newest checkpoint on disk
-        self._started = time.monotonic()
         self._save_seconds = 0.0
-        self._last_save = self._started
+        self._last_save = time.monotonic()
 
     @classmethod
     def open(cls, config: Any, calibration: Mapping[str, torch.Tensor] | None) -> "Checkpointer | None":

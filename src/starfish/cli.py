@@ -112,6 +112,18 @@ def device_arg(text: str) -> str:
     return _checked(lambda v: device("value", v), text, parse=str)
 
 
+def checkpoint_every_arg(text: str) -> int | str:
+    """'auto' or a whole number of optimizer steps (0 = off)."""
+    from starfish.heal.checkpoint import AUTO, check_every
+
+    if text == AUTO:
+        return AUTO
+    try:
+        return check_every(int(text))
+    except (ValueError, StarfishError):
+        raise argparse.ArgumentTypeError(f"expected 'auto', 0 (off) or a number of optimizer steps, got '{text}'") from None
+
+
 def cache_device_arg(text: str) -> str:
     """Where cached dense targets live: a device, or 'disk' (memory-mapped files)."""
     return text if text == "disk" else device_arg(text)
@@ -143,6 +155,7 @@ FLAG_TYPES: dict[str, Callable[[str], object]] = {
     "--eval-batch-size": positive_int,
     "--workers": non_negative_int,
     "--seq-len": positive_int,
+    "--checkpoint-every": checkpoint_every_arg,
     "--eval-seq-len": positive_int,
 }
 
@@ -207,6 +220,8 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--workers", "workers", dict(type=int, help="data-loader worker processes (default 0)")),
     ("--out", "out", dict(help="output directory (refused if it exists unless --force)")),
     ("--force", "force", dict(action="store_true", help="replace an existing output directory")),
+    ("--checkpoint-every", "checkpoint_every", dict(help="save the healing state beside --out every N optimizer steps, auto (default: every few minutes) or 0 (off)")),
+    ("--resume", "resume", dict(action="store_true", help="continue the heal an interrupted run on the same --out left checkpointed (same settings)")),
 ]
 
 
@@ -217,7 +232,7 @@ DATA_FLAGS = ("--calib", "--calib-size", "--calib-max-gb", "--eval", "--eval-siz
 # What ``diagnose`` takes besides those: which weights, its per-layer sparsity, where to run and write.
 DIAGNOSE_FLAGS = (*MODEL_FLAGS, *PREPROCESS_FLAGS, *DATA_FLAGS, "--sparsity", "--include", "--exclude", "--blocks",
                   "--device", "--no-progress", "--out", "--force")
-COMPARE_SKIPS = ("--sparsity", "--healer", "--masks", "--repair")  # the grid supplies these
+COMPARE_SKIPS = ("--sparsity", "--healer", "--masks", "--repair", "--checkpoint-every", "--resume")  # the grid supplies these; no resume
 
 
 def add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:

@@ -5,9 +5,13 @@ Layout beside an output ``DIR`` (all hidden, all named after it):
   * ``.DIR.lock``             an flock held from validation until the output is written, so a second
                               run on the same ``--out`` fails fast instead of losing a result;
   * ``.DIR.partial-PID``      the folder being written; renamed to ``DIR`` when complete;
-  * ``.DIR.old-PID``          the previous results while ``--force`` swaps the new ones in.
+  * ``.DIR.old-PID``          the previous results while ``--force`` swaps the new ones in;
+  * ``.DIR.resume/``          healing checkpoints (``heal.checkpoint``) that ``--resume`` continues
+                              from; it outlives kills on purpose and is removed (only the files
+                              starfish wrote there) once ``DIR`` is complete.
 Scratch left by a killed process is cleaned (or, for ``.old-PID`` with ``DIR`` missing, restored)
-by the next run that takes the lock: holding it proves no live process is writing there.
+by the next run that takes the lock: holding it proves no live process is writing there. The
+resume folder is not scratch: it is the work a killed run leaves for the next one.
 """
 
 from __future__ import annotations
@@ -139,6 +143,33 @@ def release_all_output_locks() -> None:
 atexit.register(release_all_output_locks)
 
 
+def resume_dir(path: str | Path) -> Path:
+    """Where the healing checkpoints of the output ``path`` live (see the layout above)."""
+    path = Path(path).resolve()
+    return path.parent / f".{path.name}.resume"
+
+
+RESUME_MARKER = ".starfish-resume"  # only a resume folder holding it is ever emptied by starfish
+_RESUME_FILES = re.compile(r"^(\.starfish-resume|run\.json|[A-Za-z0-9_-]+\.pt)(\.tmp-\d+)?$")
+
+
+def discard_resume(path: str | Path) -> bool:
+    """Delete the checkpoints of output ``path``: the files starfish names there, then the folder if
+    that left it empty. A folder without the marker is not ours and stays. True when one was removed."""
+    folder = resume_dir(path)
+    if not (folder / RESUME_MARKER).is_file():
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        (folder / "run.json").unlink()  # first: a half-emptied folder holds no checkpoint to resume
+    for item in folder.iterdir():
+        if item.is_file() and not item.is_symlink() and _RESUME_FILES.match(item.name) and item.name != RESUME_MARKER:
+            item.unlink()
+    (folder / RESUME_MARKER).unlink()  # last: a folder interrupted while emptying is still recognised
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    return True
+
+
 def _recover_scratch(path: Path) -> None:
     """Under the lock: restore results a killed ``--force`` had set aside, delete every other scratch."""
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(partial|old)-\d+$")
@@ -215,6 +246,7 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
                 path.rename(old)
             scratch.rename(path)
         shutil.rmtree(old, ignore_errors=True)
+        discard_resume(path)  # the output is complete: checkpoints toward it are obsolete (still under the lock)
     finally:
         release_output_lock(path)
 

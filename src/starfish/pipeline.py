@@ -15,6 +15,7 @@ import torch
 from starfish.alignment import AlignmentProbe
 from starfish.batch import select
 from starfish.heal import HealResult
+from starfish.heal.checkpoint import Checkpointer
 from starfish.masks import Masks
 from starfish.models import LoadedModel
 from starfish.models.causal_lm import CAUSAL_LM
@@ -50,6 +51,7 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     validate(config)
     loaded = build_model(config)
     data = load_data(config, loaded)
+    checkpointer = Checkpointer.open(config, data.calibration)  # --checkpoint-every / --resume
     dense = loaded.module
     if config.prune.blocks and data.calibration is not None:  # a --blocks module that never runs fails before any pass
         find_blocks(dense, config.prune.blocks, select(data.calibration, slice(0, 2)), config.heal.device)
@@ -81,7 +83,7 @@ def run(config: RunConfig, command: str | None = None) -> dict:
 
     heal_result = None
     if trained:
-        heal_result = heal_step(dense, sparse, masks, data.calibration, config.heal, block_pattern, config.seed)
+        heal_result = heal_step(dense, sparse, masks, data.calibration, config.heal, block_pattern, config.seed, checkpointer)
         score("healed", sparse)
     check_masks(masks, sparse, "after healing")
 
@@ -92,6 +94,8 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     report["repair_reason"] = repair_reason
     report["repair_stats"] = repair_stats
     report["heal_from"] = config.heal_from
+    if checkpointer is not None and checkpointer.resumed:
+        report["resumed_from_step"] = checkpointer.resumed  # heal_seconds then counts this process only
     if "rr" in prune_notes:
         report["relative_repairability"] = prune_notes["rr"]
     if probe is not None and align_before is not None:

@@ -14,9 +14,10 @@ from starfish.heal import HealConfig
 from starfish.outputs import check_output_dir
 from starfish.pruning import PruneConfig
 
-# Where a run writes, and whether it may replace: properties of one invocation, never of the job,
-# so a saved config.json does not carry them (rerunning it must name a new --out).
-INVOCATION_KEYS = ("out", "force")
+# Where a run writes, whether it may replace, how often it checkpoints and whether it continues a
+# checkpoint: properties of one invocation, never of the job, so a saved config.json does not carry
+# them (rerunning it must name a new --out, and must not silently resume or stop checkpointing).
+INVOCATION_KEYS = ("out", "force", "checkpoint_every", "resume")
 
 
 @dataclass
@@ -44,6 +45,8 @@ class RunConfig:
     heal: HealConfig = field(default_factory=HealConfig)
     out: str | None = None
     force: bool = False
+    checkpoint_every: int | str = "auto"  # heal checkpoints beside --out: steps, "auto" (by time) or 0 (off)
+    resume: bool = False  # continue the checkpoint an interrupted run left beside --out
     eval_batch_size: int = 256
     workers: int = 0
 
@@ -51,7 +54,7 @@ class RunConfig:
         return asdict(self)
 
     def saved_dict(self) -> dict:
-        """What config.json holds: the job, without where this invocation wrote (``out``, ``force``)."""
+        """What config.json holds: the job, without the invocation's own settings (``INVOCATION_KEYS``)."""
         return {k: v for k, v in self.to_dict().items() if k not in INVOCATION_KEYS}
 
     @classmethod
@@ -89,6 +92,7 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
             config.with_prune(sparsity=s, allocation=a).prune.validate()
             if a not in list_allocations():
                 raise StarfishError(f"unknown allocation '{a}'; choose one of {', '.join(list_allocations())} (--allocation).")
+    from starfish.heal.checkpoint import check_resume
     from starfish.masks import Masks
     from starfish.validation import run_settings
 
@@ -112,6 +116,7 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
         )
     if config.out is not None:
         check_output_dir(config.out, config.force, (config.weights, config.calib, config.eval, config.masks))
+    check_resume(config)  # under the output lock: a checkpoint is resumed with the same settings or not at all
     if config.calib is None and config.heal.healer != "none":
         raise StarfishError("healing needs calibration images: pass --calib DIR (or --healer none).")
     if config.repair not in (AUTO, *list_repairs()):

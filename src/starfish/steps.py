@@ -23,6 +23,7 @@ from starfish.device import resolve_device
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
 from starfish.heal import HealConfig, HealResult, heal
+from starfish.heal.checkpoint import Checkpointer
 from starfish.loading import decode_calibration, stream
 from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model
@@ -212,8 +213,10 @@ def heal_step(
     heal_config: HealConfig,
     block_pattern: str | None,
     seed: int,
+    checkpointer: Checkpointer | None = None,
 ) -> HealResult:
-    """Heal ``sparse`` in place. Only a healer that uses labels is handed the labels."""
+    """Heal ``sparse`` in place. Only a healer that uses labels is handed the labels. ``checkpointer``:
+    save the healing state as it goes, continue a saved one (``heal.checkpoint``)."""
     from starfish.heal.objectives import OBJECTIVES
 
     if calibration is None:
@@ -221,7 +224,9 @@ def heal_step(
     config = copy.deepcopy(heal_config)
     config.seed = seed
     uses_labels = config.healer in OBJECTIVES and OBJECTIVES[config.healer].uses_labels
-    return heal(dense, sparse, masks, stage_calibration(calibration, labels=uses_labels), config, block_pattern=block_pattern)
+    return heal(
+        dense, sparse, masks, stage_calibration(calibration, labels=uses_labels), config, block_pattern=block_pattern, checkpointer=checkpointer
+    )
 
 
 def check_masks(masks: Masks, model: nn.Module, where: str) -> None:

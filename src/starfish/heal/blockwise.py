@@ -10,6 +10,11 @@ the dense model's own stream ("dense", every block independent of the others).
 This needs a chain of blocks (each block's input is exactly the previous block's output), which is
 checked on one real batch with ``blockio.is_chain``. The per-step recipe is the joint one
 (``heal.steps.train_steps``) with its budget applied to every block.
+
+Resume (``heal.checkpoint``): every block has its own checkpoint (``block-NNN``), written after its
+last step too, so a resumed run restores the finished blocks without training them again and
+continues the block in progress at its step; the streams between blocks are recomputed by
+forward passes (deterministic), which is cheap next to training.
 """
 
 from __future__ import annotations
@@ -158,7 +163,10 @@ def heal_blockwise(job: HealJob) -> list[tuple[str, StepsOutcome]]:
 
         set_heal_mode(sparse_block, config)
         try:
-            outcome = train_steps(sparse_block, block_masks, loss_of, n, config, config.seed + k, f"healing {name}", job.snapshot_device)
+            outcome = train_steps(
+                sparse_block, block_masks, loss_of, n, config, config.seed + k, f"healing {name}", job.snapshot_device,
+                job.resume_point(f"block-{k:03d}"),
+            )
         finally:
             sparse_block.eval()
         outcomes.append((name, outcome))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from starfish.heal.config import HealConfig
 from starfish.heal.objectives import Objective
 from starfish.heal.targets import TensorStore
 from starfish.masks import Masks
+
+if TYPE_CHECKING:
+    from starfish.heal.checkpoint import Checkpointer, ResumePoint
 
 
 @dataclass
@@ -27,3 +31,8 @@ class HealJob:
     store: TensorStore  # where cached targets / block inputs live
     snapshot_device: torch.device  # where the divergence guard keeps the best weights
     points: list = field(default_factory=list)  # StreamPoints: where each block's stream is read (joint scope)
+    checkpointer: Checkpointer | None = None  # saves / restores the healing state (--checkpoint-every, --resume)
+
+    def resume_point(self, key: str) -> ResumePoint | None:
+        """The checkpoint of one training run (``joint``, ``block-NNN``), or None when not checkpointing."""
+        return self.checkpointer.scope(key) if self.checkpointer is not None else None

@@ -26,6 +26,7 @@ from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
 from starfish.heal.blockwise import check_blockwise, heal_blockwise
 from starfish.heal.capture import record_stream
+from starfish.heal.checkpoint import Checkpointer
 from starfish.heal.config import HealConfig
 from starfish.heal.job import HealJob
 from starfish.heal.objectives import Objective, Signals, get_objective
@@ -141,7 +142,9 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
         return objective.loss(sparse_run(batch), target, labels, config)
 
     try:
-        return train_steps(sparse, masks, loss_of, n, config, config.seed, f"healing ({objective.name})", job.snapshot_device)
+        return train_steps(
+            sparse, masks, loss_of, n, config, config.seed, f"healing ({objective.name})", job.snapshot_device, job.resume_point("joint")
+        )
     finally:
         sparse.eval()
 
@@ -153,9 +156,11 @@ def heal(
     calibration: object,
     config: HealConfig | None = None,
     block_pattern: str | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> HealResult:
     """Heal ``sparse`` in place against ``dense`` on unlabeled calibration data (a batch mapping,
-    an image tensor or a TensorDataset; see ``batch.calibration_set``)."""
+    an image tensor or a TensorDataset; see ``batch.calibration_set``). ``checkpointer``
+    (``heal.checkpoint``) saves the healing state as it goes and continues a saved one."""
     config = (config or HealConfig()).validate()
     objective: Objective = get_objective(config.healer)
     device = resolve_device(config.device)
@@ -180,7 +185,7 @@ def heal(
     reset_peak_memory(device)
     started = time.perf_counter()
     per_block: list[dict] = []
-    job = HealJob(dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device, points)
+    job = HealJob(dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device, points, checkpointer)
     try:
         if config.scope == "blockwise":
             outcomes = heal_blockwise(job)
@@ -197,6 +202,10 @@ def heal(
             ]
         else:
             outcome = _heal_joint(job)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: say what a --resume would continue from
+        if checkpointer is not None:
+            checkpointer.note_interrupted()
+        raise
     finally:
         store.close()
     if device.type == "cuda":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from torch.profiler import record_function
 
 from starfish.heal.config import HealConfig
 from starfish.masks import Masks
+
+if TYPE_CHECKING:
+    from starfish.heal.checkpoint import ResumePoint
 
 SMOOTHING = 0.1  # weight of the newest loss in the exponential moving average
 MIN_STEPS_BEFORE_STOP = 5  # a rise must last a few steps before it counts as divergence
@@ -36,6 +39,12 @@ def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
 def total_steps(n: int, config: HealConfig) -> int:
     steps = math.ceil(n / config.batch_size) * config.epochs
     return min(steps, config.max_steps) if config.max_steps is not None else steps
+
+
+def epoch_start(steps: int, n: int, batch_size: int) -> int:
+    """The first sample offset of the current epoch's remaining batches: 0 whenever an epoch begins
+    (every epoch has the same number of batches), later only in the epoch a resumed run continues."""
+    return steps % math.ceil(n / batch_size) * batch_size
 
 
 def set_heal_mode(module: nn.Module, config: HealConfig) -> None:
@@ -134,10 +143,12 @@ def train_steps(
     seed: int,
     desc: str,
     snapshot_device: torch.device,
+    checkpoint: ResumePoint | None = None,
 ) -> StepsOutcome:
     """Train the masked weights of ``module`` (mask names relative to it) on ``loss_of(sample indices)``.
 
     Every other parameter of ``module`` is frozen for the run; trainability is restored afterwards.
+    ``checkpoint`` (``heal.checkpoint``): continue from a saved state, and save one when due.
     """
     from tqdm.auto import tqdm
 
@@ -154,9 +165,12 @@ def train_steps(
     outcome = StepsOutcome()
     bar = tqdm(total=total, desc=desc, disable=not config.progress, leave=False)
     try:
+        if checkpoint is not None:  # restores weights, optimizer, batch order, RNG, histories and guard when saved
+            checkpoint.bind(module, masks, optimizer, generator, guard, outcome, n, config.batch_size, total)
+            bar.update(outcome.steps)
         while outcome.steps < total and outcome.stopped_reason is None:
             order = torch.randperm(n, generator=generator)
-            for i in range(0, n, config.batch_size):
+            for i in range(epoch_start(outcome.steps, n, config.batch_size), n, config.batch_size):
                 if outcome.steps >= total:
                     break
                 lr = cosine_lr(outcome.steps, total, config.lr, config.min_lr)
@@ -180,6 +194,8 @@ def train_steps(
                 outcome.steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")
+                if checkpoint is not None:
+                    checkpoint.step_done()
     finally:
         bar.close()
         for h in handles:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from starfish.distributed.context import is_writer
 from starfish.errors import StarfishError
 from starfish.heal import HealConfig
 from starfish.outputs import check_output_dir
@@ -110,7 +111,7 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
         raise StarfishError(
             f"--eval-batch-size must be >= 1 and --workers >= 0; got {config.eval_batch_size} and {config.workers}."
         )
-    if config.out is not None:
+    if config.out is not None and is_writer():  # under --distributed only rank 0 writes, so only it takes the lock
         check_output_dir(config.out, config.force, (config.weights, config.calib, config.eval, config.masks))
     if config.calib is None and config.heal.healer != "none":
         raise StarfishError("healing needs calibration images: pass --calib DIR (or --healer none).")

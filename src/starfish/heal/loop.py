@@ -21,6 +21,7 @@ from torch import nn
 
 from starfish.batch import Batch, batch_len, calibration_set, call_model, position_weights, select, to_device
 from starfish.device import peak_memory_mb, reset_peak_memory, resolve_device
+from starfish.distributed.ddp import average_buffers
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
 from starfish.heal.blockwise import check_blockwise, heal_blockwise
@@ -197,6 +198,7 @@ def heal(
             outcome = _heal_joint(job)
     finally:
         store.close()
+    average_buffers(sparse)  # --distributed: BatchNorm running statistics of every rank's batch shares
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from starfish.distributed.ddp import data_parallel_step
 from starfish.heal.config import HealConfig
 from starfish.masks import Masks
 
@@ -147,6 +148,7 @@ def train_steps(
         p.requires_grad_(name in masks)
     handles = masks.register_gradient_masks(module)
     optimizer = make_optimizer(trainable, config)
+    shared = data_parallel_step(loss_of, trainable)  # --distributed ddp: this rank's share, gradients summed
     total = total_steps(n, config)
     guard = DivergenceGuard(snapshot_tensors(module, masks), config, total, snapshot_device)
     generator = torch.Generator().manual_seed(seed)
@@ -161,13 +163,14 @@ def train_steps(
                 lr = cosine_lr(outcome.steps, total, config.lr, config.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss = loss_of(order[i : i + config.batch_size])
+                loss = shared.loss(order[i : i + config.batch_size])
                 value = float(loss.detach())
                 outcome.stopped_reason = guard.observe(outcome.steps, value)
                 if outcome.stopped_reason is not None:
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                shared.reduce_gradients()
                 optimizer.step()
                 masks.apply_(module)
                 outcome.losses.append(value)

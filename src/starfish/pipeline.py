@@ -100,7 +100,9 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     context = distributed.current()
     if context is not None:
         report["distributed"] = context.to_report()
-    if config.out is not None and distributed.is_writer():  # one writer; DDP ranks hold identical weights
+    # One writer: DDP ranks hold identical, full weights. FSDP: gather the full state dict on every
+    # rank here (a collective) before rank 0 writes it.
+    if config.out is not None and distributed.is_writer():
         write_run(config, report, sparse, masks, heal_result, loaded)
     return report
 

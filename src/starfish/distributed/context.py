@@ -146,12 +146,12 @@ def activate(context: DistributedContext | None) -> None:
 
 
 def compute_device(name: str | None) -> torch.device | None:
-    """This rank's device for a device name of the run: ``auto``/``cuda`` mean ``cuda:LOCAL_RANK``
-    under a CUDA launch; None when no group is active (the caller resolves it as usual)."""
+    """This rank's device for a device name of the run: ``auto`` and any ``cuda[:i]`` mean
+    ``cuda:LOCAL_RANK`` under a CUDA launch; None in a one-process run (resolved as usual)."""
     if _ACTIVE is None:
         return None
-    if name in (None, "auto", "cuda"):
-        return _ACTIVE.device
+    if name in (None, "auto") or torch.device(name).type == _ACTIVE.device.type:
+        return _ACTIVE.device  # one GPU per rank, whatever index was named
     return torch.device(name)
 
 

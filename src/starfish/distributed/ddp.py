@@ -38,12 +38,23 @@ from starfish.distributed.shares import batch_share
 
 
 class DataParallelStep:
-    """One rank's part of each optimizer step; the identity in one process."""
+    """One rank's part of each optimizer step; the identity in one process.
 
-    def __init__(self, loss_of: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter], active: bool) -> None:
+    ``active``: split every global batch (DDP and FSDP). ``reduces``: sum the gradients here (DDP);
+    FSDP reduce-scatters them itself and must sum rather than average (divide factor 1), since the
+    loss shares already carry each rank's weight. ``lockstep``: a rank with no samples in a batch
+    still runs one forward and backward (weighted 0), because FSDP needs every rank in every call.
+    """
+
+    def __init__(
+        self, loss_of: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter], active: bool,
+        reduces: bool = True, lockstep: bool = False,
+    ) -> None:
         self.loss_of = loss_of
         self.params = params
         self.active = active
+        self.reduces = reduces
+        self.lockstep = lockstep
 
     def loss(self, index: torch.Tensor) -> torch.Tensor:
         """The loss to back-propagate for global batch ``index``: its value is the global batch loss,
@@ -51,7 +62,9 @@ class DataParallelStep:
         if not self.active:
             return self.loss_of(index)
         local = batch_share(index)
-        if local.numel() == 0:  # a batch smaller than the group: this rank contributes nothing
+        if local.numel() == 0 and self.lockstep:  # a batch smaller than the group
+            weighted = self.loss_of(index[:1]) * 0.0
+        elif local.numel() == 0:  # this rank contributes nothing
             weighted = torch.zeros((), dtype=torch.float32, requires_grad=True)
         else:
             weighted = self.loss_of(local) * (local.numel() / index.numel())
@@ -60,7 +73,7 @@ class DataParallelStep:
 
     def reduce_gradients(self) -> None:
         """Sum the trainable gradients over ranks (a missing gradient counts as zeros)."""
-        if not self.active:
+        if not (self.active and self.reduces):
             return
         for p in self.params:
             if p.grad is None:
@@ -70,7 +83,9 @@ class DataParallelStep:
 
 def data_parallel_step(loss_of: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter]) -> DataParallelStep:
     ctx = current()
-    return DataParallelStep(loss_of, params, ctx is not None and ctx.mode == "ddp" and ctx.world_size > 1)
+    if ctx is None or ctx.world_size == 1:
+        return DataParallelStep(loss_of, params, active=False)
+    return DataParallelStep(loss_of, params, active=True, reduces=ctx.mode == "ddp", lockstep=ctx.lockstep_forward)
 
 
 @torch.no_grad()

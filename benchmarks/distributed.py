@@ -33,9 +33,11 @@ OUT = REPO / "benchmarks" / "DISTRIBUTED.md"
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: build, prune, heal with timed steps; write this rank's numbers."""
+    import importlib
+
     import torch
 
-    import starfish.heal.steps as heal_steps
+    heal_steps = importlib.import_module("starfish.heal.steps")  # starfish.heal is also a function name
     from starfish import HealConfig, PruneConfig, RunConfig
     from starfish.distributed import current, launched
     from starfish.distributed.ddp import data_parallel_step
@@ -61,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
         model=args.model, weights=str(MODELS[args.model]), calib=str(SHARED / "data" / "cifar10" / "train"),
         calib_size=args.calib_size, seed=0, prune=PruneConfig(sparsity=0.75), heal=heal, repair="none",
     )
-    with launched("ddp" if args.nproc > 1 else None, config):
+    with launched("ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None, config):
         loaded = build_model(config)
         data = load_data(config, loaded, evaluation=False)
         sparse, masks, _, _ = prune_step(config, loaded.module, data.calibration)
@@ -82,7 +84,7 @@ def launch(model: str, nproc: int, args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as results:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__, "--worker",
-            "--model", model, "--nproc", str(nproc), "--results", results, "--calib-size", str(args.calib_size),
+            "--model", model, "--results", results, "--calib-size", str(args.calib_size),
             "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
@@ -126,7 +128,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--results", help=argparse.SUPPRESS)
-    parser.add_argument("--nproc", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None)
     parser.add_argument("--models", default="cifar10-resnet20,cifar10-vit")
     parser.add_argument("--calib-size", type=int, default=256)

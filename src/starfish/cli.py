@@ -286,10 +286,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from starfish.pipeline import run
     from starfish.report import render_markdown
 
+    from starfish.distributed import is_writer, launched
+
     config = config_from_args(args)
     if config.out is None:
         raise StarfishError("pass --out DIR for the healed model, masks and reports.")
-    report = run(config, command=_command_line())
+    with launched(args._distributed, config):
+        report = run(config, command=_command_line())
+        if not is_writer():
+            return 0
     print(render_markdown(report).split("\n## Protocol")[0])
     files = "model/ (Hugging Face folder)" if report.get("task") == "perplexity" else "model.safetensors"
     print(f"wrote {config.out}/ ({files}, masks.safetensors, config.json, report.json, report.md)")
@@ -344,6 +349,7 @@ def _compare_setup(parser: argparse.ArgumentParser) -> None:
         "(default: none, every repair, starfish, kd, nmse; add finetune (uses labels) explicitly)",
     )
     parser.add_argument("--allocations", dest="_allocations", metavar="A1,A2,...", type=_names, default=None, help="comma-separated allocations to compare (default: --allocation)")
+    add_distributed_flag(parser)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -353,11 +359,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.out is None:
         raise StarfishError("pass --out DIR for compare.json, compare.md and the plots.")
+    from starfish.distributed import is_writer, launched
+
     healers = args._healers if args._healers is not None else default_healers()
-    result = compare(config, args._sparsities, healers, args._allocations, command=_command_line())
+    with launched(args._distributed, config):
+        result = compare(config, args._sparsities, healers, args._allocations, command=_command_line())
+        if not is_writer():
+            return 0
     print(glance_table(result["rows"], result["protocol"]))
     print(f"wrote {config.out}/ (compare.json, compare.md, protocol.json, curves.json, PNG plots)")
     return 0
+
+
+def add_distributed_flag(parser: argparse.ArgumentParser) -> None:
+    """``--distributed``: a property of the launch (torchrun), never saved in config.json."""
+    parser.add_argument(
+        "--distributed", dest="_distributed", choices=["ddp", "fsdp"], default=None,
+        help="one rank of 'torchrun --nproc-per-node N -m starfish ...': ddp (replicated model, data split) or fsdp (sharded parameters)",
+    )
 
 
 def _diagnose_setup(parser: argparse.ArgumentParser) -> None:
@@ -405,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
     run_p = sub.add_parser("run", help="prune -> heal -> evaluate, writing model, masks and reports")
     add_run_flags(run_p)
+    add_distributed_flag(run_p)
     run_p.set_defaults(handler=cmd_run)
     demo_p = sub.add_parser("demo", help="offline end-to-end demo on scikit-learn's handwritten digits")
     demo_p.add_argument("--sparsity", type=float, default=0.8)
@@ -445,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors print one line and exit 2; interrupts (Ctrl-C, SIGTERM) exit
     130/143 with scratch cleaned and any earlier output untouched; anything else is a bug and keeps
     its traceback."""
+    from starfish.distributed.launch import RankFailure
     from starfish.outputs import protect_inputs, release_all_output_locks
 
     with _sigterm_as_interrupt():
@@ -456,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         except StarfishError as exc:
             sys.stderr.write(f"starfish: error: {str(exc).replace(chr(10), ' ')}\n")
             return 2
+        except RankFailure as exc:  # one rank of a torchrun launch: one line; torchrun stops the others
+            sys.stderr.write(f"starfish: error: {exc}\n")
+            return 1
         except KeyboardInterrupt as exc:
             name = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
             sys.stderr.write(f"starfish: {name}; no new output was written and earlier results are unchanged.\n")

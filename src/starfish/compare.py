@@ -21,6 +21,7 @@ from typing import Callable
 
 from torch import nn
 
+from starfish import distributed
 from starfish.alignment import AlignmentProbe, DenseReference, probe_sample
 from starfish.batch import batch_len
 from starfish.errors import StarfishError
@@ -109,7 +110,8 @@ def state_fingerprint(model: nn.Module) -> str:
 
 
 def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    if distributed.is_writer():  # one progress log per run, not one per rank
+        print(text, file=sys.stderr, flush=True)
 
 
 def validate_grid(config: RunConfig, sparsities: list[float], specs: list[HealerSpec], allocations: list[str]) -> None:
@@ -228,7 +230,10 @@ def compare(
                 _log(f"{allocation:>8s} {100 * sparsity:5.1f}% {spec.name:>16s}: {_show(metric, row[metric])}{share} in {seconds:.1f} s")
     protocol = _protocol(config, loaded, specs, sparsities, allocations, data, dense_stats, metric, prunable, blocks, align_inputs, command)
     result = {"rows": rows, "protocol": protocol, "curves": curves}
-    if config.out is not None:
+    context = distributed.current()
+    if context is not None:
+        protocol["distributed"] = context.to_report()
+    if config.out is not None and distributed.is_writer():
         from starfish.compare_report import write_outputs
 
         write_outputs(result, config.out, config.force)

@@ -9,6 +9,11 @@ import torch
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
+    from starfish.distributed.context import compute_device
+
+    ranked = compute_device(name)  # under torchrun: auto/cuda mean this rank's GPU
+    if ranked is not None:
+        return ranked
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -20,6 +20,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from starfish.batch import ATTENTION, TOKENS, call_model, to_device
+from starfish.distributed.context import sum_floats
 from starfish.errors import StarfishError
 
 POSITION_CHUNK = 512  # positions turned into log-probabilities at a time (bounds the vocab-wide temporaries)
@@ -49,6 +50,10 @@ class _Totals:
         self.tokens = 0.0
         self.agree = 0.0
         self.kl = 0.0
+
+    def gather(self) -> None:
+        """Sum over ranks (each scored its share of the windows; a no-op alone)."""
+        self.nll, self.tokens, self.agree, self.kl = sum_floats(self.nll, self.tokens, self.agree, self.kl)
 
     def metrics(self, compared: bool) -> dict[str, float]:
         mean_nll = self.nll / self.tokens if self.tokens else float("nan")
@@ -111,4 +116,6 @@ def evaluate_lm(
                 _accumulate(totals[label], logp, targets[lo:hi], weights[lo:hi], ref_logp)
             del logits
         del ref_logits
+    for k in order:
+        totals[k].gather()
     return {k: totals[k].metrics(compared=ref is not None and k != ref) for k in models}

@@ -12,6 +12,7 @@ import platform
 
 import torch
 
+from starfish import distributed
 from starfish.alignment import AlignmentProbe
 from starfish.batch import select
 from starfish.heal import HealResult
@@ -100,7 +101,12 @@ def run(config: RunConfig, command: str | None = None) -> dict:
         report["relative_repairability"] = prune_notes["rr"]
     if probe is not None and align_before is not None:
         report["alignment"] = {"images": probe.source, "before": align_before, "after": probe.measure(dense, sparse, block_pattern, device)}
-    if config.out is not None:
+    context = distributed.current()
+    if context is not None:
+        report["distributed"] = context.to_report()
+    # One writer: DDP ranks hold identical, full weights. FSDP: gather the full state dict on every
+    # rank here (a collective) before rank 0 writes it.
+    if config.out is not None and distributed.is_writer():
         write_run(config, report, sparse, masks, heal_result, loaded)
     return report
 

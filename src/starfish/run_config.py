@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from starfish.distributed.context import is_writer
 from starfish.errors import StarfishError
 from starfish.heal import HealConfig
 from starfish.outputs import check_output_dir
@@ -114,7 +115,7 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
         raise StarfishError(
             f"--eval-batch-size must be >= 1 and --workers >= 0; got {config.eval_batch_size} and {config.workers}."
         )
-    if config.out is not None:
+    if config.out is not None and is_writer():  # under --distributed only rank 0 writes, so only it takes the lock
         check_output_dir(config.out, config.force, (config.weights, config.calib, config.eval, config.masks))
     check_resume(config)  # under the output lock: a checkpoint is resumed with the same settings or not at all
     if config.calib is None and config.heal.healer != "none":

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from starfish.batch import LABELS, Batch, batch_len, call_model, to_device
 from starfish.data import as_image_batch, select_images
 from starfish.device import resolve_device
+from starfish.distributed.shares import evaluation_share, lockstep_batches, statistics_share
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
 from starfish.heal import HealConfig, HealResult, heal
@@ -81,9 +82,10 @@ class RunData:
         """A fresh pass over the evaluation set as dict batches (DataLoader, pinned on accelerators)."""
         if self.evaluation is None:
             return iter(())
-        if isinstance(self.evaluation, TextWindows):  # one window at a time: full-vocabulary logits are large
-            return self.evaluation.batches(1)
-        return stream(self.evaluation, self.eval_batch_size, self.workers, device)
+        share = evaluation_share(self.evaluation)  # every W-th sample under --distributed; tasks sum the tallies
+        if isinstance(share, TextWindows):  # one window at a time: full-vocabulary logits are large
+            return lockstep_batches(share.batches(1), self.eval_size, 1)
+        return lockstep_batches(stream(share, self.eval_batch_size, self.workers, device), self.eval_size, self.eval_batch_size)
 
     def calibration_labelled(self) -> bool:
         labels = self.calibration.get(LABELS) if self.calibration is not None else None
@@ -146,14 +148,17 @@ def load_data(config: RunConfig, loaded: LoadedModel, calibration: bool = True, 
     return RunData(calib, evalset, config.eval_batch_size, config.workers, classes)
 
 
-def stage_calibration(calibration: Batch | None, labels: bool = False) -> Batch | None:
+def stage_calibration(calibration: Batch | None, labels: bool = False, whole: bool = False) -> Batch | None:
     """THE one place calibration data is handed to prune / apply_repair / heal / measure_rr: the
-    calibration mapping, with its labels only for a healer that is allowed to use them."""
+    calibration mapping, with its labels only for a healer that is allowed to use them.
+
+    Under ``--distributed`` a statistics pass gets this rank's disjoint slice (its sums are
+    all-reduced by the consumer); healing (``whole``) gets every sample and takes its share of
+    every global batch (``starfish.distributed``)."""
     if calibration is None:
         return None
-    if labels:
-        return calibration
-    return {k: v for k, v in calibration.items() if k != LABELS}
+    staged = calibration if labels else {k: v for k, v in calibration.items() if k != LABELS}
+    return staged if whole else statistics_share(staged)
 
 
 def evaluation(config: RunConfig, data: RunData, loaded: LoadedModel) -> Evaluation | None:
@@ -225,7 +230,8 @@ def heal_step(
     config.seed = seed
     uses_labels = config.healer in OBJECTIVES and OBJECTIVES[config.healer].uses_labels
     return heal(
-        dense, sparse, masks, stage_calibration(calibration, labels=uses_labels), config, block_pattern=block_pattern, checkpointer=checkpointer
+        dense, sparse, masks, stage_calibration(calibration, labels=uses_labels, whole=True), config,
+        block_pattern=block_pattern, checkpointer=checkpointer,
     )
 
 

@@ -22,6 +22,7 @@ from torch.profiler import record_function
 
 from starfish.batch import Batch, batch_len, calibration_set, call_model, position_weights, select, to_device
 from starfish.device import peak_memory_mb, reset_peak_memory, resolve_device
+from starfish.distributed.ddp import average_buffers
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
 from starfish.heal.blockwise import check_blockwise, heal_blockwise
@@ -208,6 +209,7 @@ def heal(
         raise
     finally:
         store.close()
+    average_buffers(sparse)  # --distributed: BatchNorm running statistics of every rank's batch shares
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from starfish.distributed.ddp import data_parallel_step
 from starfish.heal.config import HealConfig
 from starfish.masks import Masks
 
@@ -159,6 +160,7 @@ def train_steps(
         p.requires_grad_(name in masks)
     handles = masks.register_gradient_masks(module)
     optimizer = make_optimizer(trainable, config)
+    shared = data_parallel_step(loss_of, trainable)  # --distributed ddp: this rank's share, gradients summed
     total = total_steps(n, config)
     guard = DivergenceGuard(snapshot_tensors(module, masks), config, total, snapshot_device)
     generator = torch.Generator().manual_seed(seed)
@@ -177,7 +179,7 @@ def train_steps(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with record_function("starfish.heal.loss"):
-                    loss = loss_of(order[i : i + config.batch_size])
+                    loss = shared.loss(order[i : i + config.batch_size])
                     value = float(loss.detach())
                 outcome.stopped_reason = guard.observe(outcome.steps, value)
                 if outcome.stopped_reason is not None:
@@ -185,6 +187,7 @@ def train_steps(
                 optimizer.zero_grad(set_to_none=True)
                 with record_function("starfish.heal.backward"):
                     loss.backward()
+                    shared.reduce_gradients()
                 with record_function("starfish.heal.optimizer"):
                     optimizer.step()
                 with record_function("starfish.heal.remask"):

@@ -63,6 +63,7 @@ class _Compressor:
 
     @torch.no_grad()
     def __call__(self, targets: list[Target]) -> None:
+        self.pruner.gather_statistics([t.name for t in targets])  # each rank saw its share of the data
         for t in targets:
             weight = self.params[t.name]
             new, keep = self.pruner.compress(t, weight.detach(), self.counts[t.name], self.pattern)

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from starfish.batch import batch_len, calibration_set, call_model, iter_batches, model_device, to_device
+from starfish.distributed.context import sum_floats
+from starfish.distributed.statistics import merge_batchnorm_statistics
 from starfish.layerops import no_fastpath
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -43,4 +45,5 @@ def recalibrate_batchnorm(model: nn.Module, calibration: object, batch_size: int
         for m, momentum in saved:
             m.momentum = momentum
         model.train(was_training)
-    return {"batchnorm_layers": len(bns), "samples": batch_len(data)}
+    merge_batchnorm_statistics(bns)  # each rank averaged over its share's batches
+    return {"batchnorm_layers": len(bns), "samples": int(sum_floats(batch_len(data))[0])}

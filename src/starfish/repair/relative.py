@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from starfish.distributed.statistics import sum_pair_moments
 from starfish.layerops import channel_axis, channels_last_2d, layer_output, real_rows
 from starfish.pruning.masking import lowest_k_mask
 from starfish.repair.moments import PairMoments, match_scale
@@ -54,6 +55,7 @@ def measure_rr(
     rows = []
     for t in targets:
         pm = pairs[t.name]
+        sum_pair_moments(pm)  # each rank measured its share of the calibration set
         energy = max(pm.energy(), 1e-300)
         raw = pm.raw_error() / energy
         residual = pm.corrected_error(match_scale(pm.d.std, pm.p.std, shrinkage)) / energy

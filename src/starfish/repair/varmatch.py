@@ -45,6 +45,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from starfish.batch import calibration_set, select
+from starfish.distributed.statistics import sum_moments
 from starfish.layerops import channel_axis, channels_last_2d, forward_order, layer_output, real_rows, watch
 from starfish.masks import Masks
 from starfish.repair.bn import BN_TYPES
@@ -183,6 +184,8 @@ class _Corrector:
         self.scales: list[float] = []
 
     def __call__(self, target: Target, dense: Moments, pruned: Moments, bn_name: str | None) -> None:
+        sum_moments(dense)  # each rank measured its share of the calibration set
+        sum_moments(pruned)
         scale = match_scale(dense.std, pruned.std, self.shrinkage)
         shift = dense.mean - scale * pruned.mean
         where = _fold(self.sparse, self.dense, target, bn_name, scale, shift, pruned)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from starfish.batch import LABELS, Batch, call_model, model_device, to_device
+from starfish.distributed.context import sum_floats
 from starfish.errors import StarfishError
 from starfish.evaluate import kl_rows, logits_of
 from starfish.tasks.base import TASKS, Task
@@ -36,6 +37,11 @@ class _Tally:
             self.compared = True
             self.agree += int((pred == reference.argmax(1)).sum())
             self.kl += float(kl_rows(reference, logits).sum())
+
+    def gather(self) -> None:
+        """Sum the tallies over ranks (each scored its share of the evaluation set; a no-op alone)."""
+        self.seen, self.known, self.correct, self.agree, self.kl = sum_floats(self.seen, self.known, self.correct, self.agree, self.kl)
+        self.seen, self.known, self.correct, self.agree = int(self.seen), int(self.known), int(self.correct), int(self.agree)
 
     def metrics(self, is_reference: bool) -> dict:
         out: dict = {"top1": self.correct / self.known if self.known else None, "samples": self.seen}
@@ -96,4 +102,6 @@ class Classification(Task):
             raise StarfishError(f"the evaluation set changed between passes ({stored.shape[0]} then {offset} samples).")
         if fresh and kept:
             self.reference_logits[reference] = torch.cat(kept)
+        for tally in tallies.values():
+            tally.gather()
         return {label: t.metrics(label == reference) for label, t in tallies.items()}

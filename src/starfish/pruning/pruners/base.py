@@ -37,6 +37,10 @@ class Pruner:
     def calibrate(self, target: Target, module: nn.Module, inputs: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """See one batch of the inputs of ``target`` (``weights``: the batch's position weights)."""
 
+    def gather_statistics(self, names: list[str]) -> None:
+        """Combine the statistics of ``names`` that each rank gathered on its share of the
+        calibration set (``starfish.distributed``); nothing to do for a pruner without statistics."""
+
     def scores(self, target: Target, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

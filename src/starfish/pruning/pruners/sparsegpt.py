@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from starfish.distributed.context import sum_, sum_floats
+from starfish.distributed.statistics import active as statistics_active
 from starfish.errors import StarfishError
 from starfish.layerops import input_matrix, real_rows
 from starfish.pruning.pruners.base import PRUNERS, Pruner
@@ -45,6 +47,16 @@ class SparseGPT(Pruner):
         old = self.grams.get(target.name)
         self.grams[target.name] = update if old is None else old * (n_old / n_new) + update
         self.samples[target.name] = n_new
+
+    def gather_statistics(self, names: list[str]) -> None:
+        """Mean Gram matrices of each rank's share -> the mean over every rank's samples."""
+        if not statistics_active():
+            return
+        counts = sum_floats(*(self.samples.get(name, 0) for name in names))
+        for name, total in zip(names, counts):
+            gram = self.grams[name].double() * self.samples.get(name, 0)
+            self.grams[name] = sum_(gram).div_(max(total, 1.0)).float()
+            self.samples[name] = int(total)
 
     def compress(self, target: Target, weight: torch.Tensor, budget: int, pattern: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         gram = self.grams.pop(target.name, None)  # freed as soon as the layer is done

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from starfish.distributed.statistics import sum_named
 from starfish.errors import StarfishError
 from starfish.layerops import input_matrix, real_rows
 from starfish.pruning.pruners.base import PRUNERS, Pruner
@@ -39,6 +40,9 @@ class Wanda(Pruner):
         cols = real_rows(input_matrix(module, inputs.detach()), inputs, weights).double()
         stat = (cols * cols).sum(0)
         self.norms[target.name] = self.norms[target.name] + stat if target.name in self.norms else stat
+
+    def gather_statistics(self, names: list[str]) -> None:
+        sum_named(self.norms, names)  # float64 sums: the same norms as one process
 
     def scores(self, target: Target, weight: torch.Tensor) -> torch.Tensor:
         return wanda_scores(weight.detach().cpu(), self.generator, self.norms.get(target.name)).cpu()

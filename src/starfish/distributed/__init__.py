@@ -1,0 +1,16 @@
+"""More than one process: ``torchrun --nproc-per-node N -m starfish run ... --distributed ddp``.
+
+* ``context``: the process group (rank, world size, backend, device) and the float64 all-reduce
+  helpers, all the identity in a one-process run;
+* ``shares``: which slice of the calibration set, of every healing batch and of the evaluation
+  set each rank works on;
+* ``statistics``: summing what pruners and repairs measured on each rank's slice;
+* ``ddp``: the data-parallel optimizer step (loss share, gradient all-reduce) and BatchNorm buffers;
+* ``launch``: validation before the group is joined, one-line failures;
+* ``fsdp``: fully sharded parameters (FSDP2), plugged into the same context.
+"""
+
+from starfish.distributed.context import DistributedContext, current, is_writer
+from starfish.distributed.launch import RankFailure, launched
+
+__all__ = ["DistributedContext", "RankFailure", "current", "is_writer", "launched"]

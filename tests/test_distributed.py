@@ -1,0 +1,211 @@
+"""``--distributed ddp`` on CPU with the gloo backend (the same code runs with NCCL on GPUs).
+
+Two processes under torchrun must compute what one process computes: the same masks (calibration
+statistics are all-reduced sums over disjoint slices), the same healed weights within floating-point
+tolerance (every global batch is split across ranks and the gradients summed), the same accuracy
+(each rank scores every other image and the tallies are summed); rank 0 alone writes. An error
+on one rank ends both processes with a non-zero exit instead of a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch import nn
+
+from conftest import CIFAR, REPO, WEIGHTS
+from starfish.cli import main
+
+TESTS = Path(__file__).resolve().parent
+HANG_GUARD_S = 300  # a run that has not ended by then has hung: the failure this file guards against
+RUN = [
+    "--device", "cpu", "--model", "cifar10-resnet20", "--weights", str(WEIGHTS["cifar10-resnet20"]),
+    "--sparsity", "0.75", "--pruner", "wanda", "--repair", "varmatch", "--bn-mode", "frozen",
+    "--calib", str(CIFAR / "train"), "--calib-size", "32", "--eval", str(CIFAR / "test"), "--eval-size", "60",
+    "--seed", "0", "--epochs", "1", "--batch-size", "8", "--no-progress",
+]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(TESTS)])}
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "starfish", *args]
+    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory, shared) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("ddp")
+    assert main(["run", *RUN, "--out", str(root / "one")]) == 0
+    two = torchrun("run", "--distributed", "ddp", *RUN, "--out", str(root / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    return root / "one", root / "two", two
+
+
+def test_two_processes_prune_heal_and_score_like_one(one_and_two) -> None:
+    one, two, _ = one_and_two
+    masks_one, masks_two = load_file(str(one / "masks.safetensors")), load_file(str(two / "masks.safetensors"))
+    assert masks_one.keys() == masks_two.keys()
+    for name in masks_one:  # Wanda's input norms were summed over the two slices: the very same masks
+        assert torch.equal(masks_one[name], masks_two[name]), name
+    weights_one, weights_two = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    for name, value in weights_one.items():
+        torch.testing.assert_close(weights_two[name], value, rtol=1e-4, atol=1e-4, msg=name)
+    for name, keep in masks_two.items():  # the sparsity contract holds in what rank 0 wrote
+        assert not bool(weights_two[name][~keep.bool()].any()), name
+    report_one, report_two = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    assert report_two["distributed"] == {"mode": "ddp", "world_size": 2, "backend": "gloo"}
+    assert "distributed" not in report_one
+    assert report_two["metrics"]["dense"]["samples"] == 60  # every image scored once, over both ranks
+    for label in ("dense", "pruned", "repaired", "healed"):
+        assert report_two["top1"][label] == pytest.approx(report_one["top1"][label], abs=0.011), label
+    assert report_two["heal"]["steps"] == report_one["heal"]["steps"] == 4  # 32 images in global batches of 8
+    assert report_two["heal"]["loss_first"] == pytest.approx(report_one["heal"]["loss_first"], rel=1e-4)
+    assert report_two["sparsity"] == pytest.approx(0.75, abs=1e-3)
+
+
+def test_only_rank_zero_writes(one_and_two) -> None:
+    one, two, result = one_and_two
+    assert result.stdout.count("wrote ") == 1
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert not [p for p in two.parent.iterdir() if p.name.startswith(".")]  # no scratch or lock left behind
+    config_one, config_two = (json.loads((d / "config.json").read_text()) for d in (one, two))
+    assert config_one == config_two  # --distributed is a property of the launch, not of the job
+
+
+def test_an_error_on_rank_one_ends_both_processes(tmp_path, shared) -> None:
+    args = [a for a in RUN]
+    args[args.index("--model") + 1] = "distributed_models:resnet20_failing_on_rank_one"
+    del args[args.index("--weights") : args.index("--weights") + 2]
+    result = torchrun("run", "--distributed", "ddp", *args, "--out", str(tmp_path / "out"))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("starfish: error: rank 1")]
+    assert lines and "injected failure" in lines[0], result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_user_errors_come_before_the_process_group(tmp_path, capsys, monkeypatch) -> None:
+    """Rank 0 of two, with no rendezvous address set: joining the group would fail, so an existing
+    --out being refused with its one-line message proves validation runs first."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("earlier results")
+    assert main(["run", "--distributed", "ddp", *RUN, "--out", str(tmp_path / "out")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "earlier results"
+    assert not dist.is_initialized()
+
+
+def test_distributed_needs_torchrun(tmp_path, capsys, monkeypatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["run", "--distributed", "ddp", "--device", "cpu", "--healer", "none", "--out", str(tmp_path / "o")]) == 2
+    assert "torchrun" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ the helpers, in a 2-process gloo group
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _helpers_on_rank(rank: int, world: int, port: int, results: dict) -> None:
+    from starfish.distributed.context import DistributedContext, activate, sum_floats, sum_tensors
+    from starfish.distributed.ddp import average_buffers, data_parallel_step
+    from starfish.distributed.statistics import merge_batchnorm_statistics
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    activate(DistributedContext("ddp", rank, world, rank, "gloo", torch.device("cpu")))
+    try:
+        out: dict = {"floats": sum_floats(rank + 0.5, 1)}
+        tensors = [torch.full((3,), float(rank + 1)), torch.full((2, 2), 10.0 * (rank + 1), dtype=torch.float64)]
+        sum_tensors(tensors, bucket_bytes=8)  # smaller than one tensor: one bucket each
+        out["tensors"] = [t.tolist() for t in tensors]
+
+        torch.manual_seed(0)  # the same model and data on every rank, as after the same seeded load
+        model, x = nn.Linear(4, 2), torch.randn(10, 4)
+        loss_of = lambda index: model(x[index]).pow(2).mean()  # noqa: E731
+        step = data_parallel_step(loss_of, list(model.parameters()))
+        index = torch.tensor([9, 3, 0, 7, 5])  # 5 samples: ranks take 3 and 2
+        loss = step.loss(index)
+        loss.backward()
+        step.reduce_gradients()
+        out["loss"] = float(loss.detach())
+        out["grads"] = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        empty = step.loss(torch.tensor([4]))  # one sample: rank 1 has nothing to add
+        empty.backward()
+        step.reduce_gradients()
+        out["small_grads"] = [p.grad.clone() for p in model.parameters()]
+
+        bn = nn.BatchNorm1d(2)
+        bn.running_mean.fill_(float(rank))
+        bn.num_batches_tracked.fill_(1 + rank)  # rank 0 averaged one batch, rank 1 two
+        merge_batchnorm_statistics([bn])
+        out["bn_mean"], out["bn_batches"] = bn.running_mean.tolist(), int(bn.num_batches_tracked)
+        buffers = nn.BatchNorm1d(2)
+        buffers.running_var.fill_(float(2 * rank))
+        average_buffers(buffers)
+        out["averaged_var"] = buffers.running_var.tolist()
+        results[rank] = out
+    finally:
+        activate(None)
+        dist.destroy_process_group()
+
+
+def test_helpers_in_a_two_process_gloo_group() -> None:
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_helpers_on_rank, args=(2, _free_port(), results), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model, x = nn.Linear(4, 2), torch.randn(10, 4)
+    index = torch.tensor([9, 3, 0, 7, 5])
+    loss = model(x[index]).pow(2).mean()
+    loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x[torch.tensor([4])]).pow(2).mean().backward()
+    expected_small = [p.grad.clone() for p in model.parameters()]
+    for rank in (0, 1):
+        out = results[rank]
+        assert out["floats"] == [2.0, 2.0]
+        assert out["tensors"] == [[3.0] * 3, [[30.0, 30.0], [30.0, 30.0]]]
+        assert out["loss"] == pytest.approx(float(loss), rel=1e-6)  # the global batch loss on every rank
+        for got, want in zip(out["grads"], expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for got, want in zip(out["small_grads"], expected_small):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert out["bn_mean"] == pytest.approx([2 / 3, 2 / 3])  # (0 x 1 + 1 x 2) / 3 batches
+        assert out["bn_batches"] == 3
+        assert out["averaged_var"] == [1.0, 1.0]
+
+
+def test_shares_are_disjoint_and_cover_everything() -> None:
+    from starfish.distributed.shares import share_bounds
+
+    for n in (1, 5, 32, 33):
+        for world in (1, 2, 3):
+            bounds = [share_bounds(n, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [e - s for s, e in bounds]
+            assert max(sizes) - min(sizes) <= 1

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import nn
 
+from starfish.distributed.context import is_writer
 from starfish.errors import StarfishError
 from starfish.masks import Masks
 from starfish.outputs import RESUME_MARKER, discard_resume, resume_dir
@@ -173,7 +174,8 @@ class Checkpointer:
                 "restore them, or drop --resume and pass --force to start over."
             )
         if saved is None:  # a fresh start: nothing of an earlier run may be mixed in
-            discard_resume(config.out)
+            if is_writer():  # under torchrun only rank 0 touches the folder
+                discard_resume(config.out)
             if config.resume:
                 sys.stderr.write(f"starfish: note: no checkpoint in {folder}; --resume starts from the beginning.\n")
             elif found is not None:
@@ -202,7 +204,10 @@ class Checkpointer:
         return self.every != 0 and step % self.every == 0
 
     def write(self, key: str, state: dict, step: int, total: int) -> None:
-        """Atomically: a kill mid-write leaves the previous checkpoint valid."""
+        """Atomically: a kill mid-write leaves the previous checkpoint valid. Under torchrun rank 0
+        writes (data-parallel ranks hold the same state); every rank reads it back on --resume."""
+        if not is_writer():
+            return
         started = time.monotonic()
         if not (self.folder / "run.json").is_file():
             self.folder.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     worst = max(r["peak_rss_mib"] for r in rows) / base - 1
     lines += [
         "",
-        f"Target: the largest case within 15% of the first. Measured: {100 * worst:+.1f}% "
+        f"Target: the largest case within 15% of the first. Measured: largest growth over the first row {100 * worst:+.1f}% "
         f"({'met' if worst <= 0.15 else 'NOT met'}). Holding the 10,000 evaluation images decoded at 224 px would "
         "take 10,000 x 3 x 224 x 224 x 4 bytes = 5.6 GiB on its own.",
         "",

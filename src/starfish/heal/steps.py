@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from starfish.heal.config import HealConfig
+from starfish.heal.precision import LossScaler
 from starfish.masks import Masks
 
 SMOOTHING = 0.1  # weight of the newest loss in the exponential moving average
@@ -147,6 +148,7 @@ def train_steps(
         p.requires_grad_(name in masks)
     handles = masks.register_gradient_masks(module)
     optimizer = make_optimizer(trainable, config)
+    scaler = LossScaler.for_module(config, module)  # a GradScaler for --precision fp16, else plain backward/step
     total = total_steps(n, config)
     guard = DivergenceGuard(snapshot_tensors(module, masks), config, total, snapshot_device)
     generator = torch.Generator().manual_seed(seed)
@@ -167,8 +169,8 @@ def train_steps(
                 if outcome.stopped_reason is not None:
                     break
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.backward(loss)
+                scaler.step(optimizer)
                 masks.apply_(module)
                 outcome.losses.append(value)
                 outcome.lrs.append(lr)

@@ -3,10 +3,15 @@
 The estimate adds up, per place (the compute device, host memory), the weights that sit there,
 the gradients and optimizer state of the trainable weights, the cached dense targets, the
 divergence guard's copy of the best weights, and the activations autograd keeps for one
-backward pass. Activations are *measured*, not guessed: one sample goes through the sparse model
-with ``saved_tensors_hooks`` counting every tensor saved for backward (parameters excluded), per
-block and in total, and that is scaled by the batch size. Block outputs' shapes come from the same
-pass and size the target cache.
+backward pass. Activations are *measured*, not guessed: one and then two samples go through the
+sparse model with ``saved_tensors_hooks`` counting every tensor saved for backward (parameters
+excluded), per block and in total; the difference is the per-sample part, scaled by the batch
+size, and the rest is paid once per forward (autocast's low-precision weight copies). The pass runs
+under the run's autocast (``--precision``) and, when the objective reads no logits, stops where
+healing stops (the head is skipped, its output not counted). With per-block gradient
+checkpointing the plan keeps what is saved outside the blocks, every block's input and one block's
+internals (``ActivationProbe.activations``). Block outputs' shapes come from the same pass and size
+the target cache.
 """
 
 from __future__ import annotations
@@ -94,14 +99,16 @@ def _count_saved(model: nn.Module, blocks: list[nn.Module], sample: Mapping[str,
     current: list[int | None] = [None]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        # kept detached: a saved *output* returned as itself would reference its own grad_fn, a cycle
+        # through autograd that the garbage collector cannot see (every probe leaked its activations)
         storage = _storage(t)
         if storage is None or storage[0] in param_storages or storage[0] in seen:
-            return t
+            return t.detach()
         seen.add(storage[0])
         out.total += storage[1]
         if current[0] is not None:
             out.per_block[current[0]] += storage[1]
-        return t
+        return t.detach()
 
     handles = []
     for i, block in enumerate(blocks):

@@ -151,6 +151,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
     window = TrainingWindow()
     loop.train_steps = window.wrap(loop.train_steps)
     sparse.get_submodule("model.embed_tokens").register_forward_pre_hook(window.on_forward)
+    at_start = TrainingWindow.rss()  # the process with both models loaded, before healing starts
     result = heal(dense, sparse, masks, calib, config, block_pattern=pattern)
     print(json.dumps({
         "code": "this change" if new_code else "before",
@@ -162,6 +163,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
         "seconds_per_step": window.step_seconds(),
         "training_peak_rss_gb": round(window.peak / 2**30, 2),
         "process_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "rss_at_heal_start_gb": round(at_start / 2**30, 2),
         "plan_need_gb": round(sum(v["mb"] for v in result.memory_estimate["parts_mb"].values() if v["place"] == "cpu") / 1024, 2),
         "loss": result.loss_history,
         "masks_hold": not masks.violations(sparse),

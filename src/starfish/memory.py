@@ -3,10 +3,15 @@
 The estimate adds up, per place (the compute device, host memory), the weights that sit there,
 the gradients and optimizer state of the trainable weights, the cached dense targets, the
 divergence guard's copy of the best weights, and the activations autograd keeps for one
-backward pass. Activations are *measured*, not guessed: one sample goes through the sparse model
-with ``saved_tensors_hooks`` counting every tensor saved for backward (parameters excluded), per
-block and in total, and that is scaled by the batch size. Block outputs' shapes come from the same
-pass and size the target cache.
+backward pass. Activations are *measured*, not guessed: one and then two samples go through the
+sparse model with ``saved_tensors_hooks`` counting every tensor saved for backward (parameters
+excluded), per block and in total; the difference is the per-sample part, scaled by the batch
+size, and the rest is paid once per forward (autocast's low-precision weight copies). The pass runs
+under the run's autocast (``--precision``) and, when the objective reads no logits, stops where
+healing stops (the head is skipped, its output not counted). With per-block gradient
+checkpointing the plan keeps what is saved outside the blocks, every block's input and one block's
+internals (``ActivationProbe.activations``). Block outputs' shapes come from the same pass and size
+the target cache.
 """
 
 from __future__ import annotations
@@ -23,84 +28,169 @@ from starfish.errors import StarfishError
 
 GB = 1024**3
 FIX_FLAGS = "--cache-dtype float16, --cache-device disk, --recompute-targets, --heal-scope blockwise or a smaller --batch-size"
+CHECKPOINT_FLAG = "--grad-checkpoint on"
+PRECISION_FLAG = "--precision bf16"
 
 
 @dataclass
 class ActivationProbe:
-    """What one sample costs: bytes saved for backward (total and per block) and output sizes."""
+    """What the forward pass of healing keeps for backward, measured on the sparse model.
 
-    saved_total: int
-    saved_per_block: list[int]
+    Bytes are split into a per-sample part (times the batch size) and a fixed part paid once per
+    forward whatever the batch (autocast's low-precision copies of the weights, rotary tables), by
+    measuring one and two samples. Per block: what is saved inside it, and its input stream (what a
+    checkpointed block keeps instead).
+    """
+
+    saved_total: int  # per sample
+    saved_per_block: list[int]  # per sample
     block_output_numel: list[int]  # per sample
-    logits_numel: int  # per sample
+    logits_numel: int  # per sample (0 when the head is skipped)
+    fixed_total: int = 0  # per forward
+    fixed_per_block: list[int] = field(default_factory=list)
+    block_input_bytes: list[int] = field(default_factory=list)  # per sample
+    logits_bytes: int = 0  # per sample, in the dtype the head produced
+
+    def activations(self, batch: int, checkpoint: bool) -> int:
+        """Bytes autograd holds at the peak of one step of ``batch`` samples.
+
+        Without checkpointing: everything saved by the forward pass. With per-block checkpointing:
+        what is saved outside the blocks, every block's input (kept for its recompute), and the
+        internals of one block at a time (the largest), recomputed during backward.
+        """
+        if not checkpoint:
+            return self.fixed_total + self.saved_total * batch
+        fixed_blocks, per_blocks = sum(self.fixed_per_block), sum(self.saved_per_block)
+        outside = (self.fixed_total - fixed_blocks) + (self.saved_total - per_blocks) * batch
+        one_block = max((f + b * batch for f, b in zip(self.fixed_per_block, self.saved_per_block)), default=0)
+        return outside + one_block + sum(self.block_input_bytes) * batch
 
 
-def probe_activations(model: nn.Module, blocks: list[nn.Module], sample: Mapping[str, torch.Tensor], trainable: set[str]) -> ActivationProbe:
-    """Run ``model`` on one sample with gradients on (only ``trainable`` parameters requiring them,
-    as in healing) and count what autograd stores; the model's state and modes are left unchanged."""
+@dataclass
+class _Saved:
+    total: int
+    per_block: list[int]
+    outputs: list[int]
+    inputs: list[int]
+    logits_numel: int
+    logits_bytes: int
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int] | None:
+    try:
+        return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _count_saved(model: nn.Module, blocks: list[nn.Module], sample: Mapping[str, torch.Tensor], precision: str, points: list | None) -> _Saved:
+    """One forward pass with gradients on, counting every distinct storage saved for backward
+    (parameters excluded), in total and per block, plus each block's input and output sizes."""
+    from starfish.blockio import StopForward, first_tensor
     from starfish.evaluate import logits_of
-    from starfish.blockio import first_tensor
+    from starfish.heal.capture import record_stream
+    from starfish.heal.precision import autocast
+    from starfish.batch import model_device
+    from starfish.structure import input_tensor
 
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
-    per_block = [0] * len(blocks)
-    outputs = [0] * len(blocks)
+    out = _Saved(0, [0] * len(blocks), [0] * len(blocks), [0] * len(blocks), 0, 0)
     current: list[int | None] = [None]
-    total = [0]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            ptr = t.untyped_storage().data_ptr()
-            size = t.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):
-            return t
-        if ptr in param_storages or ptr in seen:
-            return t
-        seen.add(ptr)
-        total[0] += size
+        # kept detached: a saved *output* returned as itself would reference its own grad_fn, a cycle
+        # through autograd that the garbage collector cannot see (every probe leaked its activations)
+        storage = _storage(t)
+        if storage is None or storage[0] in param_storages or storage[0] in seen:
+            return t.detach()
+        seen.add(storage[0])
+        out.total += storage[1]
         if current[0] is not None:
-            per_block[current[0]] += size
-        return t
+            out.per_block[current[0]] += storage[1]
+        return t.detach()
 
     handles = []
     for i, block in enumerate(blocks):
 
-        def pre(_m, _args, i=i):
+        def pre(_m, args, kwargs, i=i):
             current[0] = i
+            stream = input_tensor(args, kwargs)
+            out.inputs[i] = stream.numel() * stream.element_size() if stream is not None else 0
 
-        def post(_m, _args, out, i=i):
+        def post(_m, _args, output, i=i):
             current[0] = None
             try:
-                outputs[i] = first_tensor(out).numel()
+                out.outputs[i] = first_tensor(output).numel()
             except TypeError:
                 pass
 
-        handles.append(block.register_forward_pre_hook(pre))
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block.register_forward_hook(post))
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with autocast(precision, model_device(model)), record_stream(model, points or [], stop=points is not None):
+                try:
+                    logits = logits_of(call_model(model, sample))
+                    out.logits_numel, out.logits_bytes = logits.numel(), logits.numel() * logits.element_size()
+                    del logits
+                except StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def probe_activations(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    sample: Mapping[str, torch.Tensor],
+    trainable: set[str],
+    precision: str = "fp32",
+    stop_points: list | None = None,
+) -> ActivationProbe:
+    """Run ``model`` with gradients on (only ``trainable`` parameters requiring them, as in healing),
+    under the run's autocast, and count what autograd stores; the model's state and modes are left
+    unchanged. ``sample`` holds one or two samples: with two, the per-sample and the fixed part are
+    told apart from the difference of a one- and a two-sample pass. ``stop_points``: end the pass
+    once those stream points are read (the head is skipped in healing), so the head is not counted.
+    """
+    from starfish.batch import batch_len
+
     modes = {m: m.training for m in model.modules()}
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     model.eval()
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits = logits_of(call_model(model, sample))
-        logits_numel = logits.numel()
-        del logits
+        one = _count_saved(model, blocks, select(sample, slice(0, 1)), precision, stop_points)
+        two = _count_saved(model, blocks, sample, precision, stop_points) if batch_len(sample) > 1 else None
     finally:
-        for h in handles:
-            h.remove()
         for m, mode in modes.items():
             m.training = mode
         for n, p in model.named_parameters():
             p.requires_grad_(grads[n])
-    return ActivationProbe(total[0], per_block, outputs, logits_numel)
+    if two is None:  # one sample: everything counts as per sample (an over-estimate of the fixed part)
+        return ActivationProbe(one.total, one.per_block, one.outputs, one.logits_numel, 0, [0] * len(blocks), one.inputs, one.logits_bytes)
+    per_sample = max(two.total - one.total, 0)
+    per_block = [max(b2 - b1, 0) for b1, b2 in zip(one.per_block, two.per_block)]
+    return ActivationProbe(
+        per_sample,
+        per_block,
+        one.outputs,
+        one.logits_numel,
+        max(one.total - per_sample, 0),
+        [max(b1 - b, 0) for b1, b in zip(one.per_block, per_block)],
+        one.inputs,
+        one.logits_bytes,
+    )
 
 
-def sample_of(calibration: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def sample_of(calibration: Mapping[str, torch.Tensor], model: nn.Module, count: int = 1) -> dict[str, torch.Tensor]:
     from starfish.batch import model_device
 
-    return to_device(select(calibration, slice(0, 1)), model_device(model))
+    return to_device(select(calibration, slice(0, count)), model_device(model))
 
 
 def tensor_bytes(module: nn.Module, where: torch.device | None = None) -> int:
@@ -140,6 +230,10 @@ class MemoryEstimate:
     parts: dict[str, tuple[str, int]] = field(default_factory=dict)  # part -> (place, bytes)
     available: dict[str, int] = field(default_factory=dict)  # place -> bytes it may use
     limit_gb: float | None = None
+    precision: str = "fp32"  # the autocast the activations were measured under
+    checkpoint: bool = False  # per-block gradient checkpointing planned (joint scope)
+    head_skipped: bool = False  # the forward stops after the last stream point (no logits)
+    probe: ActivationProbe | None = field(default=None, repr=False)  # reused to re-plan without re-measuring
 
     def add(self, part: str, place: str, nbytes: int) -> None:
         self.parts[part] = (place, int(nbytes))
@@ -171,8 +265,18 @@ class MemoryEstimate:
             "need_mb": {p: self.need(p) / 2**20 for p in [*self.places(), *(["disk"] if self.need("disk") else [])]},
             "available_mb": {k: v / 2**20 for k, v in self.available.items()},
             "limit_gb": self.limit_gb,
-            "activations": "measured: tensors saved for backward on one sample, times the batch size",
+            "precision": self.precision,
+            "grad_checkpoint": self.checkpoint,
+            "head_skipped": self.head_skipped,
+            "activations": "measured: tensors saved for backward on one and two samples (per-sample part times "
+            "the batch size, plus the fixed part); with checkpointing, the block inputs plus one block's internals",
         }
+
+    def fixes(self) -> str:
+        """The flags that shrink this plan, the cheapest first."""
+        extra = [CHECKPOINT_FLAG] if self.scope == "joint" and not self.checkpoint else []
+        extra += [PRECISION_FLAG] if self.precision == "fp32" else []
+        return ", ".join([*extra, FIX_FLAGS])
 
     def check(self) -> None:
         """Refuse, in one line naming the fixes, a run that would run out of memory halfway."""
@@ -184,7 +288,7 @@ class MemoryEstimate:
         biggest = max(((k, b) for k, (p, b) in self.parts.items() if p == place), key=lambda kv: kv[1])
         raise StarfishError(
             f"healing needs about {need / GB:.2f} GB on {place} but {have / GB:.2f} GB is available{cap} "
-            f"(largest part: {biggest[0]} {biggest[1] / GB:.2f} GB); reduce it with {FIX_FLAGS}."
+            f"(largest part: {biggest[0]} {biggest[1] / GB:.2f} GB); reduce it with {self.fixes()}."
         )
 
 
@@ -222,8 +326,19 @@ def estimate_heal_memory(
     block_names: list[str],
     device: torch.device,
     cache_place: str,
+    *,
+    precision: str = "fp32",
+    checkpoint: bool = False,
+    points: list | None = None,
+    probe: ActivationProbe | None = None,
 ) -> MemoryEstimate:
-    """The memory plan of ``heal`` for this config, before anything is moved or trained."""
+    """The memory plan of ``heal`` for this config, before anything is moved or trained.
+
+    ``precision``: the resolved autocast (activations are measured under it); ``checkpoint``: per-block
+    gradient checkpointing in joint scope; ``points``: the stream points, given when the objective
+    reads no logits so the head is skipped (and not counted); ``probe``: a measurement from an
+    earlier plan of the same run (``plan.probe``), to re-plan without running the model again.
+    """
     from starfish.batch import batch_len, model_device
     from starfish.heal.targets import CACHE_DTYPES
 
@@ -236,9 +351,14 @@ def estimate_heal_memory(
     cache_size = torch.tensor([], dtype=CACHE_DTYPES[config.cache_dtype]).element_size()
     optimizer_slots = 1 if config.optimizer == "sgd" else 2
     blocks = [sparse.get_submodule(b) for b in block_names]
-    probe = probe_activations(sparse, blocks, sample_of(calibration, sparse), set(mask_names))
+    skip_head = bool(points) and not objective.needs_logits
+    if probe is None:
+        sample = sample_of(calibration, sparse, count=2)
+        probe = probe_activations(sparse, blocks, sample, set(mask_names), precision, points if skip_head else None)
+    checkpoint = checkpoint and config.scope == "joint"
     models = [dense, sparse] if objective.needs_dense else [sparse]
-    plan = MemoryEstimate(config.scope, limit_gb=config.memory_limit_gb)
+    plan = MemoryEstimate(config.scope, limit_gb=config.memory_limit_gb, precision=precision, checkpoint=checkpoint,
+                          head_skipped=skip_head, probe=probe)
     float_size = 4
 
     if config.scope == "blockwise":
@@ -253,7 +373,8 @@ def estimate_heal_memory(
         plan.add("optimizer state", compute, optimizer_slots * train)
         plan.add("masks", compute, numel * 5)
         stream = max(probe.block_output_numel, default=0)
-        plan.add("activations", compute, max(probe.saved_per_block, default=0) * batch + 3 * stream * batch * float_size)
+        one_block = max((f + b * batch for f, b in zip(probe.fixed_per_block, probe.saved_per_block)), default=0)
+        plan.add("activations", compute, one_block + 3 * stream * batch * float_size)
         copies = 3 if config.blockwise_inputs == "sparse" else 2
         plan.add("block inputs and targets", cache, copies * n * stream * cache_size)
         plan.add("best-weights copy", host_copy, train)
@@ -267,7 +388,9 @@ def estimate_heal_memory(
         per_sample_targets = (sum(probe.block_output_numel) if objective.needs_blocks else 0) + (
             probe.logits_numel if objective.needs_logits else 0
         )
-        plan.add("activations", compute, probe.saved_total * batch + per_sample_targets * batch * float_size)
+        plan.add("activations", compute, probe.activations(batch, checkpoint) + per_sample_targets * batch * float_size)
+        if probe.logits_bytes:  # the head's output, held until the loss is computed
+            plan.add("logits", compute, probe.logits_bytes * batch)
         if objective.needs_dense and not config.recompute_targets:
             plan.add("dense targets", cache, n * per_sample_targets * cache_size)
         plan.add("best-weights copy", host_copy, train)

@@ -9,7 +9,9 @@ the dense model's own stream ("dense", every block independent of the others).
 
 This needs a chain of blocks (each block's input is exactly the previous block's output), which is
 checked on one real batch with ``blockio.is_chain``. The per-step recipe is the joint one
-(``heal.steps.train_steps``) with its budget applied to every block.
+(``heal.steps.train_steps``) with its budget applied to every block. Block forwards (the dense
+targets and the training passes) run under the run's autocast (``heal.precision``) and the loss is
+computed in float32. Gradient checkpointing does not apply: only one block is trained at a time.
 
 Resume (``heal.checkpoint``): every block has its own checkpoint (``block-NNN``), written after its
 last step too, so a resumed run restores the finished blocks without training them again and
@@ -31,6 +33,7 @@ from starfish.blockio import BlockCall, capture_block_calls, is_chain
 from starfish.errors import StarfishError
 from starfish.heal.job import HealJob
 from starfish.heal.objectives import Objective, Signals
+from starfish.heal.precision import as_float, autocast
 from starfish.heal.steps import StepsOutcome, set_heal_mode, train_steps
 from starfish.heal.targets import TensorStore
 from starfish.masks import Masks
@@ -85,7 +88,13 @@ def _block_dtype(block: nn.Module) -> torch.dtype:
 
 @torch.no_grad()
 def _run_block(
-    block: nn.Module, stream: torch.Tensor, arguments: BlockArguments, device: torch.device, store: TensorStore, batch_size: int
+    block: nn.Module,
+    stream: torch.Tensor,
+    arguments: BlockArguments,
+    device: torch.device,
+    store: TensorStore,
+    batch_size: int,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """The block's output for every stored input, written to ``store`` (the block is in eval mode)."""
     n = stream.shape[0]
@@ -93,7 +102,8 @@ def _run_block(
     out: torch.Tensor | None = None
     for start in range(0, n, batch_size):
         index = slice(start, start + batch_size)
-        y = arguments.call(stream[index].to(device, dtype), index, device).run(block)
+        with autocast(precision, device):
+            y = arguments.call(stream[index].to(device, dtype), index, device).run(block)
         if out is None:
             out = store.empty((n, *y.shape[1:]))
         store.write(out, start, y)
@@ -147,7 +157,7 @@ def heal_blockwise(job: HealJob) -> list[tuple[str, StepsOutcome]]:
     for k, name in enumerate(tqdm(block_names, desc="healing block by block", disable=not config.progress, leave=False)):
         dense_block, sparse_block = dense_blocks[k], sparse_blocks[k]
         dense_block.to(device).eval()
-        targets = _run_block(dense_block, dense_stream, arguments, device, store, config.batch_size)
+        targets = _run_block(dense_block, dense_stream, arguments, device, store, config.batch_size, job.precision)
         dense_block.to(home)
         sparse_block.to(device)
         block_masks = _block_masks(masks, name + ".", device)
@@ -158,7 +168,9 @@ def heal_blockwise(job: HealJob) -> list[tuple[str, StepsOutcome]]:
         def loss_of(index: torch.Tensor, inputs=inputs, targets=targets, block=sparse_block) -> torch.Tensor:
             call = arguments.call(inputs[index].to(device, dtype), index, device)
             w = weights[index].to(device) if weights is not None else None
-            out = Signals([call.run(block)], None, w)
+            with autocast(job.precision, device):
+                y = call.run(block)
+            out = Signals([as_float(y)], None, w)
             return objective.loss(out, Signals([targets[index].to(device).float()]), None, config)
 
         set_heal_mode(sparse_block, config)
@@ -172,7 +184,7 @@ def heal_blockwise(job: HealJob) -> list[tuple[str, StepsOutcome]]:
         outcomes.append((name, outcome))
         if config.blockwise_inputs == "sparse" and k + 1 < len(block_names):
             del dense_stream
-            sparse_stream = _run_block(sparse_block, sparse_stream, arguments, device, store, config.batch_size)
+            sparse_stream = _run_block(sparse_block, sparse_stream, arguments, device, store, config.batch_size, job.precision)
         sparse_block.to(home)
         dense_stream = targets
     return outcomes

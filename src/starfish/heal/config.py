@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from starfish.errors import StarfishError
+from starfish.heal.checkpointing import GRAD_CHECKPOINT_MODES
+from starfish.heal.precision import PRECISIONS
 
 
 @dataclass
@@ -25,6 +27,10 @@ class HealConfig:
     # "blockwise": each block trained alone against the dense block's output (memory of one block)
     blockwise_inputs: str = "sparse"  # blockwise: a block sees the healed network's stream or the dense one
     memory_limit_gb: float | None = None  # cap on the memory healing may plan to use (None = what is free)
+    precision: str = "auto"  # autocast of the forward passes: fp32 | bf16 | fp16 | auto (bf16 on a bf16-capable
+    # CUDA device, fp32 elsewhere); weights, gradients, optimizer state and losses stay float32 (heal.precision)
+    grad_checkpoint: str = "auto"  # joint scope: per-block gradient checkpointing on | off | auto (on only when
+    # the memory plan says the run would not fit without it; heal.checkpointing)
     divergence_factor: float = 1.5  # stop when the smoothed loss rises above this many times the first loss
     keep_best: bool = True  # on divergence, restore the weights seen at the best smoothed loss
     train_mode: bool = False  # True turns dropout on during healing (off by default)
@@ -56,6 +62,10 @@ class HealConfig:
             raise StarfishError(f"--blockwise-inputs must be 'sparse' or 'dense'; got '{self.blockwise_inputs}'.")
         if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
             raise StarfishError(f"--memory-limit-gb must be > 0; got {self.memory_limit_gb}.")
+        if self.precision not in PRECISIONS:
+            raise StarfishError(f"--precision must be one of {', '.join(PRECISIONS)}; got '{self.precision}'.")
+        if self.grad_checkpoint not in GRAD_CHECKPOINT_MODES:
+            raise StarfishError(f"--grad-checkpoint must be one of {', '.join(GRAD_CHECKPOINT_MODES)}; got '{self.grad_checkpoint}'.")
         if self.divergence_factor <= 1:
             raise StarfishError(f"divergence factor must be > 1; got {self.divergence_factor}.")
         return self

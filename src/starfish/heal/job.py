@@ -31,6 +31,8 @@ class HealJob:
     store: TensorStore  # where cached targets / block inputs live
     snapshot_device: torch.device  # where the divergence guard keeps the best weights
     points: list = field(default_factory=list)  # StreamPoints: where each block's stream is read (joint scope)
+    precision: str = "fp32"  # resolved autocast of the forward passes (heal.precision)
+    checkpoint: bool = False  # joint scope: per-block gradient checkpointing of the sparse model
     checkpointer: Checkpointer | None = None  # saves / restores the healing state (--checkpoint-every, --resume)
 
     def resume_point(self, key: str) -> ResumePoint | None:

@@ -7,10 +7,17 @@ the run needs is estimated and a run that cannot fit is refused with the flags t
 
 Only the surviving entries of the prunable weights train. Gradients are multiplied by the mask and
 the mask is re-applied after every optimizer step, so pruned entries stay exactly zero.
+
+Memory and time: the forward passes run under the run's autocast (``--precision``, float32 master
+weights; ``heal.precision``); an objective that reads no logits stops each forward pass after the
+last stream point, so the head never runs (``record_stream(stop=True)``); and joint healing can
+checkpoint every block (``--grad-checkpoint``; ``heal.checkpointing``), which ``auto`` turns on only
+when the memory plan says the run would not fit otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,11 +33,14 @@ from starfish.distributed.ddp import average_buffers
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
 from starfish.heal.blockwise import check_blockwise, heal_blockwise
+from starfish.blockio import StopForward
 from starfish.heal.capture import record_stream
 from starfish.heal.checkpoint import Checkpointer
+from starfish.heal.checkpointing import checkpoint_blocks
 from starfish.heal.config import HealConfig
 from starfish.heal.job import HealJob
 from starfish.heal.objectives import Objective, Signals, get_objective
+from starfish.heal.precision import as_float, autocast, check_precision, resolve_precision
 from starfish.heal.steps import StepsOutcome, cosine_lr, set_heal_mode, train_steps, warn_divergence
 from starfish.heal.targets import CACHE_DTYPES, TargetCache, TensorStore, cache_location
 from starfish.masks import Masks
@@ -56,6 +66,8 @@ class HealResult:
     best_step: int | None = None  # the step whose weights were kept after a divergence
     memory_estimate: dict | None = None
     per_block: list[dict] = field(default_factory=list)  # blockwise: steps and first/last loss per block
+    precision: str = "fp32"  # the autocast the forward passes ran under
+    grad_checkpoint: bool = False  # whether the blocks were checkpointed (joint scope)
 
     @property
     def diverged(self) -> bool:
@@ -80,22 +92,34 @@ class HealResult:
             "best_step": self.best_step,
             "memory_estimate": self.memory_estimate,
             "per_block": self.per_block,
+            "precision": self.precision,
+            "grad_checkpoint": self.grad_checkpoint,
         }
 
 
 class _Runner:
-    """Runs a model on a batch and returns the Signals an objective needs."""
+    """Runs a model on a batch and returns the Signals an objective needs: under the run's autocast,
+    stopped after the last stream point when no logits are read (the head never runs), with every
+    signal cast back to float32 so the loss is computed in float32 outside the autocast region."""
 
-    def __init__(self, model: nn.Module, points: list[StreamPoint], device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, points: list[StreamPoint], device: torch.device, precision: str = "fp32", needs_logits: bool = True
+    ) -> None:
         self.model = model
         self.points = points
         self.device = device
+        self.precision = precision
+        self.skip_head = bool(points) and not needs_logits
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> Signals:
         batch = to_device(batch, self.device)
-        with record_stream(self.model, self.points) as slots:
-            logits = logits_of(call_model(self.model, batch))
-        return Signals([s for s in slots if s is not None], logits, position_weights(batch))
+        logits = None
+        with autocast(self.precision, self.device), record_stream(self.model, self.points, stop=self.skip_head) as slots:
+            try:
+                logits = logits_of(call_model(self.model, batch))
+            except StopForward:
+                pass
+        return Signals([as_float(s) for s in slots if s is not None], as_float(logits), position_weights(batch))
 
 
 def _check_inputs(objective: Objective, calib: Batch, config: HealConfig) -> None:
@@ -122,8 +146,8 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
     set_heal_mode(sparse, config)
     masks = job.masks.to(device)
     masks.apply_(sparse)
-    dense_run = _Runner(dense, job.points, device)
-    sparse_run = _Runner(sparse, job.points, device)
+    dense_run = _Runner(dense, job.points, device, job.precision, objective.needs_logits)
+    sparse_run = _Runner(sparse, job.points, device, job.precision, objective.needs_logits)
     cache: TargetCache | None = None
     if objective.needs_dense and not config.recompute_targets:
         cache = TargetCache.build(dense_run, calib, config.batch_size, job.store, objective.needs_logits, config.progress)
@@ -142,12 +166,40 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
         labels = labels_all[index].to(device) if labels_all is not None else None
         return objective.loss(sparse_run(batch), target, labels, config)
 
+    checkpointing = (
+        checkpoint_blocks(sparse, block_names, [p.module for p in job.points]) if job.checkpoint else contextlib.nullcontext()
+    )
     try:
-        return train_steps(
-            sparse, masks, loss_of, n, config, config.seed, f"healing ({objective.name})", job.snapshot_device, job.resume_point("joint")
-        )
+        with checkpointing:
+            return train_steps(
+                sparse, masks, loss_of, n, config, config.seed, f"healing ({objective.name})", job.snapshot_device,
+                job.resume_point("joint"),
+            )
     finally:
         sparse.eval()
+
+
+def _memory_plan(
+    dense: nn.Module,
+    sparse: nn.Module,
+    masks: Masks,
+    calib: Batch,
+    config: HealConfig,
+    objective: Objective,
+    points: list[StreamPoint],
+    device: torch.device,
+    location: str,
+    precision: str,
+) -> MemoryEstimate:
+    """The run's memory plan. ``--grad-checkpoint auto`` plans without checkpointing (it costs about
+    one extra forward pass per step) and re-plans with it, from the same measurement, only when the
+    plain plan does not fit; ``on`` plans with it. Block-wise scope never checkpoints."""
+    joint = config.scope == "joint"
+    args = (dense, sparse, masks.names(), calib, config, objective, [p.block for p in points], device, location)
+    plan = estimate_heal_memory(*args, precision=precision, checkpoint=joint and config.grad_checkpoint == "on", points=points)
+    if joint and config.grad_checkpoint == "auto" and plan.shortfall() is not None:
+        plan = estimate_heal_memory(*args, precision=precision, checkpoint=True, points=points, probe=plan.probe)
+    return plan
 
 
 def heal(
@@ -173,9 +225,9 @@ def heal(
         points = stream_points(dense, select(calib, slice(0, 2)), block_pattern)
     block_names = [p.block for p in points]
     location = cache_location(config.cache_device, device)
-    estimate: MemoryEstimate = estimate_heal_memory(
-        dense, sparse, masks.names(), calib, config, objective, block_names, device, location
-    )
+    precision = resolve_precision(config.precision, device)
+    check_precision(precision, sparse, masks.names())
+    estimate = _memory_plan(dense, sparse, masks, calib, config, objective, points, device, location, precision)
     estimate.check()
     if config.progress:
         sys.stderr.write(f"starfish: {estimate.summary()}\n")
@@ -186,7 +238,10 @@ def heal(
     reset_peak_memory(device)
     started = time.perf_counter()
     per_block: list[dict] = []
-    job = HealJob(dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device, points, checkpointer)
+    job = HealJob(
+        dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device, points,
+        precision, estimate.checkpoint, checkpointer,
+    )
     try:
         if config.scope == "blockwise":
             outcomes = heal_blockwise(job)
@@ -219,7 +274,7 @@ def heal(
     return HealResult(
         objective.name, outcome.steps, seconds, peak, measure, objective.uses_labels, outcome.losses, outcome.lrs,
         block_names, config.scope, outcome.stopped_reason, outcome.best_step, estimate.to_dict(), per_block,
-        [p.describe() for p in points],
+        points=[p.describe() for p in points], precision=precision, grad_checkpoint=job.checkpoint,
     )
 
 

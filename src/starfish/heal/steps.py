@@ -20,6 +20,7 @@ from torch.profiler import record_function
 
 from starfish.distributed.ddp import data_parallel_step
 from starfish.heal.config import HealConfig
+from starfish.heal.precision import LossScaler
 from starfish.masks import Masks
 
 if TYPE_CHECKING:
@@ -161,6 +162,7 @@ def train_steps(
     handles = masks.register_gradient_masks(module)
     optimizer = make_optimizer(trainable, config)
     shared = data_parallel_step(loss_of, trainable)  # --distributed ddp: this rank's share, gradients summed
+    scaler = LossScaler.for_module(config, module)  # a GradScaler for --precision fp16, else plain backward/step
     total = total_steps(n, config)
     guard = DivergenceGuard(snapshot_tensors(module, masks), config, total, snapshot_device)
     generator = torch.Generator().manual_seed(seed)
@@ -186,10 +188,10 @@ def train_steps(
                     break
                 optimizer.zero_grad(set_to_none=True)
                 with record_function("starfish.heal.backward"):
-                    loss.backward()
+                    scaler.backward(loss)
                     shared.reduce_gradients()
                 with record_function("starfish.heal.optimizer"):
-                    optimizer.step()
+                    scaler.step(optimizer)
                 with record_function("starfish.heal.remask"):
                     masks.apply_(module)
                 outcome.losses.append(value)

@@ -1,0 +1,90 @@
+"""Mixed precision for healing: autocast around the forward passes, float32 everywhere else.
+
+Only the forward passes of the models run in reduced precision (``torch.autocast``): matrix
+products and convolutions in bfloat16/float16, with the weights cast on the fly. The weights
+themselves, their gradients and the optimizer state stay in the dtype the model was loaded in
+(float32 by default: the "master weights"), and every loss is computed in float32 from signals
+cast back to float32 (``as_float``), outside the autocast region. Pruned entries are exact zeros
+in any dtype, so the mask contract does not depend on the precision.
+
+``auto`` (the default) is float32 on a CPU and bfloat16 on a CUDA device that supports it:
+
+* CPUs without AVX512-BF16/AMX gain nothing from bfloat16 (measured on the team's CPU: no faster),
+  and float32 keeps CPU runs reproducible against earlier results;
+* on GPUs bfloat16 halves activation memory and runs on tensor cores; it has float32's range, so
+  it needs no loss scaling. float16 is opt-in only: its narrow range needs a ``GradScaler``
+  (which ``LossScaler`` adds) and can still overflow in the forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+from starfish.errors import StarfishError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The precision a run uses: the request, or for ``auto`` bf16 on a bf16-capable CUDA device, else fp32."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> ContextManager:
+    """``torch.autocast`` for a reduced precision on ``device``; a no-op context for fp32."""
+    if precision not in AUTOCAST_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def as_float(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A forward output as float32 (differentiable), so losses never run in reduced precision."""
+    if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float32:
+        return tensor
+    return tensor.float()
+
+
+def check_precision(precision: str, model: nn.Module, trainable: list[str]) -> None:
+    """Refuse fp16 loss scaling on float16 weights (GradScaler cannot unscale float16 gradients)."""
+    if precision != "fp16":
+        return
+    params = dict(model.named_parameters())
+    if any(params[k].dtype == torch.float16 for k in trainable if k in params):
+        raise StarfishError(
+            "--precision fp16 keeps float32 master weights, but the model was loaded in float16; "
+            "load it in float32 (--dtype float32) or heal with --precision bf16."
+        )
+
+
+class LossScaler:
+    """Backward and optimizer step, with a ``GradScaler`` for fp16 (small gradients would flush to
+    zero in float16) and plain ``backward``/``step`` otherwise. A step whose scaled gradients
+    overflow is skipped by the scaler; the caller re-applies the masks either way."""
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    @classmethod
+    def for_module(cls, config: object, module: nn.Module) -> "LossScaler":
+        p = next(module.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+        return cls(resolve_precision(getattr(config, "precision", "fp32"), device), device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()

@@ -23,6 +23,7 @@ from starfish.device import resolve_device
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
 from starfish.heal import HealConfig, HealResult, heal
+from starfish.holdout import HeldOut, load_image_holdout, load_text_holdout
 from starfish.loading import decode_calibration, stream
 from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model
@@ -67,6 +68,7 @@ class RunData:
     eval_batch_size: int = 256
     workers: int = 0
     eval_classes: list[str] | None = None  # class folder names of the evaluation set, in label order
+    held: HeldOut | None = None  # unlabeled held-out samples (starfish.holdout): stopping and the alignment probe
 
     @property
     def calib_size(self) -> int:
@@ -118,15 +120,16 @@ def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, ev
     from starfish.models.causal_lm import tokenizer_of
     from starfish.text import calibration_text, evaluation_windows
 
-    calib, windows = None, None
+    calib, windows, held = None, None, None
     if calibration and config.calib is not None:
         size = int(config.calib_size) if config.calib_size is not None else TEXT_CALIB_DEFAULT
         calib = calibration_text(config.calib, tokenizer_of(loaded.extra), size, config.seq_len, config.seed)
+        held = load_text_holdout(config, tokenizer_of(loaded.extra))
     if evaluation and config.eval is not None:
         seq_len = config.eval_seq_len or int(loaded.extra["seq_len"])
         size = int(config.eval_size) if config.eval_size is not None else None
         windows = evaluation_windows(config.eval, tokenizer_of(loaded.extra), seq_len, size)
-    return RunData(calib, windows, 1, config.workers)
+    return RunData(calib, windows, 1, config.workers, held=held)
 
 
 def load_data(config: RunConfig, loaded: LoadedModel, calibration: bool = True, evaluation: bool = True) -> RunData:
@@ -134,15 +137,16 @@ def load_data(config: RunConfig, loaded: LoadedModel, calibration: bool = True, 
     if loaded.task == CAUSAL_LM:
         return load_text_data(config, loaded, calibration, evaluation)
     transform = loaded.preprocess.transform()
-    calib = None
-    if calibration and config.calib is not None:
-        files, _, _ = select_images(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False)
-        calib = decode_calibration(files, config.calib_max_gb, workers=config.workers, progress=config.heal.progress)
-    evalset, classes = None, None
-    if evaluation and config.eval is not None:
+    evalset, classes, eval_paths = None, None, set()
+    if evaluation and config.eval is not None:  # listed and chosen only: no evaluation file is opened here
         evalset, index, _ = select_images(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True)
-        classes = index.classes
-    return RunData(calib, evalset, config.eval_batch_size, config.workers, classes)
+        classes, eval_paths = index.classes, {p.resolve() for p in index.paths}
+    calib, held = None, None
+    if calibration and config.calib is not None:
+        files, calib_index, picks = select_images(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False)
+        calib = decode_calibration(files, config.calib_max_gb, workers=config.workers, progress=config.heal.progress)
+        held = load_image_holdout(config, transform, calib_index, picks, eval_paths)
+    return RunData(calib, evalset, config.eval_batch_size, config.workers, classes, held)
 
 
 def stage_calibration(calibration: Batch | None, labels: bool = False) -> Batch | None:
@@ -162,14 +166,16 @@ def evaluation(config: RunConfig, data: RunData, loaded: LoadedModel) -> Evaluat
         return None
     device = resolve_device(config.heal.device)
     if data.eval_classes:  # before any long pass: wrong class folders would mean wrong labels
-        check_class_count(output_width(dense, data.evaluation, device), data.eval_classes, config.eval)
+        check_class_count(output_width(dense, loaded.preprocess, device), data.eval_classes, config.eval)
     return Evaluation(get_task(task_name(config, loaded)), lambda: data.eval_batches(device), dense, device)
 
 
 @torch.no_grad()
-def output_width(model: nn.Module, dataset: Dataset, device: torch.device) -> int:
-    """The number of classes the model scores, from one forward pass on one evaluation sample."""
-    batch = to_device(as_image_batch(next(iter(stream(dataset, 1)))), device)
+def output_width(model: nn.Module, preprocess: Preprocess, device: torch.device) -> int:
+    """The number of classes the model scores, from one forward pass on a blank input of the model's
+    size (no evaluation sample is read before the final scoring)."""
+    size = preprocess.input_size
+    batch = {"pixel_values": torch.zeros(1, preprocess.channels, size, size, device=device)}
     was_training = model.training
     model.to(device).eval()
     try:
@@ -212,8 +218,10 @@ def heal_step(
     heal_config: HealConfig,
     block_pattern: str | None,
     seed: int,
+    held: HeldOut | None = None,
 ) -> HealResult:
-    """Heal ``sparse`` in place. Only a healer that uses labels is handed the labels."""
+    """Heal ``sparse`` in place. Only a healer that uses labels is handed the labels; the held-out
+    samples (budget auto) are inputs only."""
     from starfish.heal.objectives import OBJECTIVES
 
     if calibration is None:
@@ -221,7 +229,11 @@ def heal_step(
     config = copy.deepcopy(heal_config)
     config.seed = seed
     uses_labels = config.healer in OBJECTIVES and OBJECTIVES[config.healer].uses_labels
-    return heal(dense, sparse, masks, stage_calibration(calibration, labels=uses_labels), config, block_pattern=block_pattern)
+    holdout = (held.samples, held.source) if held is not None else (None, "held-out samples")
+    return heal(
+        dense, sparse, masks, stage_calibration(calibration, labels=uses_labels), config, block_pattern=block_pattern,
+        holdout=holdout[0], holdout_source=holdout[1],
+    )
 
 
 def check_masks(masks: Masks, model: nn.Module, where: str) -> None:

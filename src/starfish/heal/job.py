@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from starfish.heal.config import HealConfig
 from starfish.heal.objectives import Objective
 from starfish.heal.targets import TensorStore
 from starfish.masks import Masks
+
+if TYPE_CHECKING:
+    from starfish.heal.stopping import StoppingRecord
 
 
 @dataclass
@@ -27,3 +31,5 @@ class HealJob:
     store: TensorStore  # where cached targets / block inputs live
     snapshot_device: torch.device  # where the divergence guard keeps the best weights
     points: list = field(default_factory=list)  # StreamPoints: where each block's stream is read (joint scope)
+    holdout: Batch | None = None  # budget auto: unlabeled held-out samples the stopping rule watches
+    stopping: "StoppingRecord | None" = None  # budget auto: filled with the held-out curve and the stop reason

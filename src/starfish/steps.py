@@ -115,7 +115,7 @@ def task_name(config: RunConfig, loaded: LoadedModel) -> str:
     return "perplexity" if loaded.task == CAUSAL_LM else "classification"
 
 
-def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, evaluation: bool) -> RunData:
+def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, evaluation: bool, held_out: bool = True) -> RunData:
     """Calibration sequences (one mapping with padding masked) and the evaluation windows of a text."""
     from starfish.models.causal_lm import tokenizer_of
     from starfish.text import calibration_text, evaluation_windows
@@ -124,7 +124,7 @@ def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, ev
     if calibration and config.calib is not None:
         size = int(config.calib_size) if config.calib_size is not None else TEXT_CALIB_DEFAULT
         calib = calibration_text(config.calib, tokenizer_of(loaded.extra), size, config.seq_len, config.seed)
-        held = load_text_holdout(config, tokenizer_of(loaded.extra))
+        held = load_text_holdout(config, tokenizer_of(loaded.extra)) if held_out else None
     if evaluation and config.eval is not None:
         seq_len = config.eval_seq_len or int(loaded.extra["seq_len"])
         size = int(config.eval_size) if config.eval_size is not None else None
@@ -132,10 +132,13 @@ def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, ev
     return RunData(calib, windows, 1, config.workers, held=held)
 
 
-def load_data(config: RunConfig, loaded: LoadedModel, calibration: bool = True, evaluation: bool = True) -> RunData:
-    """Select the calibration and evaluation samples; decode calibration only (within its budget)."""
+def load_data(
+    config: RunConfig, loaded: LoadedModel, calibration: bool = True, evaluation: bool = True, held_out: bool = True
+) -> RunData:
+    """Select the calibration, held-out and evaluation samples; decode calibration and held-out only
+    (within the calibration budget). Evaluation files are listed here and read only when scored."""
     if loaded.task == CAUSAL_LM:
-        return load_text_data(config, loaded, calibration, evaluation)
+        return load_text_data(config, loaded, calibration, evaluation, held_out)
     transform = loaded.preprocess.transform()
     evalset, classes, eval_paths = None, None, set()
     if evaluation and config.eval is not None:  # listed and chosen only: no evaluation file is opened here
@@ -145,7 +148,7 @@ def load_data(config: RunConfig, loaded: LoadedModel, calibration: bool = True, 
     if calibration and config.calib is not None:
         files, calib_index, picks = select_images(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False)
         calib = decode_calibration(files, config.calib_max_gb, workers=config.workers, progress=config.heal.progress)
-        held = load_image_holdout(config, transform, calib_index, picks, eval_paths)
+        held = load_image_holdout(config, transform, calib_index, picks, eval_paths) if held_out else None
     return RunData(calib, evalset, config.eval_batch_size, config.workers, classes, held)
 
 

@@ -109,6 +109,7 @@ def test_budget_defaults_and_flags():
     assert RunConfig().heal.budget == "auto" and HealConfig().budget == "fixed"
     assert config_from_args(parse(["run"])).heal.budget == "auto"
     assert config_from_args(parse(["run", "--epochs", "3"])).heal.budget == "fixed"  # "--epochs N" means N epochs
+    assert config_from_args(parse(["run", "--max-steps", "3"])).heal.budget == "fixed"
     auto = config_from_args(parse(["run", "--budget", "auto", "--epochs", "3", "--max-epochs", "9", "--patience", "2"])).heal
     assert (auto.budget, auto.max_epochs, auto.patience) == ("auto", 9, 2)
     assert config_from_args(parse(["run", "--budget", "fixed"])).heal.epochs == 10  # the published recipe

@@ -190,7 +190,7 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--heal-from", "heal_from", dict(choices=["pruned", "dense-masked"], help="start healing from the pruner's weights (default) or dense x mask")),
     ("--healer", "heal.healer", dict(help="starfish (default), kd, nmse, finetune (uses labels) or none")),
     ("--budget", "heal.budget", dict(choices=["auto", "fixed"], help="auto (default): stop when the healing objective on held-out unlabeled images stops improving, keep the best weights; fixed: train --epochs (the published recipe: --budget fixed)")),
-    ("--epochs", "heal.epochs", dict(type=int, help="epochs of the fixed budget (default 10); given alone it implies --budget fixed")),
+    ("--epochs", "heal.epochs", dict(type=int, help="epochs of the fixed budget (default 10); without --budget it implies --budget fixed")),
     ("--max-epochs", "heal.max_epochs", dict(type=int, help="budget auto: the most epochs (the cosine schedule spans them; default 60)")),
     ("--patience", "heal.patience", dict(type=int, help="budget auto: held-out evaluations without improvement before stopping (default 4)")),
     ("--eval-every", "heal.eval_every", dict(type=int, help="budget auto: epochs between held-out evaluations (default 2)")),
@@ -201,7 +201,7 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--min-lr", "heal.min_lr", dict(type=float)),
     ("--optimizer", "heal.optimizer", dict(choices=["adam", "adamw", "sgd"])),
     ("--weight-decay", "heal.weight_decay", dict(type=float)),
-    ("--max-steps", "heal.max_steps", dict(type=int)),
+    ("--max-steps", "heal.max_steps", dict(type=int, help="cap on optimizer steps; without --budget it implies --budget fixed")),
     ("--cache-dtype", "heal.cache_dtype", dict(choices=["float32", "float16", "bfloat16"], help="storage of cached dense targets (default float16)")),
     ("--recompute-targets", "heal.recompute_targets", dict(action="store_true", help="run the dense model every step instead of caching its outputs")),
     ("--cache-device", "heal.cache_device", dict(help="where cached dense outputs live: auto (pinned CPU beside a GPU, default), cpu, cuda, or disk (memory-mapped temp files)")),
@@ -264,8 +264,8 @@ def config_from_args(args: argparse.Namespace):
         for key in INVOCATION_KEYS:  # older config.json files carried them; a rerun names its own
             base.pop(key, None)
     merged = RunConfig.from_dict(base).to_dict()
-    if "heal.epochs" in given and "heal.budget" not in given:  # "--epochs N" asks for N epochs
-        merged["heal"]["budget"] = "fixed"
+    if ("heal.epochs" in given or "heal.max_steps" in given) and "heal.budget" not in given:
+        merged["heal"]["budget"] = "fixed"  # "--epochs N" / "--max-steps N" ask for that much training
     for dest, value in given.items():
         if dest.startswith("_") or dest in ("command", "handler"):
             continue

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from starfish.batch import LABELS, Batch, batch_len, call_model, to_device
-from starfish.data import as_image_batch, select_images
+from starfish.data import select_images
 from starfish.device import resolve_device
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of

@@ -12,16 +12,13 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from starfish.heal.config import HealConfig
 from starfish.masks import Masks
-
-if TYPE_CHECKING:
-    from starfish.heal.stopping import HeldOutMonitor
 
 SMOOTHING = 0.1  # weight of the newest loss in the exponential moving average
 MIN_STEPS_BEFORE_STOP = 5  # a rise must last a few steps before it counts as divergence
@@ -143,6 +140,16 @@ def snapshot_tensors(module: nn.Module, masks: Masks) -> dict[str, torch.Tensor]
     return out
 
 
+class StepMonitor(Protocol):
+    """What ``train_steps`` asks of a held-out monitor (``heal.stopping.HeldOutMonitor``)."""
+
+    stopped: bool
+
+    def after_step(self, step: int) -> bool: ...
+
+    def finish(self, steps: int, total: int) -> bool: ...
+
+
 def train_steps(
     module: nn.Module,
     masks: Masks,
@@ -152,7 +159,7 @@ def train_steps(
     seed: int,
     desc: str,
     snapshot_device: torch.device,
-    monitor: "HeldOutMonitor | None" = None,
+    monitor: StepMonitor | None = None,
 ) -> StepsOutcome:
     """Train the masked weights of ``module`` (mask names relative to it) on ``loss_of(sample indices)``.
 

@@ -103,11 +103,11 @@ def probe_sample(data: Dataset | Mapping[str, torch.Tensor], seed: int, size: in
 
 
 class AlignmentProbe:
-    """A fixed, seeded set of images on which a run measures alignment before and after healing.
+    """A fixed, seeded set of samples on which a run measures alignment before and after healing.
 
-    Held-out evaluation images are preferred (alignment on the calibration images would flatter
-    the healer that trained on them); labels are never used. Only the probe's own samples are
-    decoded, so it costs the same whatever the size of the evaluation set.
+    Held-out samples are preferred (alignment on the calibration samples would flatter the healer
+    that trained on them); the evaluation set is never used, since it is read only for the final
+    scoring, and labels are never used. Only the probe's own samples are decoded.
     """
 
     def __init__(self, images: torch.Tensor | Batch, source: str) -> None:
@@ -115,8 +115,8 @@ class AlignmentProbe:
         self.source = source
 
     @classmethod
-    def choose(cls, evalset: Dataset | None, calibration: Dataset | Mapping[str, torch.Tensor] | None, seed: int, size: int = 256) -> "AlignmentProbe | None":
-        for data, source in ((evalset, "evaluation"), (calibration, "calibration")):
+    def choose(cls, held_out: Dataset | Mapping[str, torch.Tensor] | None, calibration: Dataset | Mapping[str, torch.Tensor] | None, seed: int, size: int = 256) -> "AlignmentProbe | None":
+        for data, source in ((held_out, "held-out"), (calibration, "calibration")):
             n = 0 if data is None else (batch_len(data) if isinstance(data, Mapping) else len(data))  # type: ignore[arg-type]
             if n > 0:
                 probe = probe_sample(data, seed, size)  # type: ignore[arg-type]
@@ -124,12 +124,13 @@ class AlignmentProbe:
         return None
 
     @classmethod
-    def from_text(cls, windows, count: int = 4, tokens: int = 256) -> "AlignmentProbe":
-        """The first tokens of the first evaluation windows: block outputs of a long window for every
-        block of a language model would take far more memory than the measurement is worth."""
-        ids = windows.input_ids[:count, :tokens]
-        probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        return cls(probe, f"first {ids.shape[1]} tokens of {ids.shape[0]} evaluation windows")
+    def from_sequences(cls, sequences: Mapping[str, torch.Tensor], source: str, count: int = 4, tokens: int = 256) -> "AlignmentProbe":
+        """The first tokens of the first sequences: block outputs of a long sequence for every block of
+        a language model would take far more memory than the measurement is worth."""
+        ids = sequences["input_ids"][:count, :tokens]
+        mask = sequences.get("attention_mask")
+        mask = mask[:count, :tokens] if mask is not None else torch.ones_like(ids)
+        return cls({"input_ids": ids, "attention_mask": mask}, f"first {ids.shape[1]} tokens of {ids.shape[0]} {source} sequences")
 
     def measure(self, dense: nn.Module, sparse: nn.Module, block_pattern: str | None, device) -> dict[str, float] | None:
         """Per-block alignment, or None when the model has no discoverable blocks (nothing to plot)."""

@@ -144,6 +144,10 @@ FLAG_TYPES: dict[str, Callable[[str], object]] = {
     "--sparsegpt-blocksize": positive_int,
     "--repair-shrinkage": non_negative_float,
     "--epochs": non_negative_int,
+    "--max-epochs": positive_int,
+    "--patience": positive_int,
+    "--eval-every": positive_int,
+    "--holdout-size": positive_int,
     "--batch-size": positive_int,
     "--lr": positive_float,
     "--min-lr": non_negative_float,
@@ -198,13 +202,19 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--repair-shrinkage", "repair_shrinkage", dict(type=float, help="varmatch shrinkage > 0 keeps collapsed channels from being blown up")),
     ("--heal-from", "heal_from", dict(choices=["pruned", "dense-masked"], help="start healing from the pruner's weights (default) or dense x mask")),
     ("--healer", "heal.healer", dict(help="starfish (default), kd, nmse, finetune (uses labels) or none")),
-    ("--epochs", "heal.epochs", dict(type=int)),
+    ("--budget", "heal.budget", dict(choices=["auto", "fixed"], help="auto (default): stop when the healing objective on held-out unlabeled images stops improving, keep the best weights; fixed: train --epochs (the published recipe: --budget fixed)")),
+    ("--epochs", "heal.epochs", dict(type=int, help="epochs of the fixed budget (default 10); without --budget it implies --budget fixed")),
+    ("--max-epochs", "heal.max_epochs", dict(type=int, help="budget auto: the most epochs (the cosine schedule spans them; default 60)")),
+    ("--patience", "heal.patience", dict(type=int, help="budget auto: held-out evaluations without improvement before stopping (default 4)")),
+    ("--eval-every", "heal.eval_every", dict(type=int, help="budget auto: epochs between held-out evaluations (default 2)")),
+    ("--holdout", "holdout", dict(help="unlabeled held-out images (or text) for --budget auto and the alignment probe (default: a draw from --calib apart from the calibration images)")),
+    ("--holdout-size", "holdout_size", dict(type=int, help="held-out samples (default 200 images, 16 text sequences)")),
     ("--batch-size", "heal.batch_size", dict(type=int)),
     ("--lr", "heal.lr", dict(type=float)),
     ("--min-lr", "heal.min_lr", dict(type=float)),
     ("--optimizer", "heal.optimizer", dict(choices=["adam", "adamw", "sgd"])),
     ("--weight-decay", "heal.weight_decay", dict(type=float)),
-    ("--max-steps", "heal.max_steps", dict(type=int)),
+    ("--max-steps", "heal.max_steps", dict(type=int, help="cap on optimizer steps; without --budget it implies --budget fixed")),
     ("--cache-dtype", "heal.cache_dtype", dict(choices=["float32", "float16", "bfloat16"], help="storage of cached dense targets (default float16)")),
     ("--recompute-targets", "heal.recompute_targets", dict(action="store_true", help="run the dense model every step instead of caching its outputs")),
     ("--cache-device", "heal.cache_device", dict(help="where cached dense outputs live: auto (pinned CPU beside a GPU, default), cpu, cuda, or disk (memory-mapped temp files)")),
@@ -230,7 +240,7 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
 # The model, preprocessing and data flags: every subcommand that loads a model and images takes them.
 MODEL_FLAGS = ("--config", "--model", "--weights", "--pretrained", "--num-classes", "--dtype")
 PREPROCESS_FLAGS = ("--input-size", "--resize", "--mean", "--std")
-DATA_FLAGS = ("--calib", "--calib-size", "--calib-max-gb", "--eval", "--eval-size", "--task", "--seq-len", "--eval-seq-len", "--seed", "--eval-batch-size", "--workers")
+DATA_FLAGS = ("--calib", "--calib-size", "--calib-max-gb", "--holdout", "--holdout-size", "--eval", "--eval-size", "--task", "--seq-len", "--eval-seq-len", "--seed", "--eval-batch-size", "--workers")
 # What ``diagnose`` takes besides those: which weights, its per-layer sparsity, where to run and write.
 DIAGNOSE_FLAGS = (*MODEL_FLAGS, *PREPROCESS_FLAGS, *DATA_FLAGS, "--sparsity", "--include", "--exclude", "--blocks",
                   "--device", "--no-progress", "--out", "--force")
@@ -271,6 +281,8 @@ def config_from_args(args: argparse.Namespace):
         for key in INVOCATION_KEYS:  # older config.json files carried them; a rerun names its own
             base.pop(key, None)
     merged = RunConfig.from_dict(base).to_dict()
+    if ("heal.epochs" in given or "heal.max_steps" in given) and "heal.budget" not in given:
+        merged["heal"]["budget"] = "fixed"  # "--epochs N" / "--max-steps N" ask for that much training
     for dest, value in given.items():
         if dest.startswith("_") or dest in ("command", "handler"):
             continue

@@ -249,7 +249,7 @@ def _apply(spec: HealerSpec, dense, model, masks, data: RunData, config: RunConf
     if spec.objective:
         heal_config = copy.deepcopy(config.heal)
         heal_config.healer = spec.objective
-        result = heal_step(dense, model, masks, data.calibration, heal_config, block_pattern, config.seed)
+        result = heal_step(dense, model, masks, data.calibration, heal_config, block_pattern, config.seed, data.held)
     return result, (time.perf_counter() - started) if (spec.repair or spec.objective) else 0.0
 
 

@@ -32,7 +32,7 @@ def diagnose(config: RunConfig, shrinkage: float = 0.0) -> list[dict]:
     job.heal.healer, job.repair = "none", "none"  # diagnose prunes and repairs one layer at a time itself
     validate(job)
     loaded = build_model(job)
-    data = load_data(job, loaded, evaluation=False)
+    data = load_data(job, loaded, evaluation=False, held_out=False)
     net = loaded.module.to(resolve_device(job.heal.device)).eval()
     targets = prunable_targets(net, job.prune.include, job.prune.exclude, job.prune.blocks or loaded.block_pattern)
     return measure_rr(net, targets, stage_calibration(data.calibration), sparsity, shrinkage=shrinkage)

@@ -2,7 +2,8 @@
 
 build -> load data -> prune -> (optional repair) -> heal -> evaluate dense, pruned, repaired and
 healed on the same streamed images (``starfish.steps``), then write weights, masks, the resolved
-config and the reports atomically.
+config and the reports atomically. The evaluation set is read only for that final scoring, after
+every choice (when healing stops, the alignment probe) was made on held-out unlabeled samples.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from starfish.run_config import RunConfig, validate
 from starfish.steps import (
     RunData, build_model, check_masks, evaluation, heal_step, load_data, prune_step, repair_step, stage_calibration, task_name,
 )
+from starfish.states import SavedState
 from starfish.structure import find_blocks
+from starfish.tasks import Evaluation
 from starfish.text import TextWindows
 
 __all__ = ["RunConfig", "build_model", "build_report", "run", "validate"]
@@ -56,37 +59,32 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     dense = loaded.module
     if config.prune.blocks and data.calibration is not None:  # a --blocks module that never runs fails before any pass
         find_blocks(dense, config.prune.blocks, select(data.calibration, slice(0, 2)), config.heal.device)
-    scoring = evaluation(config, data, loaded)
-
-    def score(label: str, model: torch.nn.Module) -> None:
-        if scoring is not None:
-            scoring.score(label, model)
-
-    score("dense", dense)
+    scoring = evaluation(config, data, loaded)  # nothing of the evaluation set is read until final_scores
     sparse, masks, prune_notes, prune_seconds = prune_step(config, dense, data.calibration)
-    score("pruned", sparse)
     trained = config.heal.healer != "none"
     repair, repair_reason = resolve_repair(config.repair, sparse, trained, config.heal.bn_mode, data.calibration is not None)
     if loaded.task == CAUSAL_LM and config.repair == AUTO:
         repair, repair_reason = "none", "auto: language model (variance matching is not benchmarked on language models yet)"
+    saved: dict[str, SavedState] = {}
+    if scoring is not None and (repair != "none" or trained):
+        saved["pruned"] = SavedState.changing(sparse, masks, repair_follows=repair != "none")
     repair_stats = repair_step(repair, dense, sparse, masks, data.calibration, shrinkage=config.repair_shrinkage)
-    if repair != "none":
-        score("repaired", sparse)
-    if scoring is not None and reestimates_batchnorm(config, repair, dense, data):
-        score("dense_bn", bn_control(dense, data))
-    if isinstance(data.evaluation, TextWindows):
-        probe = AlignmentProbe.from_text(data.evaluation)
-    else:
-        probe = AlignmentProbe.choose(data.evaluation, data.calibration, config.seed)
+    if scoring is not None and repair != "none" and trained:
+        saved["repaired"] = SavedState.changing(sparse, masks, repair_follows=False)
+    probe = alignment_probe(data, config.seed)
     block_pattern = config.prune.blocks or loaded.block_pattern
     device = config.heal.device
     align_before = probe.measure(dense, sparse, block_pattern, device) if probe else None
 
     heal_result = None
     if trained:
-        heal_result = heal_step(dense, sparse, masks, data.calibration, config.heal, block_pattern, config.seed, checkpointer)
+        heal_result = heal_step(dense, sparse, masks, data.calibration, config.heal, block_pattern, config.seed, checkpointer, data.held)
         score("healed", sparse)
     check_masks(masks, sparse, "after healing")
+    align_after = probe.measure(dense, sparse, block_pattern, device) if probe is not None and align_before is not None else None
+    if scoring is not None:  # every choice is made: only now is the evaluation set read
+        final_scores(scoring, config, data, dense, sparse, saved, repair, trained)
+        check_masks(masks, sparse, "after scoring")
 
     scores = scoring.scores if scoring is not None else {}
     report = build_report(config, loaded, masks, data, scores, heal_result, prune_seconds, command)
@@ -100,7 +98,7 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     if "rr" in prune_notes:
         report["relative_repairability"] = prune_notes["rr"]
     if probe is not None and align_before is not None:
-        report["alignment"] = {"images": probe.source, "before": align_before, "after": probe.measure(dense, sparse, block_pattern, device)}
+        report["alignment"] = {"images": probe.source, "before": align_before, "after": align_after}
     context = distributed.current()
     if context is not None:
         report["distributed"] = context.to_report()
@@ -109,6 +107,33 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     if config.out is not None and distributed.is_writer():
         write_run(config, report, sparse, masks, heal_result, loaded)
     return report
+
+
+def alignment_probe(data: RunData, seed: int) -> AlignmentProbe | None:
+    """Where alignment is measured: the held-out samples (never the evaluation set), else calibration."""
+    held = data.held.samples if data.held is not None else None
+    if isinstance(data.evaluation, TextWindows) or (data.calibration is not None and "input_ids" in data.calibration):
+        source = held if held is not None else data.calibration
+        return AlignmentProbe.from_sequences(source, "held-out" if held is not None else "calibration") if source is not None else None
+    return AlignmentProbe.choose(held, data.calibration, seed)
+
+
+def final_scores(
+    scoring: Evaluation, config: RunConfig, data: RunData, dense: torch.nn.Module, sparse: torch.nn.Module,
+    saved: dict[str, SavedState], repair: str, trained: bool,
+) -> None:
+    """Score dense, pruned, repaired and healed on the evaluation set, after every choice was made;
+    earlier states are swapped into ``sparse`` for their pass and swapped out again."""
+    scoring.score("dense", dense)
+    if reestimates_batchnorm(config, repair, dense, data):
+        scoring.score("dense_bn", bn_control(dense, data))
+    labels = ["pruned", *(["repaired"] if repair != "none" else []), *(["healed"] if trained else [])]
+    for label in labels:
+        if label in saved:
+            with saved[label].swapped_in(sparse):
+                scoring.score(label, sparse)
+        else:  # the live state: the last step that ran
+            scoring.score(label, sparse)
 
 
 def reestimates_batchnorm(config: RunConfig, repair: str, dense: torch.nn.Module, data: RunData) -> bool:

@@ -212,3 +212,27 @@ def loss_curves(
         ax.grid(alpha=0.3, which="both")
     _legend(fig, axes)
     return _save(fig, path)
+
+
+def held_out_curve(title: str, stopping: Mapping[str, object], path: str | Path) -> Path:
+    """Budget auto: the held-out healing objective and KL(dense ‖ sparse) per evaluation, the kept
+    point marked; one axis each (different units), epochs on x."""
+    curve = list(stopping["curve"])  # type: ignore[arg-type]
+    epochs = [p["epoch"] for p in curve]
+    fig, axes = _figure(2, width=5.0)
+    for ax, key, name in zip(axes, ("objective", "kl"), ("held-out healing objective", "held-out KL(dense ‖ sparse)")):
+        ys = [p[key] for p in curve]
+        if any(y is None for y in ys):
+            ax.set_visible(False)
+            continue
+        ax.plot(epochs, ys, marker="o", markersize=3, linewidth=1.2, color="#1f77b4", label=name)
+        best = stopping.get("best_epoch")
+        if best is not None:
+            ax.axvline(float(best), color="#d62728", linestyle=":", linewidth=1.2, label="kept weights")  # type: ignore[arg-type]
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name + " (log)")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title, fontsize=10)
+    _legend(fig, axes)
+    return _save(fig, path)

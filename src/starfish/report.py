@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from starfish.run_plots import RUN_PLOTS as _PLOT_TITLES  # one list of plot titles
+
 
 def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
@@ -70,6 +72,7 @@ def render_markdown(report: dict) -> str:
         + (f" ({heal.get('steps')} steps); peak memory {report['peak_memory_mb']:.0f} MB ({report['memory_measure']})." if report.get("peak_memory_mb") else "."),
         "",
         *_plot_lines(report),
+        *_budget_lines(report),
         "## Protocol",
         "",
         f"- Model: `{report['model']}`, weights `{report['weights']}` (sha256 `{report.get('weights_sha256')}`)",
@@ -79,7 +82,7 @@ def render_markdown(report: dict) -> str:
         + (f" (requested {report['repair_requested']}: {report.get('repair_reason')})" if report.get("repair_requested") == "auto" else ""),
         *_data_lines(report),
         f"- Healer `{report['healer']}`: optimizer {heal.get('optimizer')}, lr {heal.get('lr')} → {heal.get('min_lr')} (cosine per step), "
-        f"batch {heal.get('batch_size')}, epochs {heal.get('epochs')}, cache {heal.get('cache_dtype')}, blocks {len(heal.get('blocks') or [])}",
+        f"batch {heal.get('batch_size')}, {_budget_text(heal)}, cache {heal.get('cache_dtype')}, blocks {len(heal.get('blocks') or [])}",
         *_protocol_extras(report),
         f"- Software: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
     ]
@@ -114,10 +117,30 @@ def _block_lines(report: dict) -> list[str]:
     return lines
 
 
-_PLOT_TITLES = {
-    "loss_curve.png": "Healing loss per optimizer step",
-    "block_alignment.png": "Per-block cosine alignment with the dense model, before and after healing",
-}
+def _budget_lines(report: dict) -> list[str]:
+    """Budget auto: why healing stopped, which weights were kept, and the held-out curve."""
+    stop = (report.get("heal") or {}).get("stopping")
+    if not stop:
+        return []
+
+    def num(x: float | None) -> str:
+        return "—" if x is None else f"{x:.5g}"
+
+    lines = [
+        "## Healing budget (auto, label-free)",
+        "",
+        f"Stopped: {stop['reason']}. Kept the weights of epoch {num(stop.get('best_epoch'))} (step {stop.get('best_step')}), "
+        f"the best held-out {stop['monitor']}; held-out data: {stop['holdout']}.",
+        "",
+        "| epoch | step | held-out objective | held-out KL(dense ‖ sparse) | improved |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {p['epoch']:g} | {p['step']} | {num(p['objective'])} | {num(p['kl'])} | {'yes' if p['improved'] else ''} |"
+        for p in stop["curve"]
+    ]
+    return lines + [""]
+
 
 
 def _plot_lines(report: dict) -> list[str]:
@@ -126,6 +149,13 @@ def _plot_lines(report: dict) -> list[str]:
     for name in report.get("plots") or []:
         lines += [f"![{_PLOT_TITLES.get(name, name)}]({name})", ""]
     return lines
+
+
+def _budget_text(heal: dict) -> str:
+    if heal.get("budget") == "auto":
+        return (f"budget auto (cosine over at most {heal.get('max_epochs')} epochs, held-out check every "
+                f"{heal.get('eval_every')} epochs, patience {heal.get('patience')}, min delta {heal.get('min_delta')})")
+    return f"epochs {heal.get('epochs')} (fixed budget)"
 
 
 def _protocol_extras(report: dict) -> list[str]:

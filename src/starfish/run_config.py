@@ -8,6 +8,7 @@ the same inputs with the same messages.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 from starfish.distributed.context import is_writer
 from starfish.errors import StarfishError
@@ -19,6 +20,9 @@ from starfish.pruning import PruneConfig
 # checkpoint: properties of one invocation, never of the job, so a saved config.json does not carry
 # them (rerunning it must name a new --out, and must not silently resume or stop checkpointing).
 INVOCATION_KEYS = ("out", "force", "checkpoint_every", "resume")
+# A run's healing budget unless one is named: stop on the held-out plateau (``heal.stopping``); the
+# published recipe is ``budget="fixed"`` (10 epochs). ``heal()`` itself keeps HealConfig's "fixed".
+RUN_BUDGET = "auto"
 
 
 @dataclass
@@ -33,6 +37,8 @@ class RunConfig:
     calib_max_gb: float = 4.0  # refuse a calibration set whose decoded size is larger than this
     eval: str | None = None
     eval_size: int | None = None  # None = the whole folder
+    holdout: str | None = None  # unlabeled held-out folder/text (None: a draw from --calib outside the calibration draw)
+    holdout_size: int | None = None  # held-out samples (None: 200 images, 16 text sequences)
     task: str = "auto"  # how models are scored (starfish.tasks); auto: perplexity for causal LMs, else classification
     dtype: str | None = None  # causal LMs: float32 | bfloat16 | float16 (None = float32)
     seq_len: int = 512  # causal LMs: tokens per calibration sequence
@@ -43,7 +49,7 @@ class RunConfig:
     repair: str = "auto"  # label-free repair after pruning: auto | none | bn | varmatch | bn+varmatch
     repair_shrinkage: float = 0.0  # varmatch: > 0 keeps (nearly) collapsed channels from being blown up
     heal_from: str = "pruned"  # "pruned": start healing from the pruner's weights; "dense-masked": dense x mask
-    heal: HealConfig = field(default_factory=HealConfig)
+    heal: HealConfig = field(default_factory=lambda: HealConfig(budget=RUN_BUDGET))
     out: str | None = None
     force: bool = False
     checkpoint_every: int | str = "auto"  # heal checkpoints beside --out: steps, "auto" (by time) or 0 (off)
@@ -69,7 +75,7 @@ class RunConfig:
             raise StarfishError(f"config has unknown keys {unknown}; known keys: {sorted(known)}.")
         raw = dict(raw)
         raw["prune"] = PruneConfig(**raw.get("prune", {}))
-        raw["heal"] = HealConfig(**raw.get("heal", {}))
+        raw["heal"] = HealConfig(**{"budget": RUN_BUDGET, **raw.get("heal", {})})
         return cls(**raw)
 
     def with_prune(self, **changes) -> "RunConfig":
@@ -116,7 +122,7 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
             f"--eval-batch-size must be >= 1 and --workers >= 0; got {config.eval_batch_size} and {config.workers}."
         )
     if config.out is not None and is_writer():  # under --distributed only rank 0 writes, so only it takes the lock
-        check_output_dir(config.out, config.force, (config.weights, config.calib, config.eval, config.masks))
+        check_output_dir(config.out, config.force, (config.weights, config.calib, config.eval, config.masks, config.holdout))
     check_resume(config)  # under the output lock: a checkpoint is resumed with the same settings or not at all
     if config.calib is None and config.heal.healer != "none":
         raise StarfishError("healing needs calibration images: pass --calib DIR (or --healer none).")
@@ -124,6 +130,8 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
         raise StarfishError(f"unknown repair '{config.repair}'; choose one of {AUTO}, {', '.join(list_repairs())}.")
     if config.calib is None and config.repair not in ("none", AUTO):
         raise StarfishError(f"repair '{config.repair}' needs calibration images: pass --calib DIR (or --repair none).")
+    if config.holdout is not None and not Path(config.holdout).exists():
+        raise StarfishError(f"held-out folder {config.holdout} does not exist; check --holdout (or drop it to draw from --calib).")
     if config.heal_from not in ("pruned", "dense-masked"):
         raise StarfishError(f"--heal-from must be 'pruned' or 'dense-masked'; got '{config.heal_from}'.")
     if config.calib is None and not config.masks and (pruner.needs_calibration or config.prune.allocation == "rr"):

@@ -7,6 +7,7 @@ from pathlib import Path
 RUN_PLOTS = {
     "loss_curve.png": "Healing loss per optimizer step",
     "block_alignment.png": "Per-block cosine alignment with the dense model, before and after healing",
+    "held_out_curve.png": "Budget auto: held-out objective and KL while healing, and the weights kept",
 }
 
 
@@ -19,6 +20,10 @@ def write_run_plots(folder: Path, report: dict, loss_history: list[float] | None
     jobs = []
     if loss_history:
         jobs.append(("loss_curve.png", lambda p: plots.loss_curves([(f"{report['model']} — {healer}", {healer: loss_history})], p, relative=False, uses_labels=uses)))
+    stopping = (report.get("heal") or {}).get("stopping")
+    if stopping and stopping.get("curve"):
+        curve_title = f"{report['model']} — {healer}, budget auto: {stopping.get('reason')}"
+        jobs.append(("held_out_curve.png", lambda p: plots.held_out_curve(curve_title, stopping, p)))
     align = report.get("alignment") or {}
     if align.get("before") and align.get("after") and align["after"] != align["before"]:
         repair = report.get("repair", "none")

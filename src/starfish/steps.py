@@ -18,13 +18,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from starfish.batch import LABELS, Batch, batch_len, call_model, to_device
-from starfish.data import as_image_batch, select_images
+from starfish.data import select_images
 from starfish.device import resolve_device
 from starfish.distributed.shares import evaluation_share, lockstep_batches, statistics_share
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
 from starfish.heal import HealConfig, HealResult, heal
 from starfish.heal.checkpoint import Checkpointer
+from starfish.holdout import HeldOut, load_image_holdout, load_text_holdout
 from starfish.loading import decode_calibration, stream
 from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model
@@ -69,6 +70,7 @@ class RunData:
     eval_batch_size: int = 256
     workers: int = 0
     eval_classes: list[str] | None = None  # class folder names of the evaluation set, in label order
+    held: HeldOut | None = None  # unlabeled held-out samples (starfish.holdout): stopping and the alignment probe
 
     @property
     def calib_size(self) -> int:
@@ -116,36 +118,41 @@ def task_name(config: RunConfig, loaded: LoadedModel) -> str:
     return "perplexity" if loaded.task == CAUSAL_LM else "classification"
 
 
-def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, evaluation: bool) -> RunData:
+def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, evaluation: bool, held_out: bool = True) -> RunData:
     """Calibration sequences (one mapping with padding masked) and the evaluation windows of a text."""
     from starfish.models.causal_lm import tokenizer_of
     from starfish.text import calibration_text, evaluation_windows
 
-    calib, windows = None, None
+    calib, windows, held = None, None, None
     if calibration and config.calib is not None:
         size = int(config.calib_size) if config.calib_size is not None else TEXT_CALIB_DEFAULT
         calib = calibration_text(config.calib, tokenizer_of(loaded.extra), size, config.seq_len, config.seed)
+        held = load_text_holdout(config, tokenizer_of(loaded.extra)) if held_out else None
     if evaluation and config.eval is not None:
         seq_len = config.eval_seq_len or int(loaded.extra["seq_len"])
         size = int(config.eval_size) if config.eval_size is not None else None
         windows = evaluation_windows(config.eval, tokenizer_of(loaded.extra), seq_len, size)
-    return RunData(calib, windows, 1, config.workers)
+    return RunData(calib, windows, 1, config.workers, held=held)
 
 
-def load_data(config: RunConfig, loaded: LoadedModel, calibration: bool = True, evaluation: bool = True) -> RunData:
-    """Select the calibration and evaluation samples; decode calibration only (within its budget)."""
+def load_data(
+    config: RunConfig, loaded: LoadedModel, calibration: bool = True, evaluation: bool = True, held_out: bool = True
+) -> RunData:
+    """Select the calibration, held-out and evaluation samples; decode calibration and held-out only
+    (within the calibration budget). Evaluation files are listed here and read only when scored."""
     if loaded.task == CAUSAL_LM:
-        return load_text_data(config, loaded, calibration, evaluation)
+        return load_text_data(config, loaded, calibration, evaluation, held_out)
     transform = loaded.preprocess.transform()
-    calib = None
-    if calibration and config.calib is not None:
-        files, _, _ = select_images(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False)
-        calib = decode_calibration(files, config.calib_max_gb, workers=config.workers, progress=config.heal.progress)
-    evalset, classes = None, None
-    if evaluation and config.eval is not None:
+    evalset, classes, eval_paths = None, None, set()
+    if evaluation and config.eval is not None:  # listed and chosen only: no evaluation file is opened here
         evalset, index, _ = select_images(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True)
-        classes = index.classes
-    return RunData(calib, evalset, config.eval_batch_size, config.workers, classes)
+        classes, eval_paths = index.classes, {p.resolve() for p in index.paths}
+    calib, held = None, None
+    if calibration and config.calib is not None:
+        files, calib_index, picks = select_images(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False)
+        calib = decode_calibration(files, config.calib_max_gb, workers=config.workers, progress=config.heal.progress)
+        held = load_image_holdout(config, transform, calib_index, picks, eval_paths) if held_out else None
+    return RunData(calib, evalset, config.eval_batch_size, config.workers, classes, held)
 
 
 def stage_calibration(calibration: Batch | None, labels: bool = False, whole: bool = False) -> Batch | None:
@@ -168,14 +175,16 @@ def evaluation(config: RunConfig, data: RunData, loaded: LoadedModel) -> Evaluat
         return None
     device = resolve_device(config.heal.device)
     if data.eval_classes:  # before any long pass: wrong class folders would mean wrong labels
-        check_class_count(output_width(dense, data.evaluation, device), data.eval_classes, config.eval)
+        check_class_count(output_width(dense, loaded.preprocess, device), data.eval_classes, config.eval)
     return Evaluation(get_task(task_name(config, loaded)), lambda: data.eval_batches(device), dense, device)
 
 
 @torch.no_grad()
-def output_width(model: nn.Module, dataset: Dataset, device: torch.device) -> int:
-    """The number of classes the model scores, from one forward pass on one evaluation sample."""
-    batch = to_device(as_image_batch(next(iter(stream(dataset, 1)))), device)
+def output_width(model: nn.Module, preprocess: Preprocess, device: torch.device) -> int:
+    """The number of classes the model scores, from one forward pass on a blank input of the model's
+    size (no evaluation sample is read before the final scoring)."""
+    size = preprocess.input_size
+    batch = {"pixel_values": torch.zeros(1, preprocess.channels, size, size, device=device)}
     was_training = model.training
     model.to(device).eval()
     try:
@@ -219,9 +228,11 @@ def heal_step(
     block_pattern: str | None,
     seed: int,
     checkpointer: Checkpointer | None = None,
+    held: HeldOut | None = None,
 ) -> HealResult:
-    """Heal ``sparse`` in place. Only a healer that uses labels is handed the labels. ``checkpointer``:
-    save the healing state as it goes, continue a saved one (``heal.checkpoint``)."""
+    """Heal ``sparse`` in place. Only a healer that uses labels is handed the labels; the held-out
+    samples (budget auto) are inputs only. ``checkpointer``: save the healing state as it goes,
+    continue a saved one (``heal.checkpoint``)."""
     from starfish.heal.objectives import OBJECTIVES
 
     if calibration is None:
@@ -229,9 +240,10 @@ def heal_step(
     config = copy.deepcopy(heal_config)
     config.seed = seed
     uses_labels = config.healer in OBJECTIVES and OBJECTIVES[config.healer].uses_labels
+    holdout = (held.samples, held.source) if held is not None else (None, "held-out samples")
     return heal(
         dense, sparse, masks, stage_calibration(calibration, labels=uses_labels, whole=True), config,
-        block_pattern=block_pattern, checkpointer=checkpointer,
+        block_pattern=block_pattern, checkpointer=checkpointer, holdout=holdout[0], holdout_source=holdout[1],
     )
 
 

@@ -197,7 +197,9 @@ def run_settings(config: Any) -> None:
     integer("--eval-batch-size", config.eval_batch_size, 1)
     integer("--workers", config.workers, 0)
     non_negative("--repair-shrinkage", config.repair_shrinkage)
-    for name in ("out", "weights", "calib", "eval", "masks"):
+    if config.holdout_size is not None:
+        integer("--holdout-size", config.holdout_size, 1)
+    for name in ("out", "weights", "calib", "eval", "masks", "holdout"):
         value = getattr(config, name)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise StarfishError(f"--{name} is empty; pass a path.")

@@ -282,13 +282,16 @@ class ResumePoint:
         n: int,
         batch_size: int,
         total: int,
+        monitor: Any = None,
     ) -> None:
         """Remember what a checkpoint holds; restore it when one was saved for this scope.
+        ``monitor``: the held-out stopping rule of budget auto (``heal.stopping``), saved alongside.
 
         ``generator`` must be freshly seeded: it is brought to the start of the checkpoint's epoch.
         """
         self.module, self.masks, self.optimizer, self.generator = module, masks, optimizer, generator
         self.guard, self.outcome, self.n, self.batch_size, self.total = guard, outcome, n, batch_size, total
+        self.monitor = monitor
         state = self.owner.read(self.key)
         if state is not None:
             self._restore(state)
@@ -321,7 +324,11 @@ class ResumePoint:
         for name in ("start", "smoothed", "best", "snapshot_step", "snapshot_loss"):
             setattr(self.guard, name, guard[name])
         snapshot = guard["snapshot"]
-        self.guard.snapshot = {k: v.to(self.guard.store) for k, v in snapshot.items()} if snapshot is not None else None
+        self.guard.weights.copy = {k: v.to(self.guard.weights.store) for k, v in snapshot.items()} if snapshot is not None else None
+        if (state.get("monitor") is None) != (self.monitor is None):
+            raise StarfishError(f"the checkpoint {path} was written under another healing budget (auto / fixed); pass --force without --resume to start over.")
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state["monitor"])
         self.outcome.steps = step
         self.outcome.losses[:] = state["losses"]
         self.outcome.lrs[:] = state["lrs"]
@@ -352,7 +359,8 @@ class ResumePoint:
             "lrs": list(self.outcome.lrs),
             "guard": {
                 "start": guard.start, "smoothed": guard.smoothed, "best": guard.best,
-                "snapshot": guard.snapshot, "snapshot_step": guard.snapshot_step, "snapshot_loss": guard.snapshot_loss,
+                "snapshot": guard.weights.copy, "snapshot_step": guard.snapshot_step, "snapshot_loss": guard.snapshot_loss,
             },
+            "monitor": self.monitor.state_dict() if self.monitor is not None else None,
         }
         self.owner.write(self.key, state, step, self.total)

@@ -12,7 +12,12 @@ from starfish.heal.precision import PRECISIONS
 @dataclass
 class HealConfig:
     healer: str = "starfish"
-    epochs: int = 10
+    epochs: int = 10  # the fixed budget (--budget fixed: the published recipe)
+    budget: str = "fixed"  # "auto": stop on a held-out plateau (up to max_epochs); "fixed": train ``epochs``
+    max_epochs: int = 60  # auto: the most epochs healing may take (the cosine schedule spans them)
+    patience: int = 4  # auto: held-out evaluations without improvement before stopping
+    eval_every: int = 2  # auto: epochs between held-out evaluations
+    min_delta: float = 1e-3  # auto: a held-out value counts as better when below best x (1 - min_delta)
     batch_size: int = 32
     lr: float = 6e-4
     min_lr: float = 1e-6  # cosine decay per optimizer step, from lr down to this
@@ -66,6 +71,13 @@ class HealConfig:
             raise StarfishError(f"--precision must be one of {', '.join(PRECISIONS)}; got '{self.precision}'.")
         if self.grad_checkpoint not in GRAD_CHECKPOINT_MODES:
             raise StarfishError(f"--grad-checkpoint must be one of {', '.join(GRAD_CHECKPOINT_MODES)}; got '{self.grad_checkpoint}'.")
+        if self.budget not in ("auto", "fixed"):
+            raise StarfishError(f"--budget must be 'auto' or 'fixed'; got '{self.budget}'.")
+        if self.max_epochs < 1 or self.patience < 1 or self.eval_every < 1 or not 0 <= self.min_delta < 1:
+            raise StarfishError(
+                "auto budget settings need --max-epochs, --patience and --eval-every >= 1 and 0 <= min delta < 1; "
+                f"got {self.max_epochs}, {self.patience}, {self.eval_every}, {self.min_delta}."
+            )
         if self.divergence_factor <= 1:
             raise StarfishError(f"divergence factor must be > 1; got {self.divergence_factor}.")
         return self

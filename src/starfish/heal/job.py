@@ -16,6 +16,7 @@ from starfish.masks import Masks
 
 if TYPE_CHECKING:
     from starfish.heal.checkpoint import Checkpointer, ResumePoint
+    from starfish.heal.stopping import StoppingRecord
 
 
 @dataclass
@@ -34,6 +35,8 @@ class HealJob:
     precision: str = "fp32"  # resolved autocast of the forward passes (heal.precision)
     checkpoint: bool = False  # joint scope: per-block gradient checkpointing of the sparse model
     checkpointer: Checkpointer | None = None  # saves / restores the healing state (--checkpoint-every, --resume)
+    holdout: Batch | None = None  # budget auto: unlabeled held-out samples the stopping rule watches
+    stopping: "StoppingRecord | None" = None  # budget auto: filled with the held-out curve and the stop reason
 
     def resume_point(self, key: str) -> ResumePoint | None:
         """The checkpoint of one training run (``joint``, ``block-NNN``), or None when not checkpointing."""

@@ -42,6 +42,7 @@ from starfish.heal.job import HealJob
 from starfish.heal.objectives import Objective, Signals, get_objective
 from starfish.heal.precision import as_float, autocast, check_precision, resolve_precision
 from starfish.heal.steps import StepsOutcome, cosine_lr, set_heal_mode, train_steps, warn_divergence
+from starfish.heal.stopping import held_out_monitor, plan_stopping
 from starfish.heal.targets import CACHE_DTYPES, TargetCache, TensorStore, cache_location
 from starfish.masks import Masks
 from starfish.memory import MemoryEstimate, estimate_heal_memory
@@ -73,6 +74,7 @@ class HealResult:
     def diverged(self) -> bool:
         return self.stopped_reason is not None
     points: list[str] = field(default_factory=list)  # where each block's stream was read
+    stopping: dict | None = None  # budget auto: held-out curve, kept point and stop reason (heal.stopping)
 
     def to_dict(self) -> dict:
         return {
@@ -94,6 +96,8 @@ class HealResult:
             "per_block": self.per_block,
             "precision": self.precision,
             "grad_checkpoint": self.grad_checkpoint,
+            "budget": self.stopping["budget"] if self.stopping else "fixed",
+            "stopping": self.stopping,
         }
 
 
@@ -166,6 +170,7 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
         labels = labels_all[index].to(device) if labels_all is not None else None
         return objective.loss(sparse_run(batch), target, labels, config)
 
+    monitor = held_out_monitor(job, dense_run, sparse_run, n)
     checkpointing = (
         checkpoint_blocks(sparse, block_names, [p.module for p in job.points]) if job.checkpoint else contextlib.nullcontext()
     )
@@ -173,7 +178,7 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
         with checkpointing:
             return train_steps(
                 sparse, masks, loss_of, n, config, config.seed, f"healing ({objective.name})", job.snapshot_device,
-                job.resume_point("joint"),
+                job.resume_point("joint"), monitor,
             )
     finally:
         sparse.eval()
@@ -210,15 +215,22 @@ def heal(
     config: HealConfig | None = None,
     block_pattern: str | None = None,
     checkpointer: Checkpointer | None = None,
+    holdout: object | None = None,
+    holdout_source: str = "held-out samples",
 ) -> HealResult:
     """Heal ``sparse`` in place against ``dense`` on unlabeled calibration data (a batch mapping,
     an image tensor or a TensorDataset; see ``batch.calibration_set``). ``checkpointer``
-    (``heal.checkpoint``) saves the healing state as it goes and continues a saved one."""
+    (``heal.checkpoint``) saves the healing state as it goes and continues a saved one.
+
+    With ``config.budget == "auto"`` healing stops when the objective on ``holdout`` (unlabeled
+    samples never trained on; without it, a seeded fifth of the calibration set is held out) no
+    longer improves, and the best held-out weights are kept (``heal.stopping``)."""
     config = (config or HealConfig()).validate()
     objective: Objective = get_objective(config.healer)
     device = resolve_device(config.device)
     calib = calibration_set(calibration)
     _check_inputs(objective, calib, config)
+    calib, held, record, config = plan_stopping(calib, holdout, holdout_source, objective, config)
 
     points: list[StreamPoint] = []
     if objective.needs_blocks:  # where each block's residual stream is read, decided on one batch
@@ -240,7 +252,7 @@ def heal(
     per_block: list[dict] = []
     job = HealJob(
         dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device, points,
-        precision, estimate.checkpoint, checkpointer,
+        precision, estimate.checkpoint, checkpointer, held, record,
     )
     try:
         if config.scope == "blockwise":
@@ -275,6 +287,7 @@ def heal(
         objective.name, outcome.steps, seconds, peak, measure, objective.uses_labels, outcome.losses, outcome.lrs,
         block_names, config.scope, outcome.stopped_reason, outcome.best_step, estimate.to_dict(), per_block,
         points=[p.describe() for p in points], precision=precision, grad_checkpoint=job.checkpoint,
+        stopping=record.to_dict() if record is not None else None,
     )
 
 

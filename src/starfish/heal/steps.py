@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
@@ -39,7 +39,8 @@ def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
 
 
 def total_steps(n: int, config: HealConfig) -> int:
-    steps = math.ceil(n / config.batch_size) * config.epochs
+    """Optimizer steps of the whole budget: ``epochs`` (fixed) or ``max_epochs`` (auto, which may stop sooner)."""
+    steps = math.ceil(n / config.batch_size) * (config.max_epochs if config.budget == "auto" else config.epochs)
     return min(steps, config.max_steps) if config.max_steps is not None else steps
 
 
@@ -93,7 +94,7 @@ class DivergenceGuard:
         self.start: float | None = None
         self.smoothed: float | None = None
         self.best: float = math.inf
-        self.snapshot: dict[str, torch.Tensor] | None = None
+        self.weights = WeightSnapshot(tensors, store)
         self.snapshot_step: int | None = None
         self.snapshot_loss: float | None = None
 
@@ -114,17 +115,32 @@ class DivergenceGuard:
             )
         return None
 
-    @torch.no_grad()
     def _take(self, step: int) -> None:
-        self.snapshot = {k: v.detach().to(self.store, copy=True) for k, v in self.tensors.items()}
+        self.weights.take()
         self.snapshot_step, self.snapshot_loss = step, self.smoothed
+
+    def restore(self) -> bool:
+        return self.keep_best and self.weights.restore()
+
+
+class WeightSnapshot:
+    """One copy (on ``store``) of the tensors a rollback restores, retaken in place of the last."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], store: torch.device) -> None:
+        self.tensors = tensors
+        self.store = store
+        self.copy: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def take(self) -> None:
+        self.copy = {k: v.detach().to(self.store, copy=True) for k, v in self.tensors.items()}
 
     @torch.no_grad()
     def restore(self) -> bool:
-        if not self.keep_best or self.snapshot is None:
+        if self.copy is None:
             return False
         for k, v in self.tensors.items():
-            v.copy_(self.snapshot[k])
+            v.copy_(self.copy[k])
         return True
 
 
@@ -134,6 +150,16 @@ def snapshot_tensors(module: nn.Module, masks: Masks) -> dict[str, torch.Tensor]
     out = {k: params[k] for k in masks.names()}
     out.update({k: b for k, b in module.named_buffers() if b.is_floating_point()})
     return out
+
+
+class StepMonitor(Protocol):
+    """What ``train_steps`` asks of a held-out monitor (``heal.stopping.HeldOutMonitor``)."""
+
+    stopped: bool
+
+    def after_step(self, step: int) -> bool: ...
+
+    def finish(self, steps: int, total: int) -> bool: ...
 
 
 def train_steps(
@@ -146,11 +172,14 @@ def train_steps(
     desc: str,
     snapshot_device: torch.device,
     checkpoint: ResumePoint | None = None,
+    monitor: StepMonitor | None = None,
 ) -> StepsOutcome:
     """Train the masked weights of ``module`` (mask names relative to it) on ``loss_of(sample indices)``.
 
     Every other parameter of ``module`` is frozen for the run; trainability is restored afterwards.
     ``checkpoint`` (``heal.checkpoint``): continue from a saved state, and save one when due.
+    ``monitor`` (``heal.stopping``, budget auto) evaluates held-out data between steps, may stop the
+    run on a plateau and restores the best held-out weights at the end.
     """
     from tqdm.auto import tqdm
 
@@ -170,9 +199,9 @@ def train_steps(
     bar = tqdm(total=total, desc=desc, disable=not config.progress, leave=False)
     try:
         if checkpoint is not None:  # restores weights, optimizer, batch order, RNG, histories and guard when saved
-            checkpoint.bind(module, masks, optimizer, generator, guard, outcome, n, config.batch_size, total)
+            checkpoint.bind(module, masks, optimizer, generator, guard, outcome, n, config.batch_size, total, monitor)
             bar.update(outcome.steps)
-        while outcome.steps < total and outcome.stopped_reason is None:
+        while outcome.steps < total and outcome.stopped_reason is None and not (monitor and monitor.stopped):
             order = torch.randperm(n, generator=generator)
             for i in range(epoch_start(outcome.steps, n, config.batch_size), n, config.batch_size):
                 if outcome.steps >= total:
@@ -199,8 +228,11 @@ def train_steps(
                 outcome.steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")
+                stop = monitor is not None and monitor.after_step(outcome.steps)  # before a checkpoint, which saves its state
                 if checkpoint is not None:
                     checkpoint.step_done()
+                if stop:
+                    break
     finally:
         bar.close()
         for h in handles:
@@ -210,6 +242,8 @@ def train_steps(
     if outcome.stopped_reason is not None and guard.restore():
         masks.apply_(module)
         outcome.best_step, outcome.best_loss = guard.snapshot_step, guard.snapshot_loss
+    if monitor is not None and monitor.finish(outcome.steps, total):
+        masks.apply_(module)
     return outcome
 
 

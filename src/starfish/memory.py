@@ -20,6 +20,7 @@ from torch import nn
 
 from starfish.batch import call_model, select, to_device
 from starfish.errors import StarfishError
+from starfish.masks import local_view
 
 GB = 1024**3
 FIX_FLAGS = "--cache-dtype float16, --cache-device disk, --recompute-targets, --heal-scope blockwise or a smaller --batch-size"
@@ -35,13 +36,20 @@ class ActivationProbe:
     logits_numel: int  # per sample
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    """Identifies the memory a tensor views: its data pointer, or on the meta device (no data, every
+    pointer 0) the storage object itself, so a model built on ``meta`` can be probed without memory."""
+    storage = t.untyped_storage()
+    return storage._cdata if t.is_meta else storage.data_ptr()
+
+
 def probe_activations(model: nn.Module, blocks: list[nn.Module], sample: Mapping[str, torch.Tensor], trainable: set[str]) -> ActivationProbe:
     """Run ``model`` on one sample with gradients on (only ``trainable`` parameters requiring them,
     as in healing) and count what autograd stores; the model's state and modes are left unchanged."""
     from starfish.evaluate import logits_of
     from starfish.blockio import first_tensor
 
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_storages = {_storage_key(local_view(p)) for p in model.parameters()}
     seen: set[int] = set()
     per_block = [0] * len(blocks)
     outputs = [0] * len(blocks)
@@ -49,8 +57,10 @@ def probe_activations(model: nn.Module, blocks: list[nn.Module], sample: Mapping
     total = [0]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, nn.Parameter):  # also FSDP2's gathered weights, which are not model.parameters()
+            return t
         try:
-            ptr = t.untyped_storage().data_ptr()
+            ptr = _storage_key(t)
             size = t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):
             return t

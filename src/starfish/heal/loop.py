@@ -30,7 +30,7 @@ from starfish.heal.job import HealJob
 from starfish.heal.objectives import Objective, Signals, get_objective
 from starfish.heal.steps import StepsOutcome, cosine_lr, set_heal_mode, train_steps, warn_divergence
 from starfish.heal.targets import CACHE_DTYPES, TargetCache, TensorStore, cache_location
-from starfish.masks import Masks
+from starfish.masks import Masks, is_sharded
 from starfish.memory import MemoryEstimate, estimate_heal_memory
 from starfish.structure import StreamPoint, stream_points
 
@@ -117,7 +117,8 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
         dense.to(device).eval()
     sparse.to(device)
     set_heal_mode(sparse, config)
-    masks = job.masks.to(device)
+    sharded = _sharded(sparse)
+    masks = job.masks if sharded else job.masks.to(device)  # sharded: full masks stay home, shards go beside weights
     masks.apply_(sparse)
     dense_run = _Runner(dense, job.points, device)
     sparse_run = _Runner(sparse, job.points, device)
@@ -138,10 +139,19 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
         labels = labels_all[index].to(device) if labels_all is not None else None
         return objective.loss(sparse_run(batch), target, labels, config)
 
+    if sharded:  # each rank trains on its share of every global batch
+        from starfish.distributed.fsdp import data_parallel_loss
+
+        loss_of = data_parallel_loss(loss_of)
     try:
         return train_steps(sparse, masks, loss_of, n, config, config.seed, f"healing ({objective.name})", job.snapshot_device)
     finally:
         sparse.eval()
+
+
+def _sharded(model: nn.Module) -> bool:
+    """True when the model's weights are FSDP2 shards (DTensors): healing is then data-parallel."""
+    return any(is_sharded(p) for p in model.parameters())
 
 
 def heal(
@@ -159,6 +169,10 @@ def heal(
     device = resolve_device(config.device)
     calib = calibration_set(calibration)
     _check_inputs(objective, calib, config)
+    if _sharded(sparse):
+        from starfish.distributed.fsdp import check_fsdp_scope
+
+        check_fsdp_scope(config.scope)
 
     points: list[StreamPoint] = []
     if objective.needs_blocks:  # where each block's residual stream is read, decided on one batch

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from starfish.heal.config import HealConfig
-from starfish.masks import Masks
+from starfish.masks import Masks, local_view
 
 SMOOTHING = 0.1  # weight of the newest loss in the exponential moving average
 MIN_STEPS_BEFORE_STOP = 5  # a rise must last a few steps before it counts as divergence
@@ -119,7 +119,7 @@ class DivergenceGuard:
 def snapshot_tensors(module: nn.Module, masks: Masks) -> dict[str, torch.Tensor]:
     """The tensors a divergence rollback restores: the masked (trained) weights and float buffers."""
     params = dict(module.named_parameters())
-    out = {k: params[k] for k in masks.names()}
+    out = {k: local_view(params[k]) for k in masks.names()}  # a sharded weight: this rank's shard
     out.update({k: b for k, b in module.named_buffers() if b.is_floating_point()})
     return out
 
@@ -168,6 +168,7 @@ def train_steps(
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                masks.mask_gradients_(module)  # FSDP2 parameters run no gradient hooks
                 optimizer.step()
                 masks.apply_(module)
                 outcome.losses.append(value)

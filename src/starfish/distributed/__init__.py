@@ -1,0 +1,1 @@
+"""Training on more than one process: process groups, DDP and FSDP2."""

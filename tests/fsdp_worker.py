@@ -49,6 +49,21 @@ def random_masks(model: torch.nn.Module) -> Masks:
     return Masks({t.name: torch.rand(params[t.name].shape, generator=g) > 0.5 for t in prunable_targets(model)})
 
 
+def checkpoint_blocks(model: torch.nn.Module, blocks: list[str]) -> None:
+    """Per-block gradient checkpointing the way a forward wrapper does it: each block's ``forward``
+    (an instance attribute) recomputes its activations in the backward pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    for name in blocks:
+        block = model.get_submodule(name)
+        block.forward = lambda *a, inner=block.forward, **k: checkpoint(inner, *a, use_reentrant=False, **k)
+
+
+def local_grads(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: local_view(params[n].grad).clone() for n in names}
+
+
 def gathered_sum(value: float) -> float:
     t = torch.tensor([float(value)])
     dist.all_reduce(t)
@@ -98,11 +113,28 @@ def main(out: Path) -> None:
     results["stream_max_diff"] = max(float((a - b).abs().max()) for a, b in zip(plain_slots, sharded_slots))
 
     # gradients of pruned entries: non-zero after backward (the hooks do not fire), zero after mask_gradients_
+    def probe_backward(model: torch.nn.Module) -> None:
+        loss = data_parallel_loss(lambda idx: call_model(model, {k: v[idx] for k, v in calib.items()}).logits.pow(2).mean())
+        loss(torch.arange(N)).backward()
+
     probe = shard_model(copy.deepcopy(sparse), blocks, mesh)
     hooks = masks.register_gradient_masks(probe)
-    loss = data_parallel_loss(lambda idx: call_model(probe, {k: v[idx] for k, v in calib.items()}).logits.pow(2).mean())
-    loss(torch.arange(N)).backward()
+    probe_backward(probe)
     results["hooks_registered_on_shards"] = len(hooks)
+    plain_grads = local_grads(probe, masks.names())
+    # per-block gradient checkpointing composes with fully_shard, wrapped before or after sharding
+    diffs = []
+    for before in (True, False):
+        model = copy.deepcopy(sparse)
+        if before:
+            checkpoint_blocks(model, blocks)
+        shard_model(model, blocks, mesh)
+        if not before:
+            checkpoint_blocks(model, blocks)
+        probe_backward(model)
+        grads = local_grads(model, masks.names())
+        diffs.append(gathered_sum(max(float((grads[n] - plain_grads[n]).abs().max()) for n in grads)))
+    results["checkpoint_grad_diff"] = diffs
     results["pruned_grad_nonzero_before"] = gathered_sum(local_pruned_nonzero(probe, masks, grads=True))
     masks.mask_gradients_(probe)
     results["pruned_grad_nonzero_after"] = gathered_sum(local_pruned_nonzero(probe, masks, grads=True))

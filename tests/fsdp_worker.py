@@ -96,6 +96,16 @@ def main(out: Path) -> None:
     blocks = [p.block for p in stream_points(dense, calib)]
     results: dict = {"blocks": blocks}
 
+    # uneven (7 rows over 2 ranks) and empty (1 row) shards: the masks' shards line up with the weights'
+    torch.manual_seed(3)
+    odd = shard_model(torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Linear(7, 1)), ["0", "1"], mesh)
+    odd_masks = Masks({n: torch.rand(p.shape, generator=g) > 0.5 for n, p in odd.named_parameters() if n.endswith("weight")})
+    odd_masks.apply_(odd)
+    full = {n: odd.get_parameter(n).full_tensor() for n in odd_masks.names()}  # collective gathers
+    results["uneven_pruned_nonzero"] = sum(int((full[n][~m] != 0).sum()) for n, m in odd_masks.items())
+    results["uneven_kept_nonzero"] = sum(int((full[n][m] != 0).sum()) for n, m in odd_masks.items())
+    results["uneven_local_rows"] = gathered_sum(local_view(odd.get_parameter("0.weight")).shape[0] * (10 ** rank))
+
     # the one-process reference: the whole global batch, no sharding
     ref_sparse = copy.deepcopy(sparse)
     ref = heal(copy.deepcopy(dense), ref_sparse, masks, calib, HealConfig(**CONFIG))

@@ -98,6 +98,8 @@ def test_two_ranks_heal_keeps_the_contract_and_matches_one_process(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     r = json.loads((tmp_path / "rank0.json").read_text())
 
+    assert r["uneven_local_rows"] == 4 + 3 * 10  # rank 0 holds 4 of the 7 rows, rank 1 holds 3
+    assert r["uneven_pruned_nonzero"] == 0 and r["uneven_kept_nonzero"] > 0
     assert r["weights_are_dtensors"] and r["hooks_registered_on_shards"] == 0
     assert r["pruned_grad_nonzero_before"] > 0  # the bug the explicit masking fixes
     assert r["pruned_grad_nonzero_after"] == 0

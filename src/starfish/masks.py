@@ -47,18 +47,20 @@ def local_view(t: torch.Tensor) -> torch.Tensor:
 
 def local_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The part of the full ``mask`` that matches this rank's shard of ``param`` (``param`` itself when
-    it is not sharded), on the shard's device. Cut locally (no communication) with the parameter's own
-    mesh and placements, so it follows whatever sharding FSDP2 chose (uneven and empty shards too)."""
+    it is not sharded), on the shard's device. Cut where the mask lies (no communication, only the
+    shard is copied to the accelerator) with the parameter's own mesh and placements, so it follows
+    whatever sharding FSDP2 chose, uneven and empty shards included."""
     if not is_sharded(param):
         return mask.to(param.device)
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shard = local_view(param)
-    local = distribute_tensor(mask, param.device_mesh, param.placements, src_data_rank=None).to_local()
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    local = mask[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
     if local.shape != shard.shape:
         raise StarfishError(
             f"the mask's local shard has shape {tuple(local.shape)} but this rank holds {tuple(shard.shape)} of the "
-            "weight; shard the model with starfish.distributed.fsdp.shard_model (dim-0 FSDP2 sharding)."
+            "weight; shard the model with starfish.distributed.fsdp.shard_model."
         )
     return local.to(shard.device)
 

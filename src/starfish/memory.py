@@ -7,10 +7,17 @@ backward pass. Activations are *measured*, not guessed: one sample goes through 
 with ``saved_tensors_hooks`` counting every tensor saved for backward (parameters excluded), per
 block and in total, and that is scaled by the batch size. Block outputs' shapes come from the same
 pass and size the target cache.
+
+On more than one process the plan is per rank (``Parallelism``): with DDP every rank holds a full
+replica of the weights, gradients and optimizer state and the activations of its share of each
+batch; with FSDP2 the weights, gradients, optimizer state, mask shards and the best-weights copy
+are split over the N ranks, and each rank additionally holds the units it has gathered (the root's
+parameters and two blocks: the one computing and the one prefetched).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -20,7 +27,7 @@ from torch import nn
 
 from starfish.batch import call_model, select, to_device
 from starfish.errors import StarfishError
-from starfish.masks import local_view
+from starfish.masks import is_sharded, local_view
 
 GB = 1024**3
 FIX_FLAGS = "--cache-dtype float16, --cache-device disk, --recompute-targets, --heal-scope blockwise or a smaller --batch-size"
@@ -113,10 +120,45 @@ def sample_of(calibration: Mapping[str, torch.Tensor], model: nn.Module) -> dict
     return to_device(select(calibration, slice(0, 1)), model_device(model))
 
 
-def tensor_bytes(module: nn.Module, where: torch.device | None = None) -> int:
-    """Bytes of a module's parameters and buffers (only those on ``where`` when given)."""
-    tensors = [*module.parameters(), *module.buffers()]
+def tensor_bytes(module: nn.Module, where: torch.device | None = None, local: bool = False) -> int:
+    """Bytes of a module's parameters and buffers (only those on ``where`` when given); of the whole
+    tensors, or with ``local`` of what this rank holds (a sharded weight's local shard)."""
+    tensors = [local_view(t) if local else t for t in [*module.parameters(), *module.buffers()]]
     return sum(t.numel() * t.element_size() for t in tensors if where is None or _same_place(t.device, where))
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How healing is spread over processes, which decides what one rank holds.
+
+    ``single``: one process; ``ddp``: every rank a full replica, each batch split over the ranks;
+    ``fsdp``: weights, gradients and optimizer state sharded over the ranks (FSDP2)."""
+
+    mode: str = "single"
+    ranks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("single", "ddp", "fsdp") or self.ranks < 1 or (self.mode == "single" and self.ranks != 1):
+            raise StarfishError(f"parallelism must be single (1 rank), ddp or fsdp with ranks >= 1; got {self.mode} x {self.ranks}.")
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "Parallelism":
+        """FSDP2 over the mesh of the model's sharded weights, else one process."""
+        for p in model.parameters():
+            if is_sharded(p):
+                return cls("fsdp", p.device_mesh.size())
+        return cls()
+
+    def local_batch(self, batch: int) -> int:
+        """The largest share of a global batch one rank computes."""
+        return math.ceil(batch / self.ranks)
+
+    def sharded(self, nbytes: int) -> int:
+        """What one rank holds of state that FSDP splits over the ranks (all of it otherwise)."""
+        return math.ceil(nbytes / self.ranks) if self.mode == "fsdp" else nbytes
+
+    def describe(self) -> str:
+        return "one process" if self.mode == "single" else f"{self.mode} over {self.ranks} ranks, per rank"
 
 
 def _same_place(a: torch.device, b: torch.device) -> bool:
@@ -147,6 +189,7 @@ class MemoryEstimate:
     """Planned bytes per part and place; ``available`` already counts what the models occupy there."""
 
     scope: str
+    parallel: Parallelism = field(default_factory=Parallelism)
     parts: dict[str, tuple[str, int]] = field(default_factory=dict)  # part -> (place, bytes)
     available: dict[str, int] = field(default_factory=dict)  # place -> bytes it may use
     limit_gb: float | None = None
@@ -172,11 +215,13 @@ class MemoryEstimate:
         if disk:
             needs += f", {disk / GB:.2f} GB on disk"
         free = ", ".join(f"{v / GB:.1f} GB on {k}" for k, v in self.available.items())
-        return f"healing ({self.scope}) plans {needs} (available: {free})"
+        ranks = f", {self.parallel.describe()}" if self.parallel.mode != "single" else ""
+        return f"healing ({self.scope}{ranks}) plans {needs} (available: {free})"
 
     def to_dict(self) -> dict:
         return {
             "scope": self.scope,
+            "parallel": {"mode": self.parallel.mode, "ranks": self.parallel.ranks},
             "parts_mb": {k: {"place": p, "mb": b / 2**20} for k, (p, b) in self.parts.items()},
             "need_mb": {p: self.need(p) / 2**20 for p in [*self.places(), *(["disk"] if self.need("disk") else [])]},
             "available_mb": {k: v / 2**20 for k, v in self.available.items()},
@@ -208,11 +253,12 @@ def availability(places: list[str], models: list[nn.Module], limit_gb: float | N
     out: dict[str, int] = {}
     for place in places:
         device = torch.device(place)
-        if device.type not in ("cpu", "cuda"):  # no portable query: only an explicit limit applies
+        if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+            # no query possible (other backends; a plan for GPUs made on a machine without one): only a limit applies
             if limit_gb is not None:
                 out[place] = int(limit_gb * GB)
             continue
-        free = free_device_bytes(device) + sum(tensor_bytes(m, device) for m in models)
+        free = free_device_bytes(device) + sum(tensor_bytes(m, device, local=True) for m in models)
         out[place] = min(free, int(limit_gb * GB)) if limit_gb is not None else free
     return out
 
@@ -220,6 +266,15 @@ def availability(places: list[str], models: list[nn.Module], limit_gb: float | N
 def _trainable_bytes(module: nn.Module, names: list[str]) -> int:
     params = dict(module.named_parameters())
     return sum(params[k].numel() * params[k].element_size() for k in names if k in params)
+
+
+def _gathered_bytes(model: nn.Module, blocks: list[nn.Module]) -> int:
+    """What FSDP2 gathers at once: the root's own parameters (embeddings, head) for the whole
+    forward and backward, plus the computing block and the prefetched next one."""
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_blocks)
+    largest = max((sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks), default=0)
+    return root + 2 * largest
 
 
 def estimate_heal_memory(
@@ -232,13 +287,16 @@ def estimate_heal_memory(
     block_names: list[str],
     device: torch.device,
     cache_place: str,
+    parallel: Parallelism | None = None,
 ) -> MemoryEstimate:
-    """The memory plan of ``heal`` for this config, before anything is moved or trained."""
+    """The memory plan of ``heal`` for this config, before anything is moved or trained; per rank
+    under ``parallel`` (default: FSDP2 when the weights are sharded, else one process)."""
     from starfish.batch import batch_len, model_device
     from starfish.heal.targets import CACHE_DTYPES
 
+    parallel = parallel or Parallelism.of(sparse)
     n = batch_len(calibration)
-    batch = min(config.batch_size, n)
+    batch = parallel.local_batch(min(config.batch_size, n))
     compute = place_name(device)
     home = place_name(model_device(sparse))  # where the models stay in block-wise healing
     cache = "disk" if cache_place == "disk" else place_name(cache_place)
@@ -248,7 +306,8 @@ def estimate_heal_memory(
     blocks = [sparse.get_submodule(b) for b in block_names]
     probe = probe_activations(sparse, blocks, sample_of(calibration, sparse), set(mask_names))
     models = [dense, sparse] if objective.needs_dense else [sparse]
-    plan = MemoryEstimate(config.scope, limit_gb=config.memory_limit_gb)
+    plan = MemoryEstimate(config.scope, parallel, limit_gb=config.memory_limit_gb)
+    shard = parallel.sharded
     float_size = 4
 
     if config.scope == "blockwise":
@@ -270,16 +329,22 @@ def estimate_heal_memory(
     else:
         train = _trainable_bytes(sparse, mask_names)
         numel = sum(sparse.get_parameter(k).numel() for k in mask_names)
-        plan.add("weights", compute, sum(tensor_bytes(m) for m in models))
-        plan.add("gradients", compute, train)
-        plan.add("optimizer state", compute, optimizer_slots * train)
-        plan.add("masks", compute, numel * 5)
+        plan.add("weights", compute, shard(sum(tensor_bytes(m) for m in models)))
+        if parallel.mode == "fsdp":
+            plan.add("gathered units (root + 2 blocks)", compute, _gathered_bytes(sparse, blocks))
+        plan.add("gradients", compute, shard(train))
+        plan.add("optimizer state", compute, shard(optimizer_slots * train))
+        if parallel.mode == "fsdp":  # boolean shards beside the weights; the full masks stay on the host
+            plan.add("masks", compute, shard(numel))
+            plan.add("full masks", "cpu", numel)
+        else:  # boolean masks plus the float copies the gradient hooks multiply by
+            plan.add("masks", compute, numel * 5)
         per_sample_targets = (sum(probe.block_output_numel) if objective.needs_blocks else 0) + (
             probe.logits_numel if objective.needs_logits else 0
         )
         plan.add("activations", compute, probe.saved_total * batch + per_sample_targets * batch * float_size)
         if objective.needs_dense and not config.recompute_targets:
             plan.add("dense targets", cache, n * per_sample_targets * cache_size)
-        plan.add("best-weights copy", host_copy, train)
+        plan.add("best-weights copy", host_copy, shard(train))
     plan.available = availability(plan.places(), models, config.memory_limit_gb)
     return plan

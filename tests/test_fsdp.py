@@ -119,3 +119,38 @@ def test_two_ranks_heal_keeps_the_contract_and_matches_one_process(tmp_path):
     # bf16 through FSDP2's mixed-precision policy: float32 shards, contract intact
     assert r["bf16_violations"] == {} and r["bf16_shard_dtype"] == "torch.float32"
     assert len(r["bf16_losses"]) == 3 and all(abs(a - b) < 0.05 for a, b in zip(r["bf16_losses"], r["reference_losses"]))
+
+
+def test_memory_plan_per_rank():
+    from starfish.heal import HealConfig
+    from starfish.heal.objectives import get_objective
+    from starfish.memory import Parallelism, estimate_heal_memory
+
+    dense, sparse = small_mlp(), small_mlp()
+    names = list(mlp_masks(sparse))
+    calib = {"pixel_values": torch.randn(16, 6)}
+    config = HealConfig(batch_size=8, device="cpu", progress=False)
+
+    def plan(mode: str, ranks: int) -> dict[str, int]:
+        estimate = estimate_heal_memory(dense, sparse, names, calib, config, get_objective("starfish"), ["0", "2", "4"],
+                                        torch.device("cpu"), "cpu", Parallelism(mode, ranks))
+        return {part: nbytes for part, (_, nbytes) in estimate.parts.items()}
+
+    single, ddp, fsdp = plan("single", 1), plan("ddp", 4), plan("fsdp", 4)
+    for part in ("weights", "gradients", "optimizer state", "best-weights copy"):
+        assert ddp[part] == single[part] > 0  # DDP replicates
+        assert fsdp[part] == -(-single[part] // 4)  # FSDP splits over the ranks
+    assert ddp["activations"] * 4 == single["activations"] == fsdp["activations"] * 4  # local batch 2 of 8
+    block_bytes = max(sum(p.numel() * 4 for p in sparse.get_submodule(b).parameters()) for b in ["0", "2", "4"])
+    assert fsdp["gathered units (root + 2 blocks)"] == 2 * block_bytes and "gathered units (root + 2 blocks)" not in ddp
+    assert fsdp["masks"] < single["masks"] and fsdp["dense targets"] == single["dense targets"]
+    with pytest.raises(StarfishError, match="parallelism"):
+        Parallelism("single", 2)
+
+
+def test_parallelism_is_read_from_sharded_weights(one_rank):
+    from starfish.distributed.fsdp import shard_model
+    from starfish.memory import Parallelism
+
+    assert Parallelism.of(small_mlp()) == Parallelism()
+    assert Parallelism.of(shard_model(small_mlp(), ["0", "2", "4"], one_rank)) == Parallelism("fsdp", 1)

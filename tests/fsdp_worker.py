@@ -49,14 +49,22 @@ def random_masks(model: torch.nn.Module) -> Masks:
     return Masks({t.name: torch.rand(params[t.name].shape, generator=g) > 0.5 for t in prunable_targets(model)})
 
 
-def checkpoint_blocks(model: torch.nn.Module, blocks: list[str]) -> None:
+def checkpoint_blocks(model: torch.nn.Module, blocks: list[str]) -> list[int]:
     """Per-block gradient checkpointing the way a forward wrapper does it: each block's ``forward``
-    (an instance attribute) recomputes its activations in the backward pass."""
+    (an instance attribute) recomputes its activations in the backward pass. Returns a counter of
+    the blocks' forward computations (two per block and step when the recomputation happens)."""
     from torch.utils.checkpoint import checkpoint
 
+    calls = [0]
     for name in blocks:
         block = model.get_submodule(name)
-        block.forward = lambda *a, inner=block.forward, **k: checkpoint(inner, *a, use_reentrant=False, **k)
+
+        def counted(*a, inner=block.forward, **k):
+            calls[0] += 1
+            return inner(*a, **k)
+
+        block.forward = lambda *a, counted=counted, **k: checkpoint(counted, *a, use_reentrant=False, **k)
+    return calls
 
 
 def local_grads(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -133,18 +141,20 @@ def main(out: Path) -> None:
     results["hooks_registered_on_shards"] = len(hooks)
     plain_grads = local_grads(probe, masks.names())
     # per-block gradient checkpointing composes with fully_shard, wrapped before or after sharding
-    diffs = []
+    diffs, computations = [], []
     for before in (True, False):
         model = copy.deepcopy(sparse)
         if before:
-            checkpoint_blocks(model, blocks)
+            calls = checkpoint_blocks(model, blocks)
         shard_model(model, blocks, mesh)
         if not before:
-            checkpoint_blocks(model, blocks)
+            calls = checkpoint_blocks(model, blocks)
         probe_backward(model)
         grads = local_grads(model, masks.names())
         diffs.append(gathered_sum(max(float((grads[n] - plain_grads[n]).abs().max()) for n in grads)))
+        computations.append(calls[0])
     results["checkpoint_grad_diff"] = diffs
+    results["checkpoint_block_computations"] = computations
     results["pruned_grad_nonzero_before"] = gathered_sum(local_pruned_nonzero(probe, masks, grads=True))
     masks.mask_gradients_(probe)
     results["pruned_grad_nonzero_after"] = gathered_sum(local_pruned_nonzero(probe, masks, grads=True))
@@ -154,6 +164,8 @@ def main(out: Path) -> None:
     results["weights_are_dtensors"] = all(is_sharded(sharded_sparse.get_parameter(n)) for n in masks.names())
     healed = heal(sharded_dense, sharded_sparse, masks, calib, HealConfig(**CONFIG))
     results["fsdp_losses"] = healed.loss_history
+    results["activations_mb"] = [r.memory_estimate["parts_mb"]["activations"]["mb"] for r in (ref, healed)]
+    results["plan_parallel"] = healed.memory_estimate["parallel"]
     results["violations"] = masks.violations(sharded_sparse)  # collective
     results["shard_pruned_nonzero"] = gathered_sum(local_pruned_nonzero(sharded_sparse, masks))
     results["shard_pruned_grad_nonzero"] = gathered_sum(local_pruned_nonzero(sharded_sparse, masks, grads=True))

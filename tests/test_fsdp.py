@@ -110,12 +110,18 @@ def test_two_ranks_heal_keeps_the_contract_and_matches_one_process(tmp_path):
     # forward hooks that record block outputs fire under fully_shard and see the same stream
     assert r["stream_recorded"] == len(r["blocks"]) == 2 and r["stream_max_diff"] < 1e-5
     # per-block gradient checkpointing (wrapped before or after sharding) gives the same gradients
+    assert r["checkpoint_block_computations"] == [2 * len(r["blocks"])] * 2  # forward + recomputation per block
     assert max(r["checkpoint_grad_diff"]) < 1e-5
     # data parallel over 2 ranks (batches of 3, 3 and 1: uneven and empty shares) = one process
     assert len(r["fsdp_losses"]) == len(r["reference_losses"]) == 6
     assert r["fsdp_losses"] == pytest.approx(r["reference_losses"], rel=1e-4, abs=1e-5)
     assert r["max_change"] > 1e-3  # healing moved the weights ...
     assert r["max_diff_vs_reference"] < 1e-4  # ... and the sharded run moved them the same way
+    # the memory plan knows it is one of 2 FSDP ranks, and its activation probe counts no gathered weight:
+    # per sample the same as one process (local batch 2 of 3)
+    assert r["plan_parallel"] == {"mode": "fsdp", "ranks": 2}
+    one, sharded = r["activations_mb"]
+    assert sharded / 2 == pytest.approx(one / 3, rel=0.05)
     # bf16 through FSDP2's mixed-precision policy: float32 shards, contract intact
     assert r["bf16_violations"] == {} and r["bf16_shard_dtype"] == "torch.float32"
     assert len(r["bf16_losses"]) == 3 and all(abs(a - b) < 0.05 for a, b in zip(r["bf16_losses"], r["reference_losses"]))

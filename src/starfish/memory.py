@@ -63,8 +63,13 @@ def probe_activations(model: nn.Module, blocks: list[nn.Module], sample: Mapping
     current: list[int | None] = [None]
     total = [0]
 
+    def gathered(module: nn.Module, *_) -> None:
+        """FSDP2 swaps gathered weights (views into one all-gather buffer) in before a unit's forward:
+        their storage is weights, not activations."""
+        param_storages.update(_storage_key(local_view(p)) for p in module.parameters())
+
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, nn.Parameter):  # also FSDP2's gathered weights, which are not model.parameters()
+        if isinstance(t, nn.Parameter):
             return t
         try:
             ptr = _storage_key(t)
@@ -83,6 +88,7 @@ def probe_activations(model: nn.Module, blocks: list[nn.Module], sample: Mapping
     for i, block in enumerate(blocks):
 
         def pre(_m, _args, i=i):
+            gathered(_m)
             current[0] = i
 
         def post(_m, _args, out, i=i):
@@ -94,6 +100,7 @@ def probe_activations(model: nn.Module, blocks: list[nn.Module], sample: Mapping
 
         handles.append(block.register_forward_pre_hook(pre))
         handles.append(block.register_forward_hook(post))
+    handles.append(model.register_forward_pre_hook(gathered))
     modes = {m: m.training for m in model.modules()}
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     model.eval()

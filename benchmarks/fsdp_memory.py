@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="global batch")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/fsdp_memory")
+    parser.add_argument("--processes", default="1,2", help="which runs: 1 (unsharded), 2 (FSDP2 over 2 ranks)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -135,8 +136,11 @@ def main() -> None:
     passed = ["--model", args.model, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--out", args.out, "--worker"]
     me = str(Path(__file__).resolve())
-    subprocess.run([sys.executable, me, *passed], env=env, check=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", me, *passed], env=env, check=True)
+    runs = args.processes.split(",")
+    if "1" in runs:
+        subprocess.run([sys.executable, me, *passed], env=env, check=True)
+    if "2" in runs:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", me, *passed], env=env, check=True)
     rows = [json.loads(p.read_text()) for p in sorted(Path(args.out).glob("world*_rank*.json"))]
     print("| processes | rank | RSS loaded (MiB) | RSS sharded | healing peak | healing extra (peak - start) | planned per rank (MiB) | steps | s | violations |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")

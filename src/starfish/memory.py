@@ -327,7 +327,7 @@ def estimate_heal_memory(
         plan.add("one dense + one sparse block", compute, 2 * tensor_bytes(blocks[largest]) if blocks else 0)
         plan.add("gradients", compute, train)
         plan.add("optimizer state", compute, optimizer_slots * train)
-        plan.add("masks", compute, numel * 5)
+        plan.add("masks", compute, numel + train)
         stream = max(probe.block_output_numel, default=0)
         plan.add("activations", compute, max(probe.saved_per_block, default=0) * batch + 3 * stream * batch * float_size)
         copies = 3 if config.blockwise_inputs == "sparse" else 2
@@ -344,8 +344,8 @@ def estimate_heal_memory(
         if parallel.mode == "fsdp":  # boolean shards beside the weights; the full masks stay on the host
             plan.add("masks", compute, shard(numel))
             plan.add("full masks", "cpu", numel)
-        else:  # boolean masks plus the float copies the gradient hooks multiply by
-            plan.add("masks", compute, numel * 5)
+        else:  # boolean masks plus the copies in the weights' dtype that the gradient hooks multiply by
+            plan.add("masks", compute, numel + train)
         per_sample_targets = (sum(probe.block_output_numel) if objective.needs_blocks else 0) + (
             probe.logits_numel if objective.needs_logits else 0
         )

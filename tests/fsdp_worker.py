@@ -140,6 +140,13 @@ def main(out: Path) -> None:
     probe_backward(probe)
     results["hooks_registered_on_shards"] = len(hooks)
     plain_grads = local_grads(probe, masks.names())
+    # the gradient FSDP2 reduces is the one-process gradient of the global batch (not a multiple:
+    # Adam would hide a constant factor in the weights)
+    one = copy.deepcopy(sparse)
+    call_model(one, calib).logits.pow(2).mean().backward()
+    full_grads = {n: probe.get_parameter(n).grad.full_tensor() for n in masks.names()}  # collective
+    results["grad_diff_vs_one_process"] = max(float((full_grads[n] - one.get_parameter(n).grad).abs().max()) for n in full_grads)
+    results["grad_scale"] = max(float(one.get_parameter(n).grad.abs().max()) for n in full_grads)
     # per-block gradient checkpointing composes with fully_shard, wrapped before or after sharding
     diffs, computations = [], []
     for before in (True, False):

@@ -101,6 +101,7 @@ def test_two_ranks_heal_keeps_the_contract_and_matches_one_process(tmp_path):
     assert r["uneven_local_rows"] == 4 + 3 * 10  # rank 0 holds 4 of the 7 rows, rank 1 holds 3
     assert r["uneven_pruned_nonzero"] == 0 and r["uneven_kept_nonzero"] > 0
     assert r["weights_are_dtensors"] and r["hooks_registered_on_shards"] == 0
+    assert r["grad_diff_vs_one_process"] < 1e-5 * max(1.0, r["grad_scale"]) and r["grad_scale"] > 1e-3
     assert r["pruned_grad_nonzero_before"] > 0  # the bug the explicit masking fixes
     assert r["pruned_grad_nonzero_after"] == 0
     # the mask contract: on every shard, over all ranks, and in the gathered full state dict

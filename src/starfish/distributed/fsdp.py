@@ -11,8 +11,10 @@ stay full on the host and each rank keeps only its shard of each mask beside the
 hooks never fire on FSDP2 parameters, and the masks are re-applied after every optimizer step.
 
 Each global batch (the same permutation on every rank, as in one process) is split over the ranks;
-FSDP2 reduce-scatters the rank-averaged gradient, and each rank's loss is scaled by its share of
-the batch so the averaged gradient is the gradient of the global batch mean. Every rank must run
+each rank's loss is weighted by its share of the batch (n_rank / n_batch) and FSDP2 reduce-scatters
+the *sum* of the gradients (divide factor 1, set by ``shard_model``), which is the gradient of the
+global batch mean, also when a batch does not split evenly. This is the convention of the DDP step
+(``distributed.ddp``), so either split of the batch works with a model sharded here. Every rank must run
 every forward pass of a sharded model (each one all-gathers parameters), so the code that runs on
 one rank only (writing outputs) works on ``full_state_dict``, never on the sharded model.
 
@@ -61,7 +63,9 @@ def mixed_precision(precision: str):
 def shard_model(model: nn.Module, block_names: list[str], mesh, precision: str = "float32") -> nn.Module:
     """Shard ``model`` in place with FSDP2: one unit per block (in ``block_names``), then the root.
 
-    Every unit, the root included, reshards after its forward pass: masks, the divergence guard and
+    Gradients are summed over the ranks, not averaged (divide factor 1): each rank's loss already
+    carries its share of the global batch (``data_parallel_loss``). Every unit, the root included,
+    reshards after its forward pass: masks, the divergence guard and
     the optimizer work on the parameter shards, so no parameter may stay gathered once a forward
     pass ends (a no-grad forward, e.g. the target cache, never runs the backward that would free
     them). Parameter names do not change, so masks keyed by name apply as before. Per-block
@@ -74,9 +78,12 @@ def shard_model(model: nn.Module, block_names: list[str], mesh, precision: str =
     if not block_names:
         raise StarfishError("FSDP shards the model block by block but no blocks were found; name them with --blocks REGEX.")
     policy = mixed_precision(precision)
-    for name in block_names:
-        fully_shard(model.get_submodule(name), mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    units = [model.get_submodule(name) for name in block_names] + [model]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    for unit in units:  # each FSDP module sets its own parameter group only
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum); factor 1: no scaling
     return model
 
 
@@ -98,9 +105,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rank_share(index: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's samples of a global batch: every ``world``-th one from ``rank`` on (the shares
-    differ by at most one sample)."""
-    return index[rank::world]
+    """This rank's contiguous part of a global batch (the parts differ by at most one sample, the
+    first ranks taking the larger ones, as the DDP split does)."""
+    return torch.tensor_split(index, world)[rank]
 
 
 def data_parallel_loss(
@@ -108,24 +115,24 @@ def data_parallel_loss(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``loss_of`` over global batches, computed on this rank's share of each.
 
-    The returned loss back-propagates this rank's mean scaled by ``world * share / batch``, so the
-    gradient FSDP2 (or DDP) averages over the ranks is the gradient of the global batch mean even
-    when the batch does not split evenly; its *value* is that global mean (one all-reduce of a
-    scalar), so the divergence guard sees the same loss on every rank and they stop together. A
-    rank whose share is empty (a batch smaller than the world) still runs one sample with weight 0:
-    every rank must take part in every gather.
+    The returned loss back-propagates this rank's mean weighted by ``share / batch``, so the
+    gradients FSDP2 sums over the ranks are the gradient of the global batch mean, also when the
+    batch does not split evenly; its *value* is the global batch mean (one all-reduce of a scalar),
+    so the divergence guard sees the same loss on every rank and they stop together. A rank whose
+    share is empty (a batch smaller than the world) still runs one sample with weight 0: every rank
+    must take part in every gather.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
 
     def local_loss(index: torch.Tensor) -> torch.Tensor:
         share = rank_share(index, rank, world)
-        weight = world * len(share) / len(index)
+        weight = len(share) / len(index)
         if len(share) == 0:
             share = index[:1]
-        scaled = loss_of(share) * weight
-        total = scaled.detach().float().clone()
+        weighted = loss_of(share) * weight
+        total = weighted.detach().float().clone()
         dist.all_reduce(total, group=group)
-        return scaled + (total / world - scaled.detach()).to(scaled.dtype)
+        return weighted + (total - weighted.detach()).to(weighted.dtype)
 
     return local_loss
 

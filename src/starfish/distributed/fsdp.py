@@ -31,7 +31,9 @@ from torch import nn
 
 from starfish.errors import StarfishError
 
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+# --precision names (heal.precision's fp32/bf16, and the dtype names); fp16 needs a gradient scaler
+# that FSDP2's policy does not bring, so it is not offered here
+PRECISIONS = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 def fsdp_mesh(device_type: str | None = None):
@@ -60,7 +62,7 @@ def mixed_precision(precision: str):
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
-def shard_model(model: nn.Module, block_names: list[str], mesh, precision: str = "float32") -> nn.Module:
+def shard_model(model: nn.Module, block_names: list[str], mesh, precision: str = "fp32") -> nn.Module:
     """Shard ``model`` in place with FSDP2: one unit per block (in ``block_names``), then the root.
 
     Gradients are summed over the ranks, not averaged (divide factor 1): each rank's loss already

@@ -12,10 +12,17 @@ healing stops (the head is skipped, its output not counted). With per-block grad
 checkpointing the plan keeps what is saved outside the blocks, every block's input and one block's
 internals (``ActivationProbe.activations``). Block outputs' shapes come from the same pass and size
 the target cache.
+
+On more than one process the plan is per rank (``Parallelism``): with DDP every rank holds a full
+replica of the weights, gradients and optimizer state and the activations of its share of each
+batch; with FSDP2 the weights, gradients, optimizer state, mask shards and the best-weights copy
+are split over the N ranks, and each rank additionally holds the units it has gathered (the root's
+parameters and two blocks: the one computing and the one prefetched).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -25,6 +32,7 @@ from torch import nn
 
 from starfish.batch import call_model, select, to_device
 from starfish.errors import StarfishError
+from starfish.masks import is_sharded, local_view
 
 GB = 1024**3
 FIX_FLAGS = "--cache-dtype float16, --cache-device disk, --recompute-targets, --heal-scope blockwise or a smaller --batch-size"
@@ -77,8 +85,11 @@ class _Saved:
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int] | None:
+    """(identity, bytes) of the memory a tensor views: its data pointer, or on the meta device (no
+    data, every pointer 0) the storage object itself, so a model built on ``meta`` can be probed."""
     try:
-        return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        storage = t.untyped_storage()
+        return (storage._cdata if t.is_meta else storage.data_ptr()), storage.nbytes()
     except (RuntimeError, NotImplementedError):
         return None
 
@@ -93,12 +104,20 @@ def _count_saved(model: nn.Module, blocks: list[nn.Module], sample: Mapping[str,
     from starfish.batch import model_device
     from starfish.structure import input_tensor
 
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_storages = {key[0] for p in model.parameters() if (key := _storage(local_view(p))) is not None}
     seen: set[int] = set()
+
+    def gathered(module: nn.Module, *_) -> None:
+        """FSDP2 swaps gathered weights (views into one all-gather buffer) in before a unit's forward:
+        their storage is weights, not activations."""
+        param_storages.update(key[0] for p in module.parameters() if (key := _storage(local_view(p))) is not None)
+
     out = _Saved(0, [0] * len(blocks), [0] * len(blocks), [0] * len(blocks), 0, 0)
     current: list[int | None] = [None]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, nn.Parameter):
+            return t
         # kept detached: a saved *output* returned as itself would reference its own grad_fn, a cycle
         # through autograd that the garbage collector cannot see (every probe leaked its activations)
         storage = _storage(t)
@@ -114,6 +133,7 @@ def _count_saved(model: nn.Module, blocks: list[nn.Module], sample: Mapping[str,
     for i, block in enumerate(blocks):
 
         def pre(_m, args, kwargs, i=i):
+            gathered(_m)
             current[0] = i
             stream = input_tensor(args, kwargs)
             out.inputs[i] = stream.numel() * stream.element_size() if stream is not None else 0
@@ -127,6 +147,7 @@ def _count_saved(model: nn.Module, blocks: list[nn.Module], sample: Mapping[str,
 
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block.register_forward_hook(post))
+    handles.append(model.register_forward_pre_hook(gathered))
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with autocast(precision, model_device(model)), record_stream(model, points or [], stop=points is not None):
@@ -193,10 +214,45 @@ def sample_of(calibration: Mapping[str, torch.Tensor], model: nn.Module, count: 
     return to_device(select(calibration, slice(0, count)), model_device(model))
 
 
-def tensor_bytes(module: nn.Module, where: torch.device | None = None) -> int:
-    """Bytes of a module's parameters and buffers (only those on ``where`` when given)."""
-    tensors = [*module.parameters(), *module.buffers()]
+def tensor_bytes(module: nn.Module, where: torch.device | None = None, local: bool = False) -> int:
+    """Bytes of a module's parameters and buffers (only those on ``where`` when given); of the whole
+    tensors, or with ``local`` of what this rank holds (a sharded weight's local shard)."""
+    tensors = [local_view(t) if local else t for t in [*module.parameters(), *module.buffers()]]
     return sum(t.numel() * t.element_size() for t in tensors if where is None or _same_place(t.device, where))
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How healing is spread over processes, which decides what one rank holds.
+
+    ``single``: one process; ``ddp``: every rank a full replica, each batch split over the ranks;
+    ``fsdp``: weights, gradients and optimizer state sharded over the ranks (FSDP2)."""
+
+    mode: str = "single"
+    ranks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("single", "ddp", "fsdp") or self.ranks < 1 or (self.mode == "single" and self.ranks != 1):
+            raise StarfishError(f"parallelism must be single (1 rank), ddp or fsdp with ranks >= 1; got {self.mode} x {self.ranks}.")
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "Parallelism":
+        """FSDP2 over the mesh of the model's sharded weights, else one process."""
+        for p in model.parameters():
+            if is_sharded(p):
+                return cls("fsdp", p.device_mesh.size())
+        return cls()
+
+    def local_batch(self, batch: int) -> int:
+        """The largest share of a global batch one rank computes."""
+        return math.ceil(batch / self.ranks)
+
+    def sharded(self, nbytes: int) -> int:
+        """What one rank holds of state that FSDP splits over the ranks (all of it otherwise)."""
+        return math.ceil(nbytes / self.ranks) if self.mode == "fsdp" else nbytes
+
+    def describe(self) -> str:
+        return "one process" if self.mode == "single" else f"{self.mode} over {self.ranks} ranks, per rank"
 
 
 def _same_place(a: torch.device, b: torch.device) -> bool:
@@ -227,6 +283,7 @@ class MemoryEstimate:
     """Planned bytes per part and place; ``available`` already counts what the models occupy there."""
 
     scope: str
+    parallel: Parallelism = field(default_factory=Parallelism)
     parts: dict[str, tuple[str, int]] = field(default_factory=dict)  # part -> (place, bytes)
     available: dict[str, int] = field(default_factory=dict)  # place -> bytes it may use
     limit_gb: float | None = None
@@ -256,11 +313,13 @@ class MemoryEstimate:
         if disk:
             needs += f", {disk / GB:.2f} GB on disk"
         free = ", ".join(f"{v / GB:.1f} GB on {k}" for k, v in self.available.items())
-        return f"healing ({self.scope}) plans {needs} (available: {free})"
+        ranks = f", {self.parallel.describe()}" if self.parallel.mode != "single" else ""
+        return f"healing ({self.scope}{ranks}) plans {needs} (available: {free})"
 
     def to_dict(self) -> dict:
         return {
             "scope": self.scope,
+            "parallel": {"mode": self.parallel.mode, "ranks": self.parallel.ranks},
             "parts_mb": {k: {"place": p, "mb": b / 2**20} for k, (p, b) in self.parts.items()},
             "need_mb": {p: self.need(p) / 2**20 for p in [*self.places(), *(["disk"] if self.need("disk") else [])]},
             "available_mb": {k: v / 2**20 for k, v in self.available.items()},
@@ -302,11 +361,12 @@ def availability(places: list[str], models: list[nn.Module], limit_gb: float | N
     out: dict[str, int] = {}
     for place in places:
         device = torch.device(place)
-        if device.type not in ("cpu", "cuda"):  # no portable query: only an explicit limit applies
+        if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+            # no query possible (other backends; a plan for GPUs made on a machine without one): only a limit applies
             if limit_gb is not None:
                 out[place] = int(limit_gb * GB)
             continue
-        free = free_device_bytes(device) + sum(tensor_bytes(m, device) for m in models)
+        free = free_device_bytes(device) + sum(tensor_bytes(m, device, local=True) for m in models)
         out[place] = min(free, int(limit_gb * GB)) if limit_gb is not None else free
     return out
 
@@ -314,6 +374,15 @@ def availability(places: list[str], models: list[nn.Module], limit_gb: float | N
 def _trainable_bytes(module: nn.Module, names: list[str]) -> int:
     params = dict(module.named_parameters())
     return sum(params[k].numel() * params[k].element_size() for k in names if k in params)
+
+
+def _gathered_bytes(model: nn.Module, blocks: list[nn.Module]) -> int:
+    """What FSDP2 gathers at once: the root's own parameters (embeddings, head) for the whole
+    forward and backward, plus the computing block and the prefetched next one."""
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_blocks)
+    largest = max((sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks), default=0)
+    return root + 2 * largest
 
 
 def estimate_heal_memory(
@@ -331,19 +400,22 @@ def estimate_heal_memory(
     checkpoint: bool = False,
     points: list | None = None,
     probe: ActivationProbe | None = None,
+    parallel: Parallelism | None = None,
 ) -> MemoryEstimate:
     """The memory plan of ``heal`` for this config, before anything is moved or trained.
 
     ``precision``: the resolved autocast (activations are measured under it); ``checkpoint``: per-block
     gradient checkpointing in joint scope; ``points``: the stream points, given when the objective
     reads no logits so the head is skipped (and not counted); ``probe``: a measurement from an
-    earlier plan of the same run (``plan.probe``), to re-plan without running the model again.
+    earlier plan of the same run (``plan.probe``), to re-plan without running the model again;
+    ``parallel``: the plan is per rank (default: FSDP2 when the weights are sharded, else one process).
     """
     from starfish.batch import batch_len, model_device
     from starfish.heal.targets import CACHE_DTYPES
 
+    parallel = parallel or Parallelism.of(sparse)
     n = batch_len(calibration)
-    batch = min(config.batch_size, n)
+    batch = parallel.local_batch(min(config.batch_size, n))
     compute = place_name(device)
     home = place_name(model_device(sparse))  # where the models stay in block-wise healing
     cache = "disk" if cache_place == "disk" else place_name(cache_place)
@@ -357,8 +429,9 @@ def estimate_heal_memory(
         probe = probe_activations(sparse, blocks, sample, set(mask_names), precision, points if skip_head else None)
     checkpoint = checkpoint and config.scope == "joint"
     models = [dense, sparse] if objective.needs_dense else [sparse]
-    plan = MemoryEstimate(config.scope, limit_gb=config.memory_limit_gb, precision=precision, checkpoint=checkpoint,
+    plan = MemoryEstimate(config.scope, parallel, limit_gb=config.memory_limit_gb, precision=precision, checkpoint=checkpoint,
                           head_skipped=skip_head, probe=probe)
+    shard = parallel.sharded
     float_size = 4
 
     if config.scope == "blockwise":
@@ -371,7 +444,7 @@ def estimate_heal_memory(
         plan.add("one dense + one sparse block", compute, 2 * tensor_bytes(blocks[largest]) if blocks else 0)
         plan.add("gradients", compute, train)
         plan.add("optimizer state", compute, optimizer_slots * train)
-        plan.add("masks", compute, numel * 5)
+        plan.add("masks", compute, numel + train)
         stream = max(probe.block_output_numel, default=0)
         one_block = max((f + b * batch for f, b in zip(probe.fixed_per_block, probe.saved_per_block)), default=0)
         plan.add("activations", compute, one_block + 3 * stream * batch * float_size)
@@ -381,10 +454,16 @@ def estimate_heal_memory(
     else:
         train = _trainable_bytes(sparse, mask_names)
         numel = sum(sparse.get_parameter(k).numel() for k in mask_names)
-        plan.add("weights", compute, sum(tensor_bytes(m) for m in models))
-        plan.add("gradients", compute, train)
-        plan.add("optimizer state", compute, optimizer_slots * train)
-        plan.add("masks", compute, numel * 5)
+        plan.add("weights", compute, shard(sum(tensor_bytes(m) for m in models)))
+        if parallel.mode == "fsdp":
+            plan.add("gathered units (root + 2 blocks)", compute, _gathered_bytes(sparse, blocks))
+        plan.add("gradients", compute, shard(train))
+        plan.add("optimizer state", compute, shard(optimizer_slots * train))
+        if parallel.mode == "fsdp":  # boolean shards beside the weights; the full masks stay on the host
+            plan.add("masks", compute, shard(numel))
+            plan.add("full masks", "cpu", numel)
+        else:  # boolean masks plus the copies in the weights' dtype that the gradient hooks multiply by
+            plan.add("masks", compute, numel + train)
         per_sample_targets = (sum(probe.block_output_numel) if objective.needs_blocks else 0) + (
             probe.logits_numel if objective.needs_logits else 0
         )
@@ -393,6 +472,6 @@ def estimate_heal_memory(
             plan.add("logits", compute, probe.logits_bytes * batch)
         if objective.needs_dense and not config.recompute_targets:
             plan.add("dense targets", cache, n * per_sample_targets * cache_size)
-        plan.add("best-weights copy", host_copy, train)
+        plan.add("best-weights copy", host_copy, shard(train))
     plan.available = availability(plan.places(), models, config.memory_limit_gb)
     return plan

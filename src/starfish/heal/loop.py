@@ -44,7 +44,7 @@ from starfish.heal.precision import as_float, autocast, check_precision, resolve
 from starfish.heal.steps import StepsOutcome, cosine_lr, set_heal_mode, train_steps, warn_divergence
 from starfish.heal.stopping import held_out_monitor, plan_stopping
 from starfish.heal.targets import CACHE_DTYPES, TargetCache, TensorStore, cache_location
-from starfish.masks import Masks
+from starfish.masks import Masks, is_sharded
 from starfish.memory import MemoryEstimate, estimate_heal_memory
 from starfish.structure import StreamPoint, stream_points
 
@@ -148,7 +148,8 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
         dense.to(device).eval()
     sparse.to(device)
     set_heal_mode(sparse, config)
-    masks = job.masks.to(device)
+    sharded = _sharded(sparse)
+    masks = job.masks if sharded else job.masks.to(device)  # sharded: full masks stay home, shards go beside weights
     masks.apply_(sparse)
     dense_run = _Runner(dense, job.points, device, job.precision, objective.needs_logits)
     sparse_run = _Runner(sparse, job.points, device, job.precision, objective.needs_logits)
@@ -170,6 +171,10 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
         labels = labels_all[index].to(device) if labels_all is not None else None
         return objective.loss(sparse_run(batch), target, labels, config)
 
+    if sharded:  # each rank trains on its share of every global batch
+        from starfish.distributed.fsdp import data_parallel_loss
+
+        loss_of = data_parallel_loss(loss_of)
     monitor = held_out_monitor(job, dense_run, sparse_run, n)
     checkpointing = (
         checkpoint_blocks(sparse, block_names, [p.module for p in job.points]) if job.checkpoint else contextlib.nullcontext()
@@ -207,6 +212,11 @@ def _memory_plan(
     return plan
 
 
+def _sharded(model: nn.Module) -> bool:
+    """True when the model's weights are FSDP2 shards (DTensors): healing is then data-parallel."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
 def heal(
     dense: nn.Module,
     sparse: nn.Module,
@@ -231,6 +241,10 @@ def heal(
     calib = calibration_set(calibration)
     _check_inputs(objective, calib, config)
     calib, held, record, config = plan_stopping(calib, holdout, holdout_source, objective, config)
+    if _sharded(sparse):
+        from starfish.distributed.fsdp import check_fsdp_scope
+
+        check_fsdp_scope(config.scope)
 
     points: list[StreamPoint] = []
     if objective.needs_blocks:  # where each block's residual stream is read, decided on one batch

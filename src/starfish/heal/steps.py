@@ -21,7 +21,7 @@ from torch.profiler import record_function
 from starfish.distributed.ddp import data_parallel_step
 from starfish.heal.config import HealConfig
 from starfish.heal.precision import LossScaler
-from starfish.masks import Masks
+from starfish.masks import Masks, local_view
 
 if TYPE_CHECKING:
     from starfish.heal.checkpoint import ResumePoint
@@ -147,7 +147,7 @@ class WeightSnapshot:
 def snapshot_tensors(module: nn.Module, masks: Masks) -> dict[str, torch.Tensor]:
     """The tensors a divergence rollback restores: the masked (trained) weights and float buffers."""
     params = dict(module.named_parameters())
-    out = {k: params[k] for k in masks.names()}
+    out = {k: local_view(params[k]) for k in masks.names()}  # a sharded weight: this rank's shard
     out.update({k: b for k, b in module.named_buffers() if b.is_floating_point()})
     return out
 
@@ -219,6 +219,7 @@ def train_steps(
                 with record_function("starfish.heal.backward"):
                     scaler.backward(loss)
                     shared.reduce_gradients()
+                    masks.mask_gradients_(module)  # FSDP2 parameters run no gradient hooks
                 with record_function("starfish.heal.optimizer"):
                     scaler.step(optimizer)
                 with record_function("starfish.heal.remask"):

@@ -37,7 +37,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -46,9 +46,6 @@ from starfish.distributed.context import is_writer
 from starfish.errors import StarfishError
 from starfish.masks import Masks
 from starfish.outputs import RESUME_MARKER, discard_resume, resume_dir
-
-if TYPE_CHECKING:
-    from starfish.heal.steps import DivergenceGuard, StepsOutcome
 
 AUTO = "auto"
 AUTO_SECONDS = 300.0  # auto: a checkpoint once five minutes have passed since the last one (or the start)...
@@ -277,8 +274,8 @@ class ResumePoint:
         masks: Masks,
         optimizer: torch.optim.Optimizer,
         generator: torch.Generator,
-        guard: "DivergenceGuard",
-        outcome: "StepsOutcome",
+        guard: Any,  # heal.steps.DivergenceGuard (not imported: heal.steps imports this module's types)
+        outcome: Any,  # heal.steps.StepsOutcome
         n: int,
         batch_size: int,
         total: int,

@@ -51,7 +51,7 @@ def test_auto_stops_on_a_plateau_and_restores_the_best_held_out_weights():
     def loss_of(index):
         return ((model(x[index]) - y[index]) ** 2).mean()
 
-    outcome = train_steps(model, masks, loss_of, 40, config, 0, "test", torch.device("cpu"), monitor)
+    outcome = train_steps(model, masks, loss_of, 40, config, 0, "test", torch.device("cpu"), monitor=monitor)
     assert outcome.steps == 4 * steps_per_epoch  # evaluations at epochs 0..4: best at 1, three worse after it
     assert [p.epoch for p in record.curve] == [0, 1, 2, 3, 4]
     assert record.best_epoch == 1 and record.best_step == steps_per_epoch

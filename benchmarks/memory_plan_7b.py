@@ -56,7 +56,7 @@ def main() -> None:
           f"{args.samples} x {args.seq_len} tokens, global batch {args.batch_size}, Adam, targets cached on the host")
     rows = [Parallelism(), Parallelism("ddp", args.ranks), Parallelism("fsdp", args.ranks)]
     plans = [estimate_heal_memory(dense, sparse, names, calib, config, get_objective("starfish"), blocks,
-                                  torch.device("cuda:0"), "cpu", parallel) for parallel in rows]
+                                  torch.device("cuda:0"), "cpu", parallel=parallel) for parallel in rows]
     parts = list(dict.fromkeys(k for plan in plans for k in plan.parts))
     print("| part (GB per GPU unless marked host) | " + " | ".join(p.parallel.describe() for p in plans) + " |")
     print("|---|" + "---:|" * len(plans))

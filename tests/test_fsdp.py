@@ -140,7 +140,7 @@ def test_memory_plan_per_rank():
 
     def plan(mode: str, ranks: int) -> dict[str, int]:
         estimate = estimate_heal_memory(dense, sparse, names, calib, config, get_objective("starfish"), ["0", "2", "4"],
-                                        torch.device("cpu"), "cpu", Parallelism(mode, ranks))
+                                        torch.device("cpu"), "cpu", parallel=Parallelism(mode, ranks))
         return {part: nbytes for part, (_, nbytes) in estimate.parts.items()}
 
     single, ddp, fsdp = plan("single", 1), plan("ddp", 4), plan("fsdp", 4)

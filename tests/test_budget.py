@@ -156,7 +156,7 @@ def test_evaluation_folder_is_read_only_after_every_choice(tmp_path, shared, mon
     seen_held: list[dict] = []
 
     def recording_heal_step(*args, **kwargs):
-        held = args[7] if len(args) > 7 else kwargs.get("held")
+        held = kwargs.get("held")  # pipeline.run passes it by keyword
         seen_held.append(held.samples)
         result = real_heal_step(*args, **kwargs)
         events.append(("healed", ""))

@@ -78,7 +78,7 @@ def run(config: RunConfig, command: str | None = None) -> dict:
 
     heal_result = None
     if trained:
-        heal_result = heal_step(dense, sparse, masks, data.calibration, config.heal, block_pattern, config.seed, checkpointer, data.held)
+        heal_result = heal_step(dense, sparse, masks, data.calibration, config.heal, block_pattern, config.seed, checkpointer=checkpointer, held=data.held)
     check_masks(masks, sparse, "after healing")
     align_after = probe.measure(dense, sparse, block_pattern, device) if probe is not None and align_before is not None else None
     if scoring is not None:  # every choice is made: only now is the evaluation set read

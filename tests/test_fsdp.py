@@ -147,7 +147,10 @@ def test_memory_plan_per_rank():
     for part in ("weights", "gradients", "optimizer state", "best-weights copy"):
         assert ddp[part] == single[part] > 0  # DDP replicates
         assert fsdp[part] == -(-single[part] // 4)  # FSDP splits over the ranks
-    assert ddp["activations"] * 4 == single["activations"] == fsdp["activations"] * 4  # local batch 2 of 8
+    # per rank: the fixed part plus the per-sample part times the local batch (2 of 8)
+    assert ddp["activations"] == fsdp["activations"] < single["activations"]
+    fixed = ddp["activations"] - (single["activations"] - ddp["activations"]) / 3
+    assert 0 <= fixed < ddp["activations"]
     block_bytes = max(sum(p.numel() * 4 for p in sparse.get_submodule(b).parameters()) for b in ["0", "2", "4"])
     assert fsdp["gathered units (root + 2 blocks)"] == 2 * block_bytes and "gathered units (root + 2 blocks)" not in ddp
     assert fsdp["masks"] < single["masks"] and fsdp["dense targets"] == single["dense targets"]

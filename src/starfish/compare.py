@@ -22,7 +22,7 @@ from typing import Callable
 from torch import nn
 
 from starfish import distributed
-from starfish.alignment import AlignmentProbe, DenseReference, probe_sample
+from starfish.alignment import DenseReference, probe_sample
 from starfish.batch import batch_len
 from starfish.errors import StarfishError
 from starfish.heal.objectives import OBJECTIVES
@@ -159,8 +159,11 @@ def compare(
     text = isinstance(data.evaluation, TextWindows)
     if not text and not data.evaluation_labelled():
         raise StarfishError(f"evaluation folder {config.eval} has no class sub-folders, so accuracy cannot be scored; pass a labelled --eval folder.")
-    if text:
-        align_inputs = AlignmentProbe.from_text(data.evaluation).images
+    if text:  # the run's probe: held-out (else calibration) sequences, never the evaluation text
+        from starfish.pipeline import alignment_probe
+
+        probe = alignment_probe(data, config.seed)
+        align_inputs = probe.images if probe is not None else None
     else:
         align_inputs = probe_sample(data.evaluation, config.seed, alignment_images)
 
@@ -249,7 +252,7 @@ def _apply(spec: HealerSpec, dense, model, masks, data: RunData, config: RunConf
     if spec.objective:
         heal_config = copy.deepcopy(config.heal)
         heal_config.healer = spec.objective
-        result = heal_step(dense, model, masks, data.calibration, heal_config, block_pattern, config.seed, data.held)
+        result = heal_step(dense, model, masks, data.calibration, heal_config, block_pattern, config.seed, held=data.held)
     return result, (time.perf_counter() - started) if (spec.repair or spec.objective) else 0.0
 
 
@@ -276,7 +279,7 @@ def _show(metric: str, value: float | None) -> str:
 
 def _probe_source(data: RunData) -> str:
     if isinstance(data.evaluation, TextWindows):
-        return "the first tokens of the first evaluation windows"
+        return "the first tokens of the first held-out (else calibration) sequences"
     return "the evaluation set (seeded random subset, labels unused)"
 
 

@@ -119,10 +119,11 @@ def test_two_ranks_heal_keeps_the_contract_and_matches_one_process(tmp_path):
     assert r["max_change"] > 1e-3  # healing moved the weights ...
     assert r["max_diff_vs_reference"] < 1e-4  # ... and the sharded run moved them the same way
     # the memory plan knows it is one of 2 FSDP ranks, and its activation probe counts no gathered weight:
-    # per sample the same as one process (local batch 2 of 3)
+    # per sample the same as one process (local batch 2 of 3; the plan adds a fixed per-forward part,
+    # so the rank's share lies between 2/3 of the one-process figure and all of it)
     assert r["plan_parallel"] == {"mode": "fsdp", "ranks": 2}
     one, sharded = r["activations_mb"]
-    assert sharded / 2 == pytest.approx(one / 3, rel=0.05)
+    assert 0.95 * one * 2 / 3 <= sharded < one
     # bf16 through FSDP2's mixed-precision policy: float32 shards, contract intact
     assert r["bf16_violations"] == {} and r["bf16_shard_dtype"] == "torch.float32"
     assert len(r["bf16_losses"]) == 3 and all(abs(a - b) < 0.05 for a, b in zip(r["bf16_losses"], r["reference_losses"]))

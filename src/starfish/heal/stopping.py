@@ -177,6 +177,7 @@ def held_out_evaluator(
     def evaluate() -> dict[str, float]:
         sparse.eval()
         totals = {"objective": 0.0, "kl": 0.0}
+        compared = False  # KL needs logits: a run that skips the head (starfish, nmse) reports none
         try:
             for start in range(0, n, config.batch_size):
                 index = torch.arange(start, min(n, start + config.batch_size))
@@ -186,9 +187,11 @@ def held_out_evaluator(
                     totals["objective"] += float(objective.loss(out, target, None, config)) * len(index)
                 if out.logits is not None and target.logits is not None:
                     totals["kl"] += float(kd_loss(out, target, None, KL_CONFIG)) * len(index)
+                    compared = True
         finally:
             set_heal_mode(sparse, config)
-        return {k: v / n for k, v in totals.items()} | ({"objective": None} if objective.uses_labels else {})
+        result = {k: v / n for k, v in totals.items()} | ({"objective": None} if objective.uses_labels else {})
+        return result | ({} if compared else {"kl": None})
 
     return evaluate
 

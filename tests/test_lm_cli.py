@@ -112,3 +112,28 @@ def test_compare_ranks_healers_by_perplexity_on_a_language_model(texts, tmp_path
     md = (out / "compare.md").read_text()
     best = min(rows.values(), key=lambda r: r["perplexity"])
     assert f"**{best['perplexity']:.2f}**" in md and "lower is better" in md
+
+
+def test_language_models_get_their_own_heal_defaults_and_flags_win(texts, tmp_path):
+    """No heal flag: a causal LM trains with the language-model defaults; a flag or a --config value
+    names its own; an image model keeps the recipe's; the resolved values are what config.json saves."""
+    from starfish.cli import build_parser, config_from_args
+    from starfish.defaults import LANGUAGE_MODEL_HEAL
+
+    model_dir = save_tiny(tmp_path / "llama", llama_config(VOCAB))
+    base = ["run", "--model", f"hf:{model_dir}", "--calib", str(texts / "calib.txt"), "--out", str(tmp_path / "o")]
+    parser = build_parser()
+    lm = config_from_args(parser.parse_args(base)).heal
+    assert {k: getattr(lm, k) for k in LANGUAGE_MODEL_HEAL} == LANGUAGE_MODEL_HEAL
+    assert lm.budget == "auto"
+
+    flagged = config_from_args(parser.parse_args([*base, "--lr", "0.002", "--patience", "5"])).heal
+    assert flagged.lr == 0.002 and flagged.patience == 5 and flagged.batch_size == LANGUAGE_MODEL_HEAL["batch_size"]
+
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({"model": f"hf:{model_dir}", "heal": {"batch_size": 2}}))
+    from_file = config_from_args(parser.parse_args(["run", "--config", str(saved), "--out", str(tmp_path / "o2")])).heal
+    assert from_file.batch_size == 2 and from_file.lr == LANGUAGE_MODEL_HEAL["lr"]
+
+    image = config_from_args(parser.parse_args(["run", "--model", "cifar10-resnet20", "--out", str(tmp_path / "o3")])).heal
+    assert image.batch_size == 32 and image.lr == 6e-4 and image.max_epochs == 60

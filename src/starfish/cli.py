@@ -204,13 +204,13 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--healer", "heal.healer", dict(help="starfish (default), kd, nmse, finetune (uses labels) or none")),
     ("--budget", "heal.budget", dict(choices=["auto", "fixed"], help="auto (default): stop when the healing objective on held-out unlabeled images stops improving, keep the best weights; fixed: train --epochs (the published recipe: --budget fixed)")),
     ("--epochs", "heal.epochs", dict(type=int, help="epochs of the fixed budget (default 10); without --budget it implies --budget fixed")),
-    ("--max-epochs", "heal.max_epochs", dict(type=int, help="budget auto: the most epochs (the cosine schedule spans them; default 60)")),
-    ("--patience", "heal.patience", dict(type=int, help="budget auto: held-out evaluations without improvement before stopping (default 4)")),
-    ("--eval-every", "heal.eval_every", dict(type=int, help="budget auto: epochs between held-out evaluations (default 2)")),
+    ("--max-epochs", "heal.max_epochs", dict(type=int, help="budget auto: the most epochs (the cosine schedule spans them; default 60, language models 12)")),
+    ("--patience", "heal.patience", dict(type=int, help="budget auto: held-out evaluations without improvement before stopping (default 4, language models 2)")),
+    ("--eval-every", "heal.eval_every", dict(type=int, help="budget auto: epochs between held-out evaluations (default 2, language models 1)")),
     ("--holdout", "holdout", dict(help="unlabeled held-out images (or text) for --budget auto and the alignment probe (default: a draw from --calib apart from the calibration images)")),
     ("--holdout-size", "holdout_size", dict(type=int, help="held-out samples (default 200 images, 16 text sequences)")),
-    ("--batch-size", "heal.batch_size", dict(type=int)),
-    ("--lr", "heal.lr", dict(type=float)),
+    ("--batch-size", "heal.batch_size", dict(type=int, help="healing batch (default 32, language models 8)")),
+    ("--lr", "heal.lr", dict(type=float, help="initial learning rate, cosine-decayed to --min-lr (default 6e-4, language models 3e-4)")),
     ("--min-lr", "heal.min_lr", dict(type=float)),
     ("--optimizer", "heal.optimizer", dict(choices=["adam", "adamw", "sgd"])),
     ("--weight-decay", "heal.weight_decay", dict(type=float)),
@@ -293,7 +293,9 @@ def config_from_args(args: argparse.Namespace):
             merged[head] = section
         else:
             merged[dest] = value
-    return RunConfig.from_dict(merged)
+    from starfish.defaults import apply_model_defaults, given_keys
+
+    return RunConfig.from_dict(apply_model_defaults(merged, given_keys(given, base)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

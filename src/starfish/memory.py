@@ -444,7 +444,7 @@ def estimate_heal_memory(
         plan.add("one dense + one sparse block", compute, 2 * tensor_bytes(blocks[largest]) if blocks else 0)
         plan.add("gradients", compute, train)
         plan.add("optimizer state", compute, optimizer_slots * train)
-        plan.add("masks", compute, numel + train)
+        plan.add("masks", compute, numel)  # boolean; gradients are masked in place, no float copies
         stream = max(probe.block_output_numel, default=0)
         one_block = max((f + b * batch for f, b in zip(probe.fixed_per_block, probe.saved_per_block)), default=0)
         plan.add("activations", compute, one_block + 3 * stream * batch * float_size)
@@ -462,8 +462,8 @@ def estimate_heal_memory(
         if parallel.mode == "fsdp":  # boolean shards beside the weights; the full masks stay on the host
             plan.add("masks", compute, shard(numel))
             plan.add("full masks", "cpu", numel)
-        else:  # boolean masks plus the copies in the weights' dtype that the gradient hooks multiply by
-            plan.add("masks", compute, numel + train)
+        else:  # boolean masks; gradients are masked in place after backward, so no float copies
+            plan.add("masks", compute, numel)
         per_sample_targets = (sum(probe.block_output_numel) if objective.needs_blocks else 0) + (
             probe.logits_numel if objective.needs_logits else 0
         )

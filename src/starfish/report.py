@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from starfish.run_plots import RUN_PLOTS as _PLOT_TITLES  # one list of plot titles
 
 
@@ -62,12 +64,30 @@ def _data_lines(report: dict) -> list[str]:
     ]
 
 
+def _recovery_line(report: dict) -> str:
+    """How much of the pruning loss healing won back, in the task's own terms."""
+    ppl = report.get("perplexity")
+    if ppl is None:
+        return f"Recovered fraction (healed / dense top-1): **{pct(report.get('recovered_fraction'))}**."
+    dense, pruned, healed = (ppl.get(k) for k in ("dense", "pruned", "healed"))
+    if None in (dense, pruned, healed) or not pruned > dense > 0:
+        return "Gap closed by healing: **—**."
+    closed = (math.log(pruned) - math.log(healed)) / (math.log(pruned) - math.log(dense))
+    return f"Gap closed by healing (share of the pruned-to-dense log-perplexity gap): **{pct(closed)}**."
+
+
+def _model_line(report: dict) -> str:
+    if report.get("weights") is None and str(report["model"]).startswith("hf:"):  # the folder holds the weights
+        return f"- Model: `{report['model']}` (weights from its folder)"
+    return f"- Model: `{report['model']}`, weights `{report['weights']}` (sha256 `{report.get('weights_sha256')}`)"
+
+
 def render_markdown(report: dict) -> str:
     lines = [f"# starfish report — {report['model']} at {pct(report['sparsity'])} sparsity", "", *_score_table(report)]
     heal = report.get("heal", {})
     lines += [
         "",
-        f"Recovered fraction (healed / dense top-1): **{pct(report.get('recovered_fraction'))}**. "
+        _recovery_line(report) + " "
         f"Healing took {report['heal_seconds']:.1f} s"
         + (f" ({heal.get('steps')} steps); peak memory {report['peak_memory_mb']:.0f} MB ({report['memory_measure']})." if report.get("peak_memory_mb") else "."),
         "",
@@ -75,7 +95,7 @@ def render_markdown(report: dict) -> str:
         *_budget_lines(report),
         "## Protocol",
         "",
-        f"- Model: `{report['model']}`, weights `{report['weights']}` (sha256 `{report.get('weights_sha256')}`)",
+        _model_line(report),
         f"- Pruning: {report['pruner']}, allocation {report['allocation']}, requested sparsity "
         f"{report['requested_sparsity']}, achieved {report['sparsity']:.6f} over {report['prunable_weights']} prunable weights"
         f"; label-free repair: {report.get('repair', 'none')}"
@@ -84,7 +104,7 @@ def render_markdown(report: dict) -> str:
         f"- Healer `{report['healer']}`: optimizer {heal.get('optimizer')}, lr {heal.get('lr')} → {heal.get('min_lr')} (cosine per step), "
         f"batch {heal.get('batch_size')}, {_budget_text(heal)}, cache {heal.get('cache_dtype')}, blocks {len(heal.get('blocks') or [])}",
         *_protocol_extras(report),
-        f"- Software: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "- Software: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
     ]
     if report.get("command"):
         lines += ["", "Command:", "", "```", report["command"], "```"]
@@ -163,7 +183,7 @@ def _protocol_extras(report: dict) -> list[str]:
     heal = report.get("heal", {})
     pre = report.get("preprocess") or {}
     lines = []
-    if pre:
+    if pre and "perplexity" not in report:  # image preprocessing means nothing for a language model
         lines.append(
             f"- Preprocessing: {pre.get('input_size')}px, resize {pre.get('resize')}, {pre.get('interpolation')}, "
             f"mean {pre.get('mean')}, std {pre.get('std')}, {pre.get('channels', 3)} channel(s)"

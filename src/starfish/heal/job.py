@@ -33,7 +33,7 @@ class HealJob:
     snapshot_device: torch.device  # where the divergence guard keeps the best weights
     points: list = field(default_factory=list)  # StreamPoints: where each block's stream is read (joint scope)
     precision: str = "fp32"  # resolved autocast of the forward passes (heal.precision)
-    checkpoint: bool = False  # joint scope: per-block gradient checkpointing of the sparse model
+    grad_checkpoint: bool = False  # joint scope: per-block gradient checkpointing of the sparse model
     checkpointer: Checkpointer | None = None  # saves / restores the healing state (--checkpoint-every, --resume)
     holdout: Batch | None = None  # budget auto: unlabeled held-out samples the stopping rule watches
     stopping: "StoppingRecord | None" = None  # budget auto: filled with the held-out curve and the stop reason

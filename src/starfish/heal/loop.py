@@ -177,7 +177,7 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
         loss_of = data_parallel_loss(loss_of)
     monitor = held_out_monitor(job, dense_run, sparse_run, n)
     checkpointing = (
-        checkpoint_blocks(sparse, block_names, [p.module for p in job.points]) if job.checkpoint else contextlib.nullcontext()
+        checkpoint_blocks(sparse, block_names, [p.module for p in job.points]) if job.grad_checkpoint else contextlib.nullcontext()
     )
     try:
         with checkpointing:
@@ -265,8 +265,8 @@ def heal(
     started = time.perf_counter()
     per_block: list[dict] = []
     job = HealJob(
-        dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device, points,
-        precision, estimate.checkpoint, checkpointer, held, record,
+        dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device, points=points,
+        precision=precision, grad_checkpoint=estimate.checkpoint, checkpointer=checkpointer, holdout=held, stopping=record,
     )
     try:
         if config.scope == "blockwise":
@@ -300,7 +300,7 @@ def heal(
     return HealResult(
         objective.name, outcome.steps, seconds, peak, measure, objective.uses_labels, outcome.losses, outcome.lrs,
         block_names, config.scope, outcome.stopped_reason, outcome.best_step, estimate.to_dict(), per_block,
-        points=[p.describe() for p in points], precision=precision, grad_checkpoint=job.checkpoint,
+        points=[p.describe() for p in points], precision=precision, grad_checkpoint=job.grad_checkpoint,
         stopping=record.to_dict() if record is not None else None,
     )
 

@@ -188,7 +188,6 @@ def train_steps(
     was_trainable = {name: p.requires_grad for name, p in params.items()}
     for name, p in params.items():
         p.requires_grad_(name in masks)
-    handles = masks.register_gradient_masks(module)
     optimizer = make_optimizer(trainable, config)
     shared = data_parallel_step(loss_of, trainable)  # --distributed ddp: this rank's share, gradients summed
     scaler = LossScaler.for_module(config, module)  # a GradScaler for --precision fp16, else plain backward/step
@@ -219,7 +218,7 @@ def train_steps(
                 with record_function("starfish.heal.backward"):
                     scaler.backward(loss)
                     shared.reduce_gradients()
-                    masks.mask_gradients_(module)  # FSDP2 parameters run no gradient hooks
+                    masks.mask_gradients_(module)  # one in-place pass after the (reduced) backward; also on FSDP2 shards
                 with record_function("starfish.heal.optimizer"):
                     scaler.step(optimizer)
                 with record_function("starfish.heal.remask"):
@@ -236,8 +235,6 @@ def train_steps(
                     break
     finally:
         bar.close()
-        for h in handles:
-            h.remove()
         for name, p in params.items():
             p.requires_grad_(was_trainable[name])
     if outcome.stopped_reason is not None and guard.restore():

@@ -1,0 +1,61 @@
+"""Healing defaults that depend on the kind of model: what a run uses where no flag names a value.
+
+Why per kind: the published recipe (10 epochs, batch 32, lr 6e-4) was set on images. A language
+model's calibration set is a few dozen long sequences, so batch 32 is one optimizer step per epoch,
+and an epoch of a causal LM costs far more than one of a CIFAR network; the values below were
+measured on SmolLM2-135M (``benchmarks/LM_DEFAULTS.md``). The CLI applies them before validation,
+and the resolved values are saved in ``config.json``, so a rerun repeats the same training.
+From Python, pass them explicitly: ``HealConfig(budget="auto", **LANGUAGE_MODEL_HEAL)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# Causal language models: four steps per epoch on 32 sequences, the held-out text checked every
+# epoch (a forward of 16 sequences, cheap next to an epoch), stop after two checks without progress.
+LANGUAGE_MODEL_HEAL: dict[str, object] = {
+    "batch_size": 8,
+    "lr": 3e-4,
+    "max_epochs": 12,
+    "eval_every": 1,
+    "patience": 2,
+}
+
+
+def is_language_model(model: str) -> bool:
+    """Whether ``--model`` names a causal LM (``hf:`` folders only; reads the config, not the weights).
+    An unreadable folder is not decided here: validation names that problem with its fix."""
+    if not model.startswith("hf:"):
+        return False
+    from starfish.errors import StarfishError
+    from starfish.models.causal_lm import is_causal_lm
+
+    try:
+        return is_causal_lm(model[len("hf:") :])
+    except (StarfishError, ImportError):
+        return False
+
+
+def apply_model_defaults(merged: dict, given: set[str]) -> dict:
+    """Fill the heal settings of ``merged`` (a RunConfig dict) that no flag or config file gave
+    (``given``: dotted keys such as ``heal.lr``) with the defaults of the model's kind."""
+    if not is_language_model(str(merged.get("model", ""))):
+        return merged
+    heal: dict = dict(merged.get("heal") or {})
+    for key, value in LANGUAGE_MODEL_HEAL.items():
+        if f"heal.{key}" not in given:
+            heal[key] = value
+    merged["heal"] = heal
+    return merged
+
+
+def given_keys(flags: Mapping[str, object], base: Mapping[str, object]) -> set[str]:
+    """Dotted keys named by the command line (argparse dests) or by a ``--config`` file."""
+    keys = {k for k in flags if not k.startswith("_")}
+    for head, value in base.items():
+        if isinstance(value, Mapping):
+            keys |= {f"{head}.{k}" for k in value}
+        else:
+            keys.add(head)
+    return keys

@@ -78,7 +78,7 @@ def shard_for_healing(
     mesh = fsdp_mesh()
     for model in (dense, sparse):
         _SKELETONS[model] = _weightless_copy(model)
-        shard_model(model, blocks, mesh)  # float32 gathers: --precision acts through autocast, as in one process
+        shard_model(model, blocks, mesh)  # gathered in the loaded dtype: --precision acts through autocast, as in one process
     for state in saved_states:
         state.keep_local(sparse)
     return True
@@ -108,7 +108,7 @@ def _filled(model: nn.Module, keep: bool) -> nn.Module | None:
             full[id(shells[name])] = nn.Parameter(value.detach().to("cpu", copy=True), requires_grad=False)
     if not keep:
         return None
-    plain = copy.deepcopy(skeleton, {k: v for k, v in full.items()})
+    plain = copy.deepcopy(skeleton, full)  # the shells replaced by the gathered parameters
     live_buffers = dict(model.named_buffers())
     for name, buffer in plain.named_buffers():
         buffer.copy_(live_buffers[name].detach().cpu())
@@ -132,9 +132,4 @@ def plain_copy(model: nn.Module) -> nn.Module:
     plain = _filled(model, keep=True)
     assert plain is not None
     return plain.to(local_view(next(model.parameters())).device)
-
-
-def sharded(model: nn.Module) -> bool:
-    """Whether ``model`` was sharded for this run."""
-    return model in _SKELETONS
 

@@ -1,4 +1,4 @@
-"""``--distributed ddp`` on CPU with the gloo backend (the same code runs with NCCL on GPUs).
+"""``--distributed ddp|fsdp`` on CPU with the gloo backend (the same code runs with NCCL on GPUs).
 
 Two processes under torchrun must compute what one process computes: the same masks (calibration
 statistics are all-reduced sums over disjoint slices), the same healed weights within floating-point
@@ -76,6 +76,31 @@ def test_two_processes_prune_heal_and_score_like_one(one_and_two) -> None:
     assert report_two["sparsity"] == pytest.approx(0.75, abs=1e-3)
 
 
+def test_fsdp_from_the_command_line_matches_one_process(one_and_two) -> None:
+    """``--distributed fsdp``: both models sharded after pruning and repair; the pruned and repaired
+    states scored at the end are swapped into the shards; rank 0 writes the gathered weights."""
+    one, two, _ = one_and_two
+    result = torchrun("run", "--distributed", "fsdp", *RUN, "--out", str(two.parent / "fsdp"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    fsdp = two.parent / "fsdp"
+    assert result.stdout.count("wrote ") == 1
+    assert sorted(p.name for p in fsdp.iterdir()) == sorted(p.name for p in one.iterdir())
+    masks_one, masks_fsdp = load_file(str(one / "masks.safetensors")), load_file(str(fsdp / "masks.safetensors"))
+    assert masks_one.keys() == masks_fsdp.keys() and all(torch.equal(masks_one[k], masks_fsdp[k]) for k in masks_one)
+    weights_one, weights_fsdp = load_file(str(one / "model.safetensors")), load_file(str(fsdp / "model.safetensors"))
+    assert weights_one.keys() == weights_fsdp.keys()
+    for name, value in weights_one.items():
+        torch.testing.assert_close(weights_fsdp[name], value, rtol=1e-4, atol=1e-4, msg=name)
+    for name, keep in masks_fsdp.items():
+        assert not bool(weights_fsdp[name][~keep.bool()].any()), name
+    report_one, report = (json.loads((d / "report.json").read_text()) for d in (one, fsdp))
+    assert report["distributed"] == {"mode": "fsdp", "world_size": 2, "backend": "gloo"}
+    assert report["metrics"]["dense"]["samples"] == 60
+    for label in ("dense", "pruned", "repaired", "healed"):
+        assert report["top1"][label] == pytest.approx(report_one["top1"][label], abs=0.011), label
+    assert report["heal"]["steps"] == 4 and report["heal"]["loss_first"] == pytest.approx(report_one["heal"]["loss_first"], rel=1e-4)
+
+
 def test_only_rank_zero_writes(one_and_two) -> None:
     one, two, result = one_and_two
     assert result.stdout.count("wrote ") == 1
@@ -109,6 +134,24 @@ def test_user_errors_come_before_the_process_group(tmp_path, capsys, monkeypatch
     assert "--force" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "earlier results"
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("command,extra,message", [
+    ("run", ["--heal-scope", "blockwise"], "--heal-scope joint"),
+    ("run", ["--checkpoint-every", "2"], "--checkpoint-every"),
+    ("run", ["--precision", "fp16"], "--precision"),
+    ("compare", ["--sparsities", "0.5"], "--distributed ddp"),
+])
+def test_what_fsdp_cannot_do_is_refused_before_the_process_group(command, extra, message, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    args = RUN if command == "run" else [a for i, a in enumerate(RUN) if not {a, RUN[i - 1]} & {"--sparsity", "--repair"}]
+    assert main([command, "--distributed", "fsdp", *args, *extra, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("starfish: error: ") and message in err and err.count("\n") == 1
+    assert not dist.is_initialized() and not (tmp_path / "out").exists()
 
 
 def test_distributed_needs_torchrun(tmp_path, capsys, monkeypatch) -> None:

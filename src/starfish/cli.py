@@ -378,7 +378,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from starfish.distributed import is_writer, launched
 
     healers = args._healers if args._healers is not None else default_healers()
-    with launched(args._distributed, config):
+    with launched(args._distributed, config, "compare"):
         result = compare(config, args._sparsities, healers, args._allocations, command=_command_line())
         if not is_writer():
             return 0

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from starfish.batch import ATTENTION, TOKENS, call_model, to_device
 from starfish.distributed.context import sum_floats
+from starfish.distributed.shares import is_padding
 from starfish.errors import StarfishError
 
 POSITION_CHUNK = 512  # positions turned into log-probabilities at a time (bounds the vocab-wide temporaries)
@@ -98,7 +99,12 @@ def evaluate_lm(
     for m in models.values():
         m.eval()
     for batch in windows:
+        padding = is_padding(batch)
         batch = to_device(batch, device)
+        if padding:  # only keeps this rank in step with the others (FSDP): every model runs, nothing counts
+            for label in order:
+                _logits(models[label], batch)
+            continue
         weights = predicted_weights(batch).reshape(-1)
         targets = batch[TOKENS][:, 1:].reshape(-1)
         ref_logits = None

@@ -8,7 +8,6 @@ every choice (when healing stops, the alignment probe) was made on held-out unla
 
 from __future__ import annotations
 
-import copy
 import platform
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from starfish import distributed
 from starfish.alignment import AlignmentProbe
 from starfish.batch import select
+from starfish.distributed.sharding import gathered, plain_copy, shard_for_healing
 from starfish.heal import HealResult
 from starfish.heal.checkpoint import Checkpointer
 from starfish.masks import Masks
@@ -73,6 +73,7 @@ def run(config: RunConfig, command: str | None = None) -> dict:
         saved["repaired"] = SavedState.changing(sparse, masks, repair_follows=False)
     probe = alignment_probe(data, config.seed)
     block_pattern = config.prune.blocks or loaded.block_pattern
+    shard_for_healing(dense, sparse, block_pattern, saved.values())  # --distributed fsdp: 1/N of each model per rank from here
     device = config.heal.device
     align_before = probe.measure(dense, sparse, block_pattern, device) if probe else None
 
@@ -101,10 +102,10 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     context = distributed.current()
     if context is not None:
         report["distributed"] = context.to_report()
-    # One writer: DDP ranks hold identical, full weights. FSDP: gather the full state dict on every
-    # rank here (a collective) before rank 0 writes it.
+    # One writer: DDP ranks hold identical, full weights; FSDP gathers them (a collective) for rank 0.
+    written = gathered(sparse) if config.out is not None else None
     if config.out is not None and distributed.is_writer():
-        write_run(config, report, sparse, masks, heal_result, loaded)
+        write_run(config, report, written, masks, heal_result, loaded)
     return report
 
 
@@ -147,7 +148,7 @@ def reestimates_batchnorm(config: RunConfig, repair: str, dense: torch.nn.Module
 def bn_control(dense: torch.nn.Module, data: RunData) -> torch.nn.Module:
     """The dense network with its BatchNorm statistics re-estimated on the calibration set: the control
     that separates BatchNorm adaptation from what healing recovers."""
-    control = copy.deepcopy(dense)
+    control = plain_copy(dense)  # under --distributed fsdp gathered on every rank
     recalibrate_batchnorm(control, stage_calibration(data.calibration))
     return control
 

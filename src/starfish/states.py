@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from starfish.masks import Masks
+from starfish.masks import Masks, local_mask, local_view
 
 
 def _live(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -39,11 +39,18 @@ class SavedState:
         return cls(module, names)
 
     @torch.no_grad()
+    def keep_local(self, module: nn.Module) -> None:
+        """After ``module`` was sharded (``--distributed fsdp``): keep only this rank's part of each copy."""
+        live = _live(module)
+        self.copies = {name: local_mask(saved, live[name]).to("cpu", copy=True) for name, saved in self.copies.items()}
+
+    @torch.no_grad()
     def _swap(self, module: nn.Module) -> None:
         live = _live(module)
         for name, saved in self.copies.items():
-            current = live[name].detach().to("cpu", copy=True)
-            live[name].copy_(saved)
+            target = local_view(live[name])  # a sharded weight: this rank's shard
+            current = target.detach().to("cpu", copy=True)
+            target.copy_(saved)
             self.copies[name] = current  # one tensor's worth of extra memory at a time
 
     @contextmanager

@@ -1,4 +1,4 @@
-"""More than one process: ``torchrun --nproc-per-node N -m starfish run ... --distributed ddp``.
+"""More than one process: ``torchrun --nproc-per-node N -m starfish run ... --distributed ddp|fsdp``.
 
 * ``context``: the process group (rank, world size, backend, device) and the float64 all-reduce
   helpers, all the identity in a one-process run;
@@ -8,6 +8,7 @@
 * ``ddp``: the data-parallel optimizer step (loss share, gradient all-reduce) and BatchNorm buffers;
 * ``launch``: validation before the group is joined, one-line failures;
 * ``fsdp``: fully sharded parameters (FSDP2), plugged into the same context.
+* ``sharding``: ``--distributed fsdp`` in a run: shard both models after repair, gather them to write.
 """
 
 from starfish.distributed.context import DistributedContext, current, is_writer

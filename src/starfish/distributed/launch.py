@@ -22,19 +22,19 @@ class RankFailure(Exception):
 
 
 @contextmanager
-def launched(mode: str | None, config) -> Iterator[DistributedContext | None]:
-    """Run the block as one rank of a ``torchrun`` launch (``mode`` None: as the only process)."""
+def launched(mode: str | None, config, job: str = "run") -> Iterator[DistributedContext | None]:
+    """Run the block as one rank of a ``torchrun`` launch (``mode`` None: as the only process).
+    ``job``: the command (``run``, ``compare``), for what only some commands support."""
     if mode is None:
         yield None
         return
     from starfish.run_config import validate
 
-    if mode == "fsdp":  # sharding, sharded evaluation and the gathered write are not wired into run/compare yet
-        raise StarfishError(
-            "--distributed fsdp is not available from the command line yet; use --distributed ddp, or shard "
-            "from Python with starfish.distributed.fsdp.shard_model before starfish.heal."
-        )
     context = plan_context(mode, config.heal.device)
+    if mode == "fsdp":
+        from starfish.distributed.sharding import check_fsdp_run
+
+        check_fsdp_run(config, job)
     activate(context)  # known before any group exists: validation asks whether this rank writes
     try:
         validate(config)

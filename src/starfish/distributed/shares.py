@@ -6,8 +6,8 @@
 * Healing: every rank keeps the whole calibration set and takes its slice of every global batch
   (``starfish.distributed.ddp``), so the batches are the one-process batches.
 * Evaluation: every rank scores every W-th sample (or window); the tasks all-reduce their tallies.
-  Where every forward must be taken by every rank (FSDP), shorter shares are padded with empty
-  batches so every rank makes the same number of calls.
+  Where every forward must be taken by every rank (FSDP), shorter shares are padded with batches
+  the tasks run but do not count, so every rank makes the same number of calls.
 """
 
 from __future__ import annotations
@@ -71,8 +71,18 @@ def evaluation_share(dataset: Dataset) -> Dataset:
     return Subset(dataset, range(ctx.rank, n, ctx.world_size))
 
 
+class PaddingBatch(dict):
+    """A batch that only keeps this rank in step with the others (FSDP): the models run on it, the
+    tasks count nothing of it (``is_padding``). One real sample rather than none: not every model
+    accepts an empty batch (attention reshapes fail on zero rows)."""
+
+
+def is_padding(batch: Batch) -> bool:
+    return isinstance(batch, PaddingBatch)
+
+
 def lockstep_batches(batches: Iterable[Batch], total: int, batch_size: int) -> Iterator[Batch]:
-    """``batches`` of this rank's evaluation share, then empty batches until this rank has made as
+    """``batches`` of this rank's evaluation share, then padding batches until this rank has made as
     many calls as the rank with the largest share would; only where the mode needs lockstep forwards."""
     ctx = current()
     if ctx is None or not ctx.lockstep_forward:
@@ -85,4 +95,4 @@ def lockstep_batches(batches: Iterable[Batch], total: int, batch_size: int) -> I
         yield batch
     while made < calls and last is not None:
         made += 1
-        yield select(last, slice(0, 0))
+        yield PaddingBatch(select(last, slice(0, 1)))

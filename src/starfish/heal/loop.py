@@ -171,10 +171,10 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
         labels = labels_all[index].to(device) if labels_all is not None else None
         return objective.loss(sparse_run(batch), target, labels, config)
 
-    if sharded:  # each rank trains on its share of every global batch
-        from starfish.distributed.fsdp import data_parallel_loss
+    if sharded:  # each rank trains on its share of every global batch (split once: here, or in train_steps under torchrun)
+        from starfish.distributed.fsdp import sharded_loss
 
-        loss_of = data_parallel_loss(loss_of)
+        loss_of = sharded_loss(loss_of)
     monitor = held_out_monitor(job, dense_run, sparse_run, n)
     checkpointing = (
         checkpoint_blocks(sparse, block_names, [p.module for p in job.points]) if job.grad_checkpoint else contextlib.nullcontext()

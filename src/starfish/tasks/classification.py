@@ -13,6 +13,7 @@ from torch import nn
 
 from starfish.batch import LABELS, Batch, call_model, model_device, to_device
 from starfish.distributed.context import sum_floats
+from starfish.distributed.shares import is_padding
 from starfish.errors import StarfishError
 from starfish.evaluate import kl_rows, logits_of
 from starfish.tasks.base import TASKS, Task
@@ -88,6 +89,8 @@ class Classification(Task):
                 for label, model in models.items():
                     moved = to_device(batch, device or model_device(model), non_blocking=True)
                     outputs[label] = logits_of(call_model(model, moved)).float().cpu()
+                if is_padding(batch):  # only keeps this rank in step with the others (FSDP)
+                    continue
                 n = next(iter(outputs.values())).shape[0]
                 ref = outputs[reference] if fresh else (stored[offset : offset + n] if stored is not None else None)
                 if fresh:

@@ -1,0 +1,97 @@
+"""``torchrun ... -m starfish run --distributed fsdp`` on a tiny random Llama (gloo, CPU, 2 processes).
+
+Both models are sharded after pruning (each rank holds half of every weight), every rank runs
+every forward pass of the evaluation (5 windows: ranks score 3 and 2, the shorter share padded with
+a batch that is run but not counted), and rank 0 writes the gathered Hugging Face folder. What is
+written must be what one process writes. ResNet-20 with top-1 scoring, a repair and the saved
+pruned/repaired states runs in tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lm_tiny import LINES, llama_config, save_tiny, tiny_tokenizer
+from starfish.cli import main
+from test_distributed import torchrun
+
+
+def _args(model: Path, texts: Path) -> list[str]:
+    return [
+        "--device", "cpu", "--model", f"hf:{model}", "--calib", str(texts / "calib.txt"), "--calib-size", "12",
+        "--seq-len", "16", "--eval", str(texts / "eval.txt"), "--eval-size", "5", "--eval-seq-len", "32",
+        "--sparsity", "0.5", "--pruner", "wanda", "--seed", "0", "--epochs", "2", "--batch-size", "5", "--lr", "1e-2",
+        "--no-progress",
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path, Path, str]:
+    root = tmp_path_factory.mktemp("fsdp_cli")
+    (root / "calib.txt").write_text("\n".join(LINES * 20))
+    (root / "eval.txt").write_text("\n\n".join(LINES[::-1] * 30))
+    model = save_tiny(root / "llama", llama_config(len(tiny_tokenizer())))
+    assert main(["run", *_args(model, root), "--out", str(root / "one")]) == 0
+    two = torchrun("run", "--distributed", "fsdp", *_args(model, root), "--out", str(root / "fsdp"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    return model, root / "one", root / "fsdp", two.stdout
+
+
+def test_fsdp_writes_what_one_process_writes(runs) -> None:
+    model, one, fsdp, stdout = runs
+    assert stdout.count("wrote ") == 1  # rank 0 alone
+    assert sorted(p.name for p in fsdp.iterdir()) == sorted(p.name for p in one.iterdir())
+    masks_one, masks = load_file(str(one / "masks.safetensors")), load_file(str(fsdp / "masks.safetensors"))
+    assert masks_one.keys() == masks.keys() and all(torch.equal(masks_one[k], masks[k]) for k in masks)
+    weights_one, weights = (load_file(str(d / "model" / "model.safetensors")) for d in (one, fsdp))
+    dense = load_file(str(model / "model.safetensors"))
+    assert weights.keys() == weights_one.keys()
+    for name, value in weights_one.items():  # the gathered healed weights are one process's
+        torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    moved = max(float((weights[n] - dense[n] * masks[n]).abs().max()) for n in masks)
+    assert moved > 1e-3  # healing changed the surviving weights
+    for name, keep in masks.items():  # the sparsity contract in what rank 0 wrote
+        assert torch.count_nonzero(weights[name][~keep]) == 0, name
+    assert sum(int((~m).sum()) for m in masks.values()) == sum(m.numel() for m in masks.values()) // 2
+
+
+def test_fsdp_report_and_scores_match_one_process(runs) -> None:
+    _, one, fsdp, _ = runs
+    report_one, report = (json.loads((d / "report.json").read_text()) for d in (one, fsdp))
+    assert report["distributed"] == {"mode": "fsdp", "world_size": 2, "backend": "gloo"}
+    assert report["heal"]["steps"] == report_one["heal"]["steps"] == 6  # 12 sequences, global batch 5, 2 epochs
+    assert report["heal"]["loss_first"] == pytest.approx(report_one["heal"]["loss_first"], rel=1e-5)
+    assert report["heal"]["loss_last"] == pytest.approx(report_one["heal"]["loss_last"], rel=1e-4)
+    for label in ("dense", "pruned", "healed"):  # every window counted once, the padding batch not at all
+        assert report["metrics"][label]["tokens"] == report_one["metrics"][label]["tokens"] == 5 * 31
+        assert report["perplexity"][label] == pytest.approx(report_one["perplexity"][label], rel=1e-4), label
+    assert report["metrics"]["healed"]["kl_from_reference"] == pytest.approx(report_one["metrics"]["healed"]["kl_from_reference"], rel=1e-3)
+    assert report["heal"]["memory_estimate"]["parallel"] == {"mode": "fsdp", "ranks": 2}
+
+
+def test_padding_batches_are_run_but_not_counted(monkeypatch) -> None:
+    """Rank 1 of 2 under FSDP holds 2 of 5 samples in batches of 2: one batch of its own, then one
+    padding batch (the largest share, 3 samples, takes two calls); the task runs it and counts nothing."""
+    from torch import nn
+
+    from starfish.distributed.context import DistributedContext, activate
+    from starfish.distributed.shares import is_padding, lockstep_batches
+    from starfish.tasks import get_task
+
+    own = [{"pixel_values": torch.randn(2, 3), "labels": torch.tensor([0, 1])}]
+    activate(DistributedContext("fsdp", 1, 2, 1, "gloo", torch.device("cpu")))
+    try:
+        batches = list(lockstep_batches(iter(own), total=5, batch_size=2))
+    finally:
+        activate(None)
+    assert [is_padding(b) for b in batches] == [False, True] and len(batches[1]["labels"]) == 1
+    calls = []
+    model = nn.Linear(3, 2)
+    model.register_forward_hook(lambda *_: calls.append(1))
+    scores = get_task("classification").evaluate({"dense": model}, batches, reference=None)
+    assert len(calls) == 2 and scores["dense"]["samples"] == 2

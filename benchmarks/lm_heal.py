@@ -60,6 +60,14 @@ def run_cell(cmd: list[str]) -> tuple[dict, float, float]:
     return json.loads((out / "report.json").read_text()), wall, usage.ru_maxrss / 1024
 
 
+def reload_check(out: Path) -> dict:
+    """benchmarks/lm_reload_check.py on the cell's output: plain transformers reproduce the healed
+    perplexity and every pruned weight is exactly zero."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lm_reload_check.py"), str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _budget(row: dict) -> str:
     heal, stop = row.get("heal") or {}, row.get("stopping") or {}
     if row["healer"] == "none":
@@ -103,6 +111,7 @@ def main() -> int:
             pattern = ":".join(nm) if nm else None
             cmd = cell_command(pruner, healer, pattern, Path(scratch) / "out", args)
             report, wall, peak = run_cell(cmd)
+            reload = reload_check(Path(scratch) / "out") if healer != "none" else None
             heal = report.get("heal", {})
             rows.append({
                 "pruner": pruner, "pattern": pattern, "healer": healer, "scope": heal.get("scope", "joint"),
@@ -112,6 +121,7 @@ def main() -> int:
                 "stopping": heal.get("stopping"),
                 "wall_seconds": wall, "peak_rss_mb": peak,
                 "plan_mb": (heal.get("memory_estimate") or {}).get("need_mb"),
+                "reload_check": reload,
                 "eval": report["eval"], "calibration": report["calibration"], "sparsity": report["sparsity"],
                 "command": "python benchmarks/lm_heal.py " + " ".join(sys.argv[1:]),
                 "cell_command": "python " + " ".join(cmd).replace(str(Path(scratch) / "out"), "OUT"),

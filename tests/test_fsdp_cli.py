@@ -95,3 +95,47 @@ def test_padding_batches_are_run_but_not_counted(monkeypatch) -> None:
     model.register_forward_hook(lambda *_: calls.append(1))
     scores = get_task("classification").evaluate({"dense": model}, batches, reference=None)
     assert len(calls) == 2 and scores["dense"]["samples"] == 2
+
+
+# ------------------------------------------------------------ compare: the student sharded per grid point
+
+COMPARED = ["--sparsities", "0.3,0.5", "--healers", "none,starfish"]
+
+
+@pytest.fixture(scope="module")
+def compares(runs) -> tuple[Path, Path, str]:
+    """One grid in one process and under ``compare --distributed fsdp`` (the same global batch)."""
+    model, one, _, _ = runs
+    root = one.parent
+    args = _args(model, root)
+    del args[args.index("--sparsity") : args.index("--sparsity") + 2]  # the grid names its sparsities
+    assert main(["compare", *args, *COMPARED, "--out", str(root / "cmp-one")]) == 0
+    two = torchrun("compare", "--distributed", "fsdp", *args, *COMPARED, "--out", str(root / "cmp-fsdp"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    return root / "cmp-one", root / "cmp-fsdp", two.stdout
+
+
+def test_fsdp_compare_gives_one_process_rows(compares) -> None:
+    one, fsdp, stdout = compares
+    assert stdout.count("wrote ") == 1  # rank 0 alone
+    assert sorted(p.name for p in fsdp.iterdir()) == sorted(p.name for p in one.iterdir())
+    rows_one, rows = (json.loads((d / "compare.json").read_text()) for d in (one, fsdp))
+    assert [(r["sparsity"], r["healer"]) for r in rows] == [(r["sparsity"], r["healer"]) for r in rows_one] == [
+        (0.3, "none"), (0.3, "starfish"), (0.5, "none"), (0.5, "starfish"),
+    ]
+    for row, want in zip(rows, rows_one):
+        where = f"{row['healer']} at {row['sparsity']}"
+        # pruned from the full, replicated dense model: bit-identical starting weights and masks
+        assert row["start_sha256"] == want["start_sha256"], where
+        assert row["achieved_sparsity"] == want["achieved_sparsity"] == pytest.approx(row["sparsity"], abs=0.02), where
+        assert row["mask_violations"] == 0 and row["steps"] == want["steps"] == (6 if row["healer"] == "starfish" else 0)
+        for key in ("perplexity", "kl", "agreement", "block_cosine_mean"):
+            assert row[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), f"{key}: {where}"
+    healed = [r for r in rows if r["healer"] == "starfish"]
+    assert all(h["perplexity"] != n["perplexity"] for h, n in zip(healed, rows[::2]))  # healing changed something
+    curves_one, curves = (json.loads((d / "curves.json").read_text()) for d in (one, fsdp))
+    for cell, want in zip(curves, curves_one):
+        losses, losses_one = cell["healers"]["starfish"]["loss"], want["healers"]["starfish"]["loss"]
+        assert len(losses) == len(losses_one) == 6 and losses == pytest.approx(losses_one, rel=1e-4)
+    protocol = json.loads((fsdp / "protocol.json").read_text())
+    assert protocol["distributed"] == {"mode": "fsdp", "world_size": 2, "backend": "gloo"}

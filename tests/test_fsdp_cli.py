@@ -4,7 +4,8 @@ Both models are sharded after pruning (each rank holds half of every weight), ev
 every forward pass of the evaluation (5 windows: ranks score 3 and 2, the shorter share padded with
 a batch that is run but not counted), and rank 0 writes the gathered Hugging Face folder. What is
 written must be what one process writes. ResNet-20 with top-1 scoring, a repair and the saved
-pruned/repaired states runs in tests/test_distributed.py.
+pruned/repaired states runs in tests/test_distributed.py. ``compare --distributed fsdp`` (the
+student of each grid point sharded, the teacher full on every rank) must give one process's rows.
 """
 
 from __future__ import annotations
@@ -139,3 +140,41 @@ def test_fsdp_compare_gives_one_process_rows(compares) -> None:
         assert len(losses) == len(losses_one) == 6 and losses == pytest.approx(losses_one, rel=1e-4)
     protocol = json.loads((fsdp / "protocol.json").read_text())
     assert protocol["distributed"] == {"mode": "fsdp", "world_size": 2, "backend": "gloo"}
+
+
+def test_each_sharded_student_is_freed_before_the_next_grid_point(runs, tmp_path) -> None:
+    """In one process of a one-rank gloo group under --distributed fsdp (garbage collection off, so
+    only compare's own collection frees): a healed student is sharded, and gone at the next grid point."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from starfish.cli import build_parser, config_from_args
+    from starfish.compare import compare
+    from starfish.distributed.context import DistributedContext, activate
+    from starfish.masks import is_sharded
+
+    model, one, _, _ = runs
+    args = _args(model, one.parent)
+    del args[args.index("--sparsity") : args.index("--sparsity") + 2]
+    config = config_from_args(build_parser().parse_args(["compare", *args, "--epochs", "1"]))
+    students: list = []
+
+    def inspect(stage, row, student, masks) -> None:
+        if stage == "start":  # every earlier student is gone by now
+            assert all(ref() is None for ref in students), row
+        elif row["healer"] == "starfish":
+            assert is_sharded(student.get_parameter("model.layers.0.mlp.up_proj.weight"))
+            students.append(weakref.ref(student))
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    activate(DistributedContext("fsdp", 0, 1, 0, "gloo", torch.device("cpu")))
+    gc.disable()
+    try:
+        rows = compare(config, [0.3, 0.5], ["starfish", "none"], inspect=inspect)["rows"]
+    finally:
+        gc.enable()
+        activate(None)
+        dist.destroy_process_group()
+    assert len(students) == 2 and all(r["mask_violations"] == 0 for r in rows)

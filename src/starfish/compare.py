@@ -34,7 +34,8 @@ from starfish.steps import RunData, build_model, check_masks, evaluation, heal_s
 
 ALIGNMENT_IMAGES = 256  # held-out eval images used to measure per-block alignment (labels unused)
 
-# Called as inspect(stage, row_so_far, model, masks) with stage "start" (before the healer) or "end".
+# Called as inspect(stage, row_so_far, model, masks) with stage "start" (before the healer) or "end"
+# (under --distributed fsdp a healed model is sharded at "end").
 Inspector = Callable[[str, dict, nn.Module, Masks], None]
 
 

@@ -140,7 +140,7 @@ def test_user_errors_come_before_the_process_group(tmp_path, capsys, monkeypatch
     ("run", ["--heal-scope", "blockwise"], "--heal-scope joint"),
     ("run", ["--checkpoint-every", "2"], "--checkpoint-every"),
     ("run", ["--precision", "fp16"], "--precision"),
-    ("compare", ["--sparsities", "0.5"], "--distributed ddp"),
+    ("compare", ["--sparsities", "0.5", "--heal-scope", "blockwise"], "--heal-scope joint"),
 ])
 def test_what_fsdp_cannot_do_is_refused_before_the_process_group(command, extra, message, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("RANK", "0")
@@ -171,7 +171,7 @@ def _free_port() -> int:
 
 
 def _helpers_on_rank(rank: int, world: int, port: int, results: dict) -> None:
-    from starfish.distributed.context import DistributedContext, activate, sum_floats, sum_tensors
+    from starfish.distributed.context import DistributedContext, activate, mean_over_ranks, sum_floats, sum_tensors
     from starfish.distributed.ddp import average_buffers, data_parallel_step
     from starfish.distributed.statistics import merge_batchnorm_statistics
 
@@ -180,6 +180,7 @@ def _helpers_on_rank(rank: int, world: int, port: int, results: dict) -> None:
     activate(DistributedContext("ddp", rank, world, rank, "gloo", torch.device("cpu")))
     try:
         out: dict = {"floats": sum_floats(rank + 0.5, 1)}
+        out["held_out"] = mean_over_ranks({"objective": 1.0 + 2 * rank, "kl": None})  # every rank decides alike
         tensors = [torch.full((3,), float(rank + 1)), torch.full((2, 2), 10.0 * (rank + 1), dtype=torch.float64)]
         sum_tensors(tensors, bucket_bytes=8)  # smaller than one tensor: one bucket each
         out["tensors"] = [t.tolist() for t in tensors]
@@ -231,6 +232,7 @@ def test_helpers_in_a_two_process_gloo_group() -> None:
     for rank in (0, 1):
         out = results[rank]
         assert out["floats"] == [2.0, 2.0]
+        assert out["held_out"] == {"objective": 2.0, "kl": None}
         assert out["tensors"] == [[3.0] * 3, [[30.0, 30.0], [30.0, 30.0]]]
         assert out["loss"] == pytest.approx(float(loss), rel=1e-6)  # the global batch loss on every rank
         for got, want in zip(out["grads"], expected):

@@ -164,4 +164,55 @@ def test_parallelism_is_read_from_sharded_weights(one_rank):
     from starfish.memory import Parallelism
 
     assert Parallelism.of(small_mlp()) == Parallelism()
-    assert Parallelism.of(shard_model(small_mlp(), ["0", "2", "4"], one_rank)) == Parallelism("fsdp", 1)
+    student, teacher = (shard_model(small_mlp(), ["0", "2", "4"], one_rank) for _ in range(2))
+    assert Parallelism.of(student) == Parallelism.of(student, teacher) == Parallelism("fsdp", 1)
+    assert Parallelism.of(student, small_mlp()) == Parallelism("fsdp", 1, teacher_replicated=True)  # a compare grid
+    assert Parallelism.of(small_mlp(), student) == Parallelism()  # the student decides the mode
+
+
+def test_memory_plan_counts_a_replicated_teacher_whole():
+    """compare --distributed fsdp shards the student only: its weights are split, the teacher's are not."""
+    from starfish.heal import HealConfig
+    from starfish.heal.objectives import get_objective
+    from starfish.memory import Parallelism, estimate_heal_memory, tensor_bytes
+
+    dense, sparse = small_mlp(), small_mlp()
+    calib = {"pixel_values": torch.randn(16, 6)}
+    config = HealConfig(batch_size=8, device="cpu", progress=False)
+    plans = {
+        replicated: estimate_heal_memory(dense, sparse, list(mlp_masks(sparse)), calib, config, get_objective("starfish"),
+                                         ["0", "2", "4"], torch.device("cpu"), "cpu", parallel=Parallelism("fsdp", 4, replicated))
+        for replicated in (False, True)
+    }
+    one = tensor_bytes(dense)
+    assert plans[False].parts["weights"][1] == -(-2 * one // 4)
+    assert plans[True].parts["weights"][1] == -(-one // 4) + one
+    for part in ("gradients", "optimizer state", "masks", "best-weights copy"):  # the student's: sharded either way
+        assert plans[True].parts[part] == plans[False].parts[part]
+    assert plans[True].to_dict()["parallel"] == {"mode": "fsdp", "ranks": 4, "teacher": "replicated"}
+    assert "teacher replicated" in plans[True].summary()
+
+
+def test_a_dropped_sharded_student_is_freed(one_rank):
+    """compare shards each grid point's student and must free it before the next one, although
+    FSDP2's hooks keep it in reference cycles."""
+    import gc
+    import weakref
+
+    from starfish.distributed.context import DistributedContext, activate
+    from starfish.distributed.sharding import collect_dropped, shard_student
+
+    student = small_mlp()
+    assert not shard_student(student, "0|2|4")  # no torchrun context: left alone
+    activate(DistributedContext("fsdp", 0, 1, 0, "gloo", torch.device("cpu")))
+    gc.disable()  # only collect_dropped may collect
+    try:
+        assert shard_student(student, "0|2|4") and is_sharded(student.get_parameter("2.weight"))
+        student(torch.randn(2, 6)).sum().backward()
+        alive = weakref.ref(student)
+        del student  # FSDP2's hooks hold it in reference cycles: dropping the name is not enough
+        collect_dropped()
+        assert alive() is None
+    finally:
+        gc.enable()
+        activate(None)

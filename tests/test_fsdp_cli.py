@@ -4,7 +4,8 @@ Both models are sharded after pruning (each rank holds half of every weight), ev
 every forward pass of the evaluation (5 windows: ranks score 3 and 2, the shorter share padded with
 a batch that is run but not counted), and rank 0 writes the gathered Hugging Face folder. What is
 written must be what one process writes. ResNet-20 with top-1 scoring, a repair and the saved
-pruned/repaired states runs in tests/test_distributed.py.
+pruned/repaired states runs in tests/test_distributed.py. ``compare --distributed fsdp`` (the
+student of each grid point sharded, the teacher full on every rank) must give one process's rows.
 """
 
 from __future__ import annotations
@@ -95,3 +96,85 @@ def test_padding_batches_are_run_but_not_counted(monkeypatch) -> None:
     model.register_forward_hook(lambda *_: calls.append(1))
     scores = get_task("classification").evaluate({"dense": model}, batches, reference=None)
     assert len(calls) == 2 and scores["dense"]["samples"] == 2
+
+
+# ------------------------------------------------------------ compare: the student sharded per grid point
+
+COMPARED = ["--sparsities", "0.3,0.5", "--healers", "none,starfish"]
+
+
+@pytest.fixture(scope="module")
+def compares(runs) -> tuple[Path, Path, str]:
+    """One grid in one process and under ``compare --distributed fsdp`` (the same global batch)."""
+    model, one, _, _ = runs
+    root = one.parent
+    args = _args(model, root)
+    del args[args.index("--sparsity") : args.index("--sparsity") + 2]  # the grid names its sparsities
+    assert main(["compare", *args, *COMPARED, "--out", str(root / "cmp-one")]) == 0
+    two = torchrun("compare", "--distributed", "fsdp", *args, *COMPARED, "--out", str(root / "cmp-fsdp"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    return root / "cmp-one", root / "cmp-fsdp", two.stdout
+
+
+def test_fsdp_compare_gives_one_process_rows(compares) -> None:
+    one, fsdp, stdout = compares
+    assert stdout.count("wrote ") == 1  # rank 0 alone
+    assert sorted(p.name for p in fsdp.iterdir()) == sorted(p.name for p in one.iterdir())
+    rows_one, rows = (json.loads((d / "compare.json").read_text()) for d in (one, fsdp))
+    assert [(r["sparsity"], r["healer"]) for r in rows] == [(r["sparsity"], r["healer"]) for r in rows_one] == [
+        (0.3, "none"), (0.3, "starfish"), (0.5, "none"), (0.5, "starfish"),
+    ]
+    for row, want in zip(rows, rows_one):
+        where = f"{row['healer']} at {row['sparsity']}"
+        # pruned from the full, replicated dense model: bit-identical starting weights and masks
+        assert row["start_sha256"] == want["start_sha256"], where
+        assert row["achieved_sparsity"] == want["achieved_sparsity"] == pytest.approx(row["sparsity"], abs=0.02), where
+        assert row["mask_violations"] == 0 and row["steps"] == want["steps"] == (6 if row["healer"] == "starfish" else 0)
+        for key in ("perplexity", "kl", "agreement", "block_cosine_mean"):
+            assert row[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), f"{key}: {where}"
+    healed = [r for r in rows if r["healer"] == "starfish"]
+    assert all(h["perplexity"] != n["perplexity"] for h, n in zip(healed, rows[::2]))  # healing changed something
+    curves_one, curves = (json.loads((d / "curves.json").read_text()) for d in (one, fsdp))
+    for cell, want in zip(curves, curves_one):
+        losses, losses_one = cell["healers"]["starfish"]["loss"], want["healers"]["starfish"]["loss"]
+        assert len(losses) == len(losses_one) == 6 and losses == pytest.approx(losses_one, rel=1e-4)
+    protocol = json.loads((fsdp / "protocol.json").read_text())
+    assert protocol["distributed"] == {"mode": "fsdp", "world_size": 2, "backend": "gloo"}
+
+
+def test_each_sharded_student_is_freed_before_the_next_grid_point(runs, tmp_path) -> None:
+    """In one process of a one-rank gloo group under --distributed fsdp (garbage collection off, so
+    only compare's own collection frees): a healed student is sharded, and gone at the next grid point."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from starfish.cli import build_parser, config_from_args
+    from starfish.compare import compare
+    from starfish.distributed.context import DistributedContext, activate
+    from starfish.masks import is_sharded
+
+    model, one, _, _ = runs
+    args = _args(model, one.parent)
+    del args[args.index("--sparsity") : args.index("--sparsity") + 2]
+    config = config_from_args(build_parser().parse_args(["compare", *args, "--epochs", "1"]))
+    students: list = []
+
+    def inspect(stage, row, student, masks) -> None:
+        if stage == "start":  # every earlier student is gone by now
+            assert all(ref() is None for ref in students), row
+        elif row["healer"] == "starfish":
+            assert is_sharded(student.get_parameter("model.layers.0.mlp.up_proj.weight"))
+            students.append(weakref.ref(student))
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    activate(DistributedContext("fsdp", 0, 1, 0, "gloo", torch.device("cpu")))
+    gc.disable()
+    try:
+        rows = compare(config, [0.3, 0.5], ["starfish", "none"], inspect=inspect)["rows"]
+    finally:
+        gc.enable()
+        activate(None)
+        dist.destroy_process_group()
+    assert len(students) == 2 and all(r["mask_violations"] == 0 for r in rows)

@@ -24,6 +24,7 @@ from torch import nn
 from starfish import distributed
 from starfish.alignment import DenseReference, probe_sample
 from starfish.batch import batch_len
+from starfish.distributed.sharding import collect_dropped, shard_student
 from starfish.errors import StarfishError
 from starfish.heal.objectives import OBJECTIVES
 from starfish.masks import Masks
@@ -33,7 +34,8 @@ from starfish.steps import RunData, build_model, check_masks, evaluation, heal_s
 
 ALIGNMENT_IMAGES = 256  # held-out eval images used to measure per-block alignment (labels unused)
 
-# Called as inspect(stage, row_so_far, model, masks) with stage "start" (before the healer) or "end".
+# Called as inspect(stage, row_so_far, model, masks) with stage "start" (before the healer) or "end"
+# (under --distributed fsdp a healed model is sharded at "end").
 Inspector = Callable[[str, dict, nn.Module, Masks], None]
 
 
@@ -231,6 +233,8 @@ def compare(
                     inspect("end", row, model, own_masks)
                 share = f" ({_pct(row['recovered_fraction'])} of dense)" if metric == "top1" else ""
                 _log(f"{allocation:>8s} {100 * sparsity:5.1f}% {spec.name:>16s}: {_show(metric, row[metric])}{share} in {seconds:.1f} s")
+                del model
+                collect_dropped()  # --distributed fsdp: this grid point's sharded student is freed here
     protocol = _protocol(config, loaded, specs, sparsities, allocations, data, dense_stats, metric, prunable, blocks, align_inputs, command)
     result = {"rows": rows, "protocol": protocol, "curves": curves}
     context = distributed.current()
@@ -250,6 +254,7 @@ def _apply(spec: HealerSpec, dense, model, masks, data: RunData, config: RunConf
     if spec.repair:
         repair_step(spec.repair, dense, model, masks, data.calibration)
     if spec.objective:
+        shard_student(model, block_pattern)  # --distributed fsdp: 1/N of the student per rank; the teacher stays full
         heal_config = copy.deepcopy(config.heal)
         heal_config.healer = spec.objective
         result = heal_step(dense, model, masks, data.calibration, heal_config, block_pattern, config.seed, held=data.held)

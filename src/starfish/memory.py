@@ -17,7 +17,8 @@ On more than one process the plan is per rank (``Parallelism``): with DDP every 
 replica of the weights, gradients and optimizer state and the activations of its share of each
 batch; with FSDP2 the weights, gradients, optimizer state, mask shards and the best-weights copy
 are split over the N ranks, and each rank additionally holds the units it has gathered (the root's
-parameters and two blocks: the one computing and the one prefetched).
+parameters and two blocks: the one computing and the one prefetched). In a compare grid under
+FSDP2 only the student is sharded: the dense teacher's weights count whole on every rank.
 """
 
 from __future__ import annotations
@@ -226,21 +227,26 @@ class Parallelism:
     """How healing is spread over processes, which decides what one rank holds.
 
     ``single``: one process; ``ddp``: every rank a full replica, each batch split over the ranks;
-    ``fsdp``: weights, gradients and optimizer state sharded over the ranks (FSDP2)."""
+    ``fsdp``: weights, gradients and optimizer state sharded over the ranks (FSDP2).
+    ``teacher_replicated`` (fsdp): only the student is sharded and the dense teacher is a full
+    replica on every rank (a compare grid, which prunes every grid point from it)."""
 
     mode: str = "single"
     ranks: int = 1
+    teacher_replicated: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("single", "ddp", "fsdp") or self.ranks < 1 or (self.mode == "single" and self.ranks != 1):
             raise StarfishError(f"parallelism must be single (1 rank), ddp or fsdp with ranks >= 1; got {self.mode} x {self.ranks}.")
 
     @classmethod
-    def of(cls, model: nn.Module) -> "Parallelism":
-        """FSDP2 over the mesh of the model's sharded weights, else one process."""
+    def of(cls, model: nn.Module, teacher: nn.Module | None = None) -> "Parallelism":
+        """FSDP2 over the mesh of the model's sharded weights, else one process; with FSDP2, whether
+        ``teacher`` (when given) is left unsharded."""
         for p in model.parameters():
             if is_sharded(p):
-                return cls("fsdp", p.device_mesh.size())
+                replicated = teacher is not None and not any(is_sharded(q) for q in teacher.parameters())
+                return cls("fsdp", p.device_mesh.size(), replicated)
         return cls()
 
     def local_batch(self, batch: int) -> int:
@@ -252,7 +258,11 @@ class Parallelism:
         return math.ceil(nbytes / self.ranks) if self.mode == "fsdp" else nbytes
 
     def describe(self) -> str:
-        return "one process" if self.mode == "single" else f"{self.mode} over {self.ranks} ranks, per rank"
+        teacher = ", teacher replicated" if self.teacher_replicated else ""
+        return "one process" if self.mode == "single" else f"{self.mode} over {self.ranks} ranks{teacher}, per rank"
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "ranks": self.ranks, **({"teacher": "replicated"} if self.teacher_replicated else {})}
 
 
 def _same_place(a: torch.device, b: torch.device) -> bool:
@@ -319,7 +329,7 @@ class MemoryEstimate:
     def to_dict(self) -> dict:
         return {
             "scope": self.scope,
-            "parallel": {"mode": self.parallel.mode, "ranks": self.parallel.ranks},
+            "parallel": self.parallel.to_dict(),
             "parts_mb": {k: {"place": p, "mb": b / 2**20} for k, (p, b) in self.parts.items()},
             "need_mb": {p: self.need(p) / 2**20 for p in [*self.places(), *(["disk"] if self.need("disk") else [])]},
             "available_mb": {k: v / 2**20 for k, v in self.available.items()},
@@ -413,7 +423,7 @@ def estimate_heal_memory(
     from starfish.batch import batch_len, model_device
     from starfish.heal.targets import CACHE_DTYPES
 
-    parallel = parallel or Parallelism.of(sparse)
+    parallel = parallel or Parallelism.of(sparse, dense)
     n = batch_len(calibration)
     batch = parallel.local_batch(min(config.batch_size, n))
     compute = place_name(device)
@@ -454,7 +464,10 @@ def estimate_heal_memory(
     else:
         train = _trainable_bytes(sparse, mask_names)
         numel = sum(sparse.get_parameter(k).numel() for k in mask_names)
-        plan.add("weights", compute, shard(sum(tensor_bytes(m) for m in models)))
+        if parallel.teacher_replicated and objective.needs_dense:  # a compare grid's full teacher on every rank
+            plan.add("weights", compute, shard(tensor_bytes(sparse)) + tensor_bytes(dense))
+        else:
+            plan.add("weights", compute, shard(sum(tensor_bytes(m) for m in models)))
         if parallel.mode == "fsdp":
             plan.add("gathered units (root + 2 blocks)", compute, _gathered_bytes(sparse, blocks))
         plan.add("gradients", compute, shard(train))

@@ -8,7 +8,8 @@
 * ``ddp``: the data-parallel optimizer step (loss share, gradient all-reduce) and BatchNorm buffers;
 * ``launch``: validation before the group is joined, one-line failures;
 * ``fsdp``: fully sharded parameters (FSDP2), plugged into the same context.
-* ``sharding``: ``--distributed fsdp`` in a run: shard both models after repair, gather them to write.
+* ``sharding``: ``--distributed fsdp`` in a run (shard both models after repair, gather them to
+  write) and in a compare grid (shard each grid point's student before its healing).
 """
 
 from starfish.distributed.context import DistributedContext, current, is_writer

@@ -179,6 +179,18 @@ def sum_floats(*values: float) -> list[float]:
     return sum_(torch.tensor([float(v) for v in values], dtype=torch.float64)).tolist()
 
 
+def mean_over_ranks(values: dict[str, float | None]) -> dict[str, float | None]:
+    """The mean over all ranks of each number (None stays None: the same keys are None on every rank).
+
+    For decisions every rank must take alike from numbers that can differ between ranks, e.g. a
+    held-out loss measured with each rank's own BatchNorm running statistics (train mode)."""
+    if _ACTIVE is None or _ACTIVE.world_size == 1:
+        return dict(values)
+    keys = [k for k, v in values.items() if v is not None]
+    sums = sum_floats(*(values[k] for k in keys))
+    return {**values, **{k: total / _ACTIVE.world_size for k, total in zip(keys, sums)}}
+
+
 def sum_tensors(tensors: Iterable[torch.Tensor | None], bucket_bytes: int = 32 * 2**20) -> None:
     """Sum several tensors over all ranks in place, a few large messages instead of one per tensor
     (bucketed by ``bucket_bytes``, grouped by dtype so nothing is converted)."""

@@ -1,13 +1,20 @@
-"""``--distributed fsdp`` in a run: what FSDP2 changes in the one orchestration (``pipeline.run``).
+"""``--distributed fsdp`` in a run and in a compare grid: what FSDP2 changes in the orchestrations
+(``pipeline.run``, ``compare.compare``).
 
 * Before the group exists, ``check_fsdp_run`` refuses what sharded weights cannot do (block-wise
-  healing, fp16 loss scaling, the healing checkpoints, ``compare``) with one line each.
+  healing, fp16 loss scaling, the healing checkpoints) with one line each.
 * Calibration, pruning and repair run on full, replicated models exactly as under DDP (disjoint
-  statistics slices, sums all-reduced), so the masks are one process's masks. Then
+  statistics slices, sums all-reduced), so the masks are one process's masks. Then, in a run,
   ``shard_for_healing`` shards BOTH models with FSDP2 (``fsdp.shard_model``: one unit per block
   plus the root), before healing, the alignment probe and the final scoring: from here on every
   rank holds 1/N of each model. The CPU copies of earlier states kept for the final scoring
   (``states.SavedState``) keep only this rank's part too.
+* In a compare grid the dense teacher stays full on every rank: every grid point is pruned from
+  it (pruning and repair need the whole weights, and its calibration statistics are all-reduced
+  as under DDP). ``shard_student`` shards each grid point's student just before its healing
+  (after its repair); it stays sharded for its scoring, alignment and mask check and is freed with
+  the grid point. Healing takes a sharded student and a plain teacher: the teacher only runs
+  forward passes on this rank's share of each batch, which needs no collective.
 * Healing splits each global batch once (``ddp.DataParallelStep``, lockstep: every rank runs
   every forward); FSDP2 reduce-scatters the gradients.
 * Evaluation: each rank scores every N-th sample and shorter shares are padded with empty batches
@@ -22,6 +29,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import weakref
 from typing import Iterable
 
@@ -31,6 +39,8 @@ from torch import nn
 from starfish.distributed.context import current
 from starfish.errors import StarfishError
 from starfish.masks import is_sharded, local_view
+
+FSDP_JOBS = ("run", "compare")
 
 # sharded module -> its weightless (meta) copy from before sharding; dies with the module
 _SKELETONS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
@@ -47,11 +57,8 @@ def check_fsdp_run(config, job: str = "run") -> None:
     default (``--checkpoint-every auto``) turns them off, an explicit request is refused."""
     from starfish.distributed.fsdp import check_fsdp_scope
 
-    if job != "run":
-        raise StarfishError(
-            f"--distributed fsdp works with 'starfish run' only; use --distributed ddp for '{job}', or one "
-            "'starfish run --distributed fsdp' per grid point."
-        )
+    if job not in FSDP_JOBS:
+        raise StarfishError(f"--distributed fsdp works with 'starfish run' and 'starfish compare'; use --distributed ddp for '{job}'.")
     check_fsdp_scope(config.heal.scope)
     if config.heal.precision == "fp16":
         raise StarfishError("--precision fp16 needs a loss scaler that sharded weights do not support; use --precision bf16 or fp32 with --distributed fsdp.")
@@ -71,17 +78,47 @@ def shard_for_healing(
     Returns whether the models are sharded now. Collective: every rank calls it at the same point."""
     if not fsdp_active():
         return False
-    from starfish.distributed.fsdp import fsdp_mesh, shard_model
-    from starfish.structure import find_blocks
-
-    blocks = [name for name, _ in find_blocks(dense, block_pattern)]
-    mesh = fsdp_mesh()
+    mesh, blocks = _plan_units(dense, block_pattern)
     for model in (dense, sparse):
-        _SKELETONS[model] = _weightless_copy(model)
-        shard_model(model, blocks, mesh)  # gathered in the loaded dtype: --precision acts through autocast, as in one process
+        _shard(model, blocks, mesh)
     for state in saved_states:
         state.keep_local(sparse)
     return True
+
+
+def shard_student(sparse: nn.Module, block_pattern: str | None) -> bool:
+    """Under ``--distributed fsdp``: shard only ``sparse`` in place (a compare grid point's student,
+    just before healing); its dense teacher stays full on every rank. A no-op otherwise. Returns
+    whether it is sharded now. Collective: every rank calls it at the same point. The student
+    is freed once dropped (``collect_dropped``)."""
+    if not fsdp_active():
+        return False
+    mesh, blocks = _plan_units(sparse, block_pattern)
+    _shard(sparse, blocks, mesh)
+    return True
+
+
+def collect_dropped() -> None:
+    """Under ``--distributed fsdp``: free the sharded students a compare grid has dropped, before the
+    next grid point. FSDP2's hooks and states refer back to their module (reference cycles), so a
+    sharded model whose last name is gone waits for a garbage collection; a no-op otherwise."""
+    if fsdp_active():
+        gc.collect()
+
+
+def _plan_units(model: nn.Module, block_pattern: str | None) -> tuple[object, list[str]]:
+    """The device mesh over every rank and the blocks that become FSDP2 units."""
+    from starfish.distributed.fsdp import fsdp_mesh
+    from starfish.structure import find_blocks
+
+    return fsdp_mesh(), [name for name, _ in find_blocks(model, block_pattern)]
+
+
+def _shard(model: nn.Module, blocks: list[str], mesh) -> None:
+    from starfish.distributed.fsdp import shard_model
+
+    _SKELETONS[model] = _weightless_copy(model)
+    shard_model(model, blocks, mesh)  # gathered in the loaded dtype: --precision acts through autocast, as in one process
 
 
 def _weightless_copy(model: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from starfish.batch import Batch, batch_len, select
+from starfish.distributed.context import mean_over_ranks
 from starfish.heal.config import HealConfig
 from starfish.heal.objectives import Objective, Signals, kd_loss
 from starfish.heal.steps import WeightSnapshot, set_heal_mode
@@ -191,7 +192,9 @@ def held_out_evaluator(
         finally:
             set_heal_mode(sparse, config)
         result = {k: v / n for k, v in totals.items()} | ({"objective": None} if objective.uses_labels else {})
-        return result | ({} if compared else {"kl": None})
+        # --distributed: BatchNorm in train mode leaves each rank its own running statistics, so the
+        # ranks average what they measured and take the same stop and keep decisions
+        return mean_over_ranks(result | ({} if compared else {"kl": None}))
 
     return evaluate
 

@@ -86,9 +86,10 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         ppl, heal = r["perplexity"], r.get("heal") or {}
         healed = "—" if r["healer"] == "none" else f"{ppl['healed']:.2f}"
+        training = "—" if r["healer"] == "none" else f"{heal.get('batch_size')}, {heal.get('lr')}"
         lines.append(
             f"| {r['pruner']} | {r['pattern'] or '50% unstructured'} | {r['healer']} | {r['scope']} | {ppl['dense']:.2f} | "
-            f"{ppl['pruned']:.2f} | {healed} | {_budget(r)} | {heal.get('batch_size')}, {heal.get('lr')} | "
+            f"{ppl['pruned']:.2f} | {healed} | {_budget(r)} | {training} | "
             f"{r['heal_seconds']:.0f} s | {r['steps']} | {r['peak_rss_mb']:.0f} MB |"
         )
     return "\n".join(lines)

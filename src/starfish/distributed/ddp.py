@@ -37,6 +37,25 @@ from starfish.distributed.context import current, sum_, sum_tensors
 from starfish.distributed.shares import batch_share
 
 
+def weighted_share_loss(
+    loss_of: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor, local: torch.Tensor, lockstep: bool
+) -> torch.Tensor:
+    """The loss of this rank's part ``local`` of global batch ``index``, weighted by its share of the
+    samples, so gradients summed over the ranks are the gradient of the global batch mean. An empty
+    part runs one sample with weight 0 where every rank must join every forward (``lockstep``)."""
+    if local.numel() == 0 and lockstep:  # a batch smaller than the group
+        return loss_of(index[:1]) * 0.0
+    if local.numel() == 0:  # this rank contributes nothing
+        return torch.zeros((), dtype=torch.float32, requires_grad=True)
+    return loss_of(local) * (local.numel() / index.numel())
+
+
+def with_value(weighted: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``weighted``'s gradient with the value ``total`` (the global batch loss, summed over the ranks),
+    so every rank's divergence guard sees the same loss and they stop together."""
+    return weighted + (total.to(weighted.device, weighted.dtype).reshape(()) - weighted.detach())
+
+
 class DataParallelStep:
     """One rank's part of each optimizer step; the identity in one process.
 
@@ -61,15 +80,8 @@ class DataParallelStep:
         its gradient this rank's weighted share of the global batch gradient."""
         if not self.active:
             return self.loss_of(index)
-        local = batch_share(index)
-        if local.numel() == 0 and self.lockstep:  # a batch smaller than the group
-            weighted = self.loss_of(index[:1]) * 0.0
-        elif local.numel() == 0:  # this rank contributes nothing
-            weighted = torch.zeros((), dtype=torch.float32, requires_grad=True)
-        else:
-            weighted = self.loss_of(local) * (local.numel() / index.numel())
-        total = sum_(weighted.detach().to(torch.float64).reshape(1).cpu())
-        return weighted + (total.to(weighted.device, weighted.dtype).reshape(()) - weighted.detach())
+        weighted = weighted_share_loss(self.loss_of, index, batch_share(index), self.lockstep)
+        return with_value(weighted, sum_(weighted.detach().to(torch.float64).reshape(1).cpu()))
 
     def reduce_gradients(self) -> None:
         """Sum the trainable gradients over ranks (a missing gradient counts as zeros)."""

@@ -16,7 +16,8 @@ the *sum* of the gradients (divide factor 1, set by ``shard_model``), which is t
 global batch mean, also when a batch does not split evenly. This is the convention of the DDP step
 (``distributed.ddp``), so either split of the batch works with a model sharded here. Every rank must run
 every forward pass of a sharded model (each one all-gathers parameters), so the code that runs on
-one rank only (writing outputs) works on ``full_state_dict``, never on the sharded model.
+one rank only (writing outputs) works on gathered full weights (``sharding.gathered``,
+``full_state_dict``), never on the sharded model.
 
 The same code runs with gloo on CPUs (the tests) and with NCCL on GPUs.
 """
@@ -89,13 +90,6 @@ def shard_model(model: nn.Module, block_names: list[str], mesh, precision: str =
     return model
 
 
-def is_fsdp(model: nn.Module) -> bool:
-    """True when ``model`` was sharded with ``fully_shard``."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict on rank 0, on the CPU; an empty dict on every other rank.
 
@@ -106,35 +100,28 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def rank_share(index: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's contiguous part of a global batch (the parts differ by at most one sample, the
-    first ranks taking the larger ones, as the DDP split does)."""
-    return torch.tensor_split(index, world)[rank]
-
-
 def data_parallel_loss(
     loss_of: Callable[[torch.Tensor], torch.Tensor], group=None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``loss_of`` over global batches, computed on this rank's share of each.
+    """``loss_of`` over global batches, computed on this rank's share of each, for a model sharded
+    from Python without a ``torchrun`` launch context (the rank and world come from ``group``).
 
-    The returned loss back-propagates this rank's mean weighted by ``share / batch``, so the
-    gradients FSDP2 sums over the ranks are the gradient of the global batch mean, also when the
-    batch does not split evenly; its *value* is the global batch mean (one all-reduce of a scalar),
-    so the divergence guard sees the same loss on every rank and they stop together. A rank whose
-    share is empty (a batch smaller than the world) still runs one sample with weight 0: every rank
-    must take part in every gather.
+    The same weighting as the DDP step (``ddp.weighted_share_loss``): gradients FSDP2 sums over the
+    ranks are the gradient of the global batch mean, also when the batch does not split evenly; the
+    value is the global batch mean (one all-reduce of a scalar). Lockstep: a rank whose share is
+    empty still runs one sample with weight 0, since every rank must take part in every gather.
     """
+    from starfish.distributed.ddp import weighted_share_loss, with_value
+    from starfish.distributed.shares import share_bounds
+
     world, rank = dist.get_world_size(group), dist.get_rank(group)
 
     def local_loss(index: torch.Tensor) -> torch.Tensor:
-        share = rank_share(index, rank, world)
-        weight = len(share) / len(index)
-        if len(share) == 0:
-            share = index[:1]
-        weighted = loss_of(share) * weight
+        start, end = share_bounds(index.numel(), rank, world)
+        weighted = weighted_share_loss(loss_of, index, index[start:end], lockstep=True)
         total = weighted.detach().float().clone()
         dist.all_reduce(total, group=group)
-        return weighted + (total - weighted.detach()).to(weighted.dtype)
+        return with_value(weighted, total)
 
     return local_loss
 

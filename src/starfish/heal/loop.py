@@ -5,8 +5,8 @@ one backward through the whole network per step, dense targets cached once) and 
 (``heal.blockwise``: one block at a time, memory of one block). Before anything moves, the memory
 the run needs is estimated and a run that cannot fit is refused with the flags that fix it.
 
-Only the surviving entries of the prunable weights train. Gradients are multiplied by the mask and
-the mask is re-applied after every optimizer step, so pruned entries stay exactly zero.
+Only the surviving entries of the prunable weights train. Gradients of pruned entries are zeroed after
+every backward pass and the mask is re-applied after every optimizer step, so they stay exactly zero.
 
 Memory and time: the forward passes run under the run's autocast (``--precision``, float32 master
 weights; ``heal.precision``); an objective that reads no logits stops each forward pass after the

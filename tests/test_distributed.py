@@ -140,6 +140,7 @@ def test_user_errors_come_before_the_process_group(tmp_path, capsys, monkeypatch
     ("run", ["--heal-scope", "blockwise"], "--heal-scope joint"),
     ("run", ["--checkpoint-every", "2"], "--checkpoint-every"),
     ("run", ["--precision", "fp16"], "--precision"),
+    ("run", ["--pipeline", "auto"], "--pipeline auto probes whole"),
     ("compare", ["--sparsities", "0.5", "--heal-scope", "blockwise"], "--heal-scope joint"),
 ])
 def test_what_fsdp_cannot_do_is_refused_before_the_process_group(command, extra, message, tmp_path, capsys, monkeypatch) -> None:

@@ -166,6 +166,11 @@ FLAG_TYPES: dict[str, Callable[[str], object]] = {
 
 S = argparse.SUPPRESS
 
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 # (flag, dest in RunConfig as dotted path, argparse kwargs)
 RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--config", "_config", dict(help="load a saved run config (JSON); flags given here override it")),
@@ -199,12 +204,18 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--sparsegpt-damp", "prune.damp", dict(type=float, help="sparsegpt Hessian damping, fraction of its mean diagonal (default 0.01)")),
     ("--sparsegpt-blocksize", "prune.blocksize", dict(type=int, help="sparsegpt columns per block (default 128)")),
     ("--repair", "repair", dict(help="label-free repair after pruning: auto (default: varmatch unless BatchNorm heals in train mode) | none | bn | varmatch | bn+varmatch")),
+    ("--pipeline", "pipeline", dict(choices=["fixed", "auto"], help="fixed (default): prune with --pruner/--allocation/--repair; auto: give each candidate a short heal, rank them on held-out unlabeled data, finish the best (flags you name stay fixed)")),
+    ("--probe-epochs", "probe_epochs", dict(type=int, help="--pipeline auto: epochs of each candidate's short heal (default 3)")),
+    ("--probe-signal", "probe_signal", dict(choices=["auto", "kl", "objective"], help="--pipeline auto: rank candidates by the held-out output KL or the held-out healing objective (default auto: objective for networks with BatchNorm, else KL)")),
+    ("--try-pruners", "candidates.pruner", dict(type=_names, metavar="P1,P2,...", help="--pipeline auto: pruners to try (default magnitude,wanda,sparsegpt)")),
+    ("--try-allocations", "candidates.allocation", dict(type=_names, metavar="A1,A2,...", help="--pipeline auto: allocations to try (default uniform,erk,lamp; language models and N:M uniform)")),
+    ("--try-repairs", "candidates.repair", dict(type=_names, metavar="R1,R2,...", help="--pipeline auto: repairs to try (default none,varmatch; language models none)")),
     ("--repair-shrinkage", "repair_shrinkage", dict(type=float, help="varmatch shrinkage > 0 keeps collapsed channels from being blown up")),
     ("--heal-from", "heal_from", dict(choices=["pruned", "dense-masked"], help="start healing from the pruner's weights (default) or dense x mask")),
     ("--healer", "heal.healer", dict(help="starfish (default), kd, nmse, finetune (uses labels) or none")),
     ("--budget", "heal.budget", dict(choices=["auto", "fixed"], help="auto (default): stop when the healing objective on held-out unlabeled images stops improving, keep the best weights; fixed: train --epochs (the published recipe: --budget fixed)")),
     ("--epochs", "heal.epochs", dict(type=int, help="epochs of the fixed budget (default 10); without --budget it implies --budget fixed")),
-    ("--max-epochs", "heal.max_epochs", dict(type=int, help="budget auto: the most epochs (the cosine schedule spans them; default 60, language models 12)")),
+    ("--max-epochs", "heal.max_epochs", dict(type=int, help="budget auto: the most epochs (the cosine schedule spans them; default 60, language models 20)")),
     ("--patience", "heal.patience", dict(type=int, help="budget auto: held-out evaluations without improvement before stopping (default 4, language models 2)")),
     ("--eval-every", "heal.eval_every", dict(type=int, help="budget auto: epochs between held-out evaluations (default 2, language models 1)")),
     ("--holdout", "holdout", dict(help="unlabeled held-out images (or text) for --budget auto and the alignment probe (default: a draw from --calib apart from the calibration images)")),
@@ -244,7 +255,10 @@ DATA_FLAGS = ("--calib", "--calib-size", "--calib-max-gb", "--holdout", "--holdo
 # What ``diagnose`` takes besides those: which weights, its per-layer sparsity, where to run and write.
 DIAGNOSE_FLAGS = (*MODEL_FLAGS, *PREPROCESS_FLAGS, *DATA_FLAGS, "--sparsity", "--include", "--exclude", "--blocks",
                   "--device", "--no-progress", "--out", "--force")
-COMPARE_SKIPS = ("--sparsity", "--healer", "--masks", "--repair", "--checkpoint-every", "--resume")  # the grid supplies these; no resume
+COMPARE_SKIPS = (
+    "--sparsity", "--healer", "--masks", "--repair", "--checkpoint-every", "--resume",
+    "--pipeline", "--probe-epochs", "--probe-signal", "--try-pruners", "--try-allocations", "--try-repairs",
+)  # the grid supplies these; no resume
 
 
 def add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
@@ -295,7 +309,24 @@ def config_from_args(args: argparse.Namespace):
             merged[dest] = value
     from starfish.defaults import apply_model_defaults, given_keys
 
+    fix_named_dimensions(merged, {k for k in given if not k.startswith("_")})
     return RunConfig.from_dict(apply_model_defaults(merged, given_keys(given, base)))
+
+
+def fix_named_dimensions(merged: dict, flags: set[str]) -> None:
+    """``--pipeline auto`` searches only what the command line left open: ``--pruner wanda`` (or
+    ``--allocation``, ``--repair`` other than auto) fixes that dimension to the named value."""
+    if merged.get("pipeline") != "auto":
+        return
+    candidates = dict(merged.get("candidates") or {})
+    for dim, dest, value in (
+        ("pruner", "prune.pruner", merged["prune"].get("pruner")),
+        ("allocation", "prune.allocation", merged["prune"].get("allocation")),
+        ("repair", "repair", merged.get("repair")),
+    ):
+        if dest in flags and not candidates.get(dim) and value != "auto":
+            candidates[dim] = [value]
+    merged["candidates"] = candidates or None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -346,10 +377,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(sparsity=args.sparsity, seed=args.seed, retrain=args.retrain)
     return 0
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _compare_setup(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 Why per kind: the published recipe (10 epochs, batch 32, lr 6e-4) was set on images. A language
 model's calibration set is a few dozen long sequences, so batch 32 is one optimizer step per epoch,
 and an epoch of a causal LM costs far more than one of a CIFAR network; the values below were
-measured on SmolLM2-135M (``benchmarks/LM_DEFAULTS.md``). The CLI applies them before validation,
+measured on SmolLM2-135M (``BENCHMARKS.md``, "How the language-model defaults were picked"). The CLI applies them before validation,
 and the resolved values are saved in ``config.json``, so a rerun repeats the same training.
 From Python, pass them explicitly: ``HealConfig(budget="auto", **LANGUAGE_MODEL_HEAL)``.
 """
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 LANGUAGE_MODEL_HEAL: dict[str, object] = {
     "batch_size": 8,
     "lr": 3e-4,
-    "max_epochs": 12,
+    "max_epochs": 20,
     "eval_every": 1,
     "patience": 2,
 }

@@ -22,6 +22,7 @@ from starfish.masks import Masks
 from starfish.models import LoadedModel
 from starfish.models.causal_lm import CAUSAL_LM
 from starfish.outputs import atomic_output_dir, save_weights, write_json
+from starfish.pipeline_choice import Probe, choose_pipeline, fixed_record
 from starfish.repair import AUTO, has_batchnorm, resolve_repair
 from starfish.repair.bn import recalibrate_batchnorm
 from starfish.run_config import RunConfig, validate
@@ -55,7 +56,11 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     validate(config)
     loaded = build_model(config)
     data = load_data(config, loaded)
-    checkpointer = Checkpointer.open(config, data.calibration)  # --checkpoint-every / --resume
+    requested, choice = config, None  # config.json and checkpoints keep the request: a rerun chooses again, the same way
+    if config.pipeline == "auto":  # probes on calibration and held-out samples only; the run finishes the best
+        choice = choose_pipeline(config, loaded, data, progress=_say_probe if config.heal.progress else None)
+        config = choice.apply(config)
+    checkpointer = Checkpointer.open(requested, data.calibration)  # --checkpoint-every / --resume
     dense = loaded.module
     if config.prune.blocks and data.calibration is not None:  # a --blocks module that never runs fails before any pass
         find_blocks(dense, config.prune.blocks, select(data.calibration, slice(0, 2)), config.heal.device)
@@ -93,6 +98,7 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     report["repair_reason"] = repair_reason
     report["repair_stats"] = repair_stats
     report["heal_from"] = config.heal_from
+    report["pipeline"] = choice.to_dict() if choice is not None else fixed_record()
     if checkpointer is not None and checkpointer.resumed:
         report["resumed_from_step"] = checkpointer.resumed  # heal_seconds then counts this process only
     if "rr" in prune_notes:
@@ -105,8 +111,19 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     # One writer: DDP ranks hold identical, full weights; FSDP gathers them (a collective) for rank 0.
     written = gathered(sparse) if config.out is not None else None
     if config.out is not None and distributed.is_writer():
-        write_run(config, report, written, masks, heal_result, loaded)
+        write_run(requested, report, written, masks, heal_result, loaded)
     return report
+
+
+def _say_probe(probe: Probe) -> None:
+    """One stderr line per candidate of ``--pipeline auto``."""
+    import sys
+
+    c = probe.candidate
+    sys.stderr.write(
+        f"starfish: pipeline probe {c.pruner} / {c.allocation} / {c.repair}: held-out {probe.monitor} "
+        f"{probe.start:.5g} -> {probe.objective:.5g}, KL {probe.kl if probe.kl is not None else float('nan'):.5g} ({probe.seconds:.1f} s)\n"
+    )
 
 
 def alignment_probe(data: RunData, seed: int) -> AlignmentProbe | None:

@@ -93,6 +93,7 @@ def render_markdown(report: dict) -> str:
         "",
         *_plot_lines(report),
         *_budget_lines(report),
+        *_pipeline_lines(report),
         "## Protocol",
         "",
         _model_line(report),
@@ -161,6 +162,34 @@ def _budget_lines(report: dict) -> list[str]:
     ]
     return lines + [""]
 
+
+
+def _pipeline_lines(report: dict) -> list[str]:
+    """Pipeline auto: every candidate's short-heal held-out signal, and the one the run finished."""
+    choice = report.get("pipeline") or {}
+    if choice.get("mode") != "auto":
+        return []
+    chosen = choice["chosen"]
+    lines = [
+        "## Pipeline choice (auto, label-free)",
+        "",
+        f"Chose {chosen['pruner']} / {chosen['allocation']} / {chosen['repair']} (pruner / allocation / repair): the lowest "
+        f"ranking value after a {choice['probe_epochs']}-epoch heal of each candidate ({choice['search']}); ranking value = "
+        f"{choice.get('rank_by', 'kl')} ({choice.get('rank_reason', '')}); held-out data: {choice['holdout']}; probing took {choice['seconds']:.1f} s.",
+        "",
+        "| pruner | allocation | repair | held-out objective before | after the short heal | held-out KL(dense ‖ sparse) after | probe time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def num(x: float | None) -> str:
+        return "—" if x is None else f"{x:.5g}"
+
+    for c in choice["candidates"]:
+        mark = " **(chosen)**" if all(c[k] == chosen[k] for k in chosen) else ""
+        lines.append(
+            f"| {c['pruner']}{mark} | {c['allocation']} | {c['repair']} | {num(c['start'])} | {num(c['objective'])} | {num(c.get('kl'))} | {c['seconds']:.1f} s |"
+        )
+    return lines + [""]
 
 
 def _plot_lines(report: dict) -> list[str]:

@@ -47,6 +47,10 @@ class RunConfig:
     masks: str | None = None  # start from saved masks instead of pruning
     prune: PruneConfig = field(default_factory=PruneConfig)
     repair: str = "auto"  # label-free repair after pruning: auto | none | bn | varmatch | bn+varmatch
+    pipeline: str = "fixed"  # "auto": probe candidate pruners/allocations/repairs, finish the best (starfish.pipeline_choice)
+    candidates: dict | None = None  # pipeline auto: {"pruner"|"allocation"|"repair": [names]} (None: what applies)
+    probe_epochs: int = 3  # pipeline auto: epochs of each candidate's short heal
+    probe_signal: str = "auto"  # pipeline auto: rank by held-out output "kl" or healing "objective" (auto: by network)
     repair_shrinkage: float = 0.0  # varmatch: > 0 keeps (nearly) collapsed channels from being blown up
     heal_from: str = "pruned"  # "pruned": start healing from the pruner's weights; "dense-masked": dense x mask
     heal: HealConfig = field(default_factory=lambda: HealConfig(budget=RUN_BUDGET))
@@ -104,6 +108,11 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
     from starfish.validation import run_settings
 
     run_settings(config)
+    from starfish.validation import pipeline_settings
+
+    from starfish.pruning.pruners import list_pruners
+
+    pipeline_settings(config, list_pruners(), list_allocations(), list_repairs())
     if config.masks:
         Masks.load(config.masks)  # a missing, corrupt or non-boolean masks file fails before any work
     pruner = get_pruner(config.prune.pruner)  # an unknown pruner is refused here, naming the choices

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -229,10 +229,11 @@ def heal_step(
     seed: int,
     checkpointer: Checkpointer | None = None,
     held: HeldOut | None = None,
+    observer: Callable[[int], None] | None = None,
 ) -> HealResult:
     """Heal ``sparse`` in place. Only a healer that uses labels is handed the labels; the held-out
     samples (budget auto) are inputs only. ``checkpointer``: save the healing state as it goes,
-    continue a saved one (``heal.checkpoint``)."""
+    continue a saved one (``heal.checkpoint``); ``observer(steps)`` runs after every step (joint scope)."""
     from starfish.heal.objectives import OBJECTIVES
 
     if calibration is None:
@@ -244,6 +245,7 @@ def heal_step(
     return heal(
         dense, sparse, masks, stage_calibration(calibration, labels=uses_labels, whole=True), config,
         block_pattern=block_pattern, checkpointer=checkpointer, holdout=holdout[0], holdout_source=holdout[1],
+        observer=observer,
     )
 
 

@@ -185,6 +185,40 @@ def preprocess_overrides(overrides: dict | None) -> None:
         raise StarfishError(f"preprocess interpolation must be nearest, bilinear, bicubic, box, hamming or lanczos; got {overrides['interpolation']!r}.")
 
 
+# What --pipeline auto may search over (starfish.pipeline_choice).
+PIPELINE_DIMENSIONS = ("pruner", "allocation", "repair")
+
+
+def pipeline_settings(config: Any, pruners: Sequence[str], allocations: Sequence[str], repairs: Sequence[str]) -> None:
+    """``--pipeline`` and ``candidates`` settings, refused before any work (``run_config.validate``
+    passes the registered pruner, allocation and repair names)."""
+    if config.pipeline not in ("fixed", "auto"):
+        raise StarfishError(f"--pipeline must be 'fixed' or 'auto'; got '{config.pipeline}'.")
+    if config.probe_signal not in ("auto", "kl", "objective"):
+        raise StarfishError(f"--probe-signal must be auto, kl or objective; got '{config.probe_signal}'.")
+    if config.probe_epochs < 1:
+        raise StarfishError(f"--probe-epochs must be at least 1; got {config.probe_epochs}.")
+    candidates = config.candidates or {}
+    for dim, names in candidates.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise StarfishError(f"candidates['{dim}'] must be a list of names, e.g. [\"magnitude\", \"wanda\"]; got {names!r}.")
+    unknown = sorted(set(candidates) - set(PIPELINE_DIMENSIONS))
+    if unknown:
+        raise StarfishError(f"candidates has unknown keys {unknown}; use {', '.join(PIPELINE_DIMENSIONS)}.")
+    for dim, known in (("pruner", pruners), ("allocation", allocations), ("repair", repairs)):
+        for name in candidates.get(dim) or []:
+            if name not in known:
+                raise StarfishError(f"unknown {dim} '{name}' among the candidates (--try-{dim}s); choose from {', '.join(known)}.")
+    if config.pipeline != "auto":
+        return
+    if config.masks:
+        raise StarfishError("--pipeline auto chooses how to prune, --masks gives the masks: drop one of them.")
+    if config.heal.healer == "none":
+        raise StarfishError("--pipeline auto ranks candidates by a short heal; pass a healer (e.g. --healer starfish) or use --pipeline fixed.")
+    if config.heal.scope == "blockwise":
+        raise StarfishError("--pipeline auto ranks candidates by the whole-network held-out objective; use --heal-scope joint or --pipeline fixed.")
+
+
 def run_settings(config: Any) -> None:
     """The RunConfig's own numbers (sections validate themselves): sizes, seed, workers, batch sizes."""
     seed("--seed", config.seed)

@@ -67,6 +67,8 @@ def check_fsdp_run(config, job: str = "run") -> None:
             "healing checkpoints (--checkpoint-every, --resume) are not available with --distributed fsdp "
             "(each rank holds a shard of the weights); drop them, or use --distributed ddp."
         )
+    if getattr(config, "pipeline", "fixed") == "auto":
+        raise StarfishError("--pipeline auto probes whole, unsharded candidates; choose with --distributed ddp (or one process), then run the chosen pipeline with --distributed fsdp.")
     config.checkpoint_every = 0  # "auto" under fsdp: no checkpoints (not part of config.json)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ class HealJob:
     checkpointer: Checkpointer | None = None  # saves / restores the healing state (--checkpoint-every, --resume)
     holdout: Batch | None = None  # budget auto: unlabeled held-out samples the stopping rule watches
     stopping: "StoppingRecord | None" = None  # budget auto: filled with the held-out curve and the stop reason
+    observer: Callable[[int], None] | None = None  # joint scope: called after every optimizer step (benchmarks)
 
     def resume_point(self, key: str) -> ResumePoint | None:
         """The checkpoint of one training run (``joint``, ``block-NNN``), or None when not checkpointing."""

@@ -21,7 +21,7 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -183,7 +183,7 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
         with checkpointing:
             return train_steps(
                 sparse, masks, loss_of, n, config, config.seed, f"healing ({objective.name})", job.snapshot_device,
-                job.resume_point("joint"), monitor,
+                job.resume_point("joint"), monitor, job.observer,
             )
     finally:
         sparse.eval()
@@ -227,6 +227,7 @@ def heal(
     checkpointer: Checkpointer | None = None,
     holdout: object | None = None,
     holdout_source: str = "held-out samples",
+    observer: Callable[[int], None] | None = None,
 ) -> HealResult:
     """Heal ``sparse`` in place against ``dense`` on unlabeled calibration data (a batch mapping,
     an image tensor or a TensorDataset; see ``batch.calibration_set``). ``checkpointer``
@@ -234,7 +235,8 @@ def heal(
 
     With ``config.budget == "auto"`` healing stops when the objective on ``holdout`` (unlabeled
     samples never trained on; without it, a seeded fifth of the calibration set is held out) no
-    longer improves, and the best held-out weights are kept (``heal.stopping``)."""
+    longer improves, and the best held-out weights are kept (``heal.stopping``). ``observer(steps)``
+    (joint scope) is called after every optimizer step, e.g. to score the weights as healing goes."""
     config = (config or HealConfig()).validate()
     objective: Objective = get_objective(config.healer)
     device = resolve_device(config.device)
@@ -267,6 +269,7 @@ def heal(
     job = HealJob(
         dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device, points=points,
         precision=precision, grad_checkpoint=estimate.checkpoint, checkpointer=checkpointer, holdout=held, stopping=record,
+        observer=observer,
     )
     try:
         if config.scope == "blockwise":

@@ -173,13 +173,15 @@ def train_steps(
     snapshot_device: torch.device,
     checkpoint: ResumePoint | None = None,
     monitor: StepMonitor | None = None,
+    observer: Callable[[int], None] | None = None,
 ) -> StepsOutcome:
     """Train the masked weights of ``module`` (mask names relative to it) on ``loss_of(sample indices)``.
 
     Every other parameter of ``module`` is frozen for the run; trainability is restored afterwards.
     ``checkpoint`` (``heal.checkpoint``): continue from a saved state, and save one when due.
     ``monitor`` (``heal.stopping``, budget auto) evaluates held-out data between steps, may stop the
-    run on a plateau and restores the best held-out weights at the end.
+    run on a plateau and restores the best held-out weights at the end. ``observer(steps)`` is
+    called after every optimizer step (the time-to-accuracy benchmark scores the weights there).
     """
     from tqdm.auto import tqdm
 
@@ -229,6 +231,8 @@ def train_steps(
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")
                 stop = monitor is not None and monitor.after_step(outcome.steps)  # before a checkpoint, which saves its state
+                if observer is not None:
+                    observer(outcome.steps)
                 if checkpoint is not None:
                     checkpoint.step_done()
                 if stop:

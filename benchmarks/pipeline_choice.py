@@ -38,6 +38,14 @@ NETS = {
 }
 
 
+def default_pipeline_top1() -> dict[tuple[str, float], str]:
+    """Top-1 of `starfish run` at its defaults (--pipeline fixed), seed 0, all test images, as measured
+    by benchmarks/time_to_accuracy.py (its "defaults" rows), keyed by (net, sparsity)."""
+    path = REPO / "benchmarks" / "results" / "time_to_accuracy.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    return {(r["net"], r["sparsity"]): f"{r['final_top1']:.2%}" for r in rows if r["pipeline"] == "defaults"}
+
+
 def spearman(xs: list[float], ys: list[float]) -> float:
     """Spearman's rank correlation (average ranks for ties)."""
 
@@ -181,17 +189,20 @@ def render(groups: list[dict], runs: list[dict], commands: list[str]) -> str:
             )
         lines.append("")
     if runs:
+        defaults = default_pipeline_top1()
         lines += ["`starfish run --pipeline auto` end to end (all other settings at their defaults; top-1 on "
                   f"{runs[0]['eval_images']} test images):", "",
-                  "| network | sparsity | chosen | probes | probing time | heal time, epochs | top-1 (dense, pruned, healed) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| network | sparsity | chosen | probes | probing time | heal time, epochs | top-1 (dense, pruned, healed) | default pipeline |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in runs:
             t, p = r["top1"], r["pipeline"]
             lines.append(
                 f"| {NETS[r['net']][3]} | {r['sparsity']:.0%} | {cell(p['chosen'])} | {len(p['candidates'])} | {p['seconds']:.0f} s | "
-                f"{r['heal_seconds']:.0f} s, {r['epochs_used']:.0f} | {t['dense']:.2%}, {t['pruned']:.2%}, {t['healed']:.2%} |"
+                f"{r['heal_seconds']:.0f} s, {r['epochs_used']:.0f} | {t['dense']:.2%}, {t['pruned']:.2%}, {t['healed']:.2%} | "
+                f"{defaults.get((r['net'], r['sparsity']), '—')} |"
             )
-        lines.append("")
+        lines += ["", "*default pipeline*: `--pipeline fixed` (magnitude, uniform, repair auto) with every other default, seed 0, "
+                  "all 10,000 test images, from `benchmarks/results/time_to_accuracy.json`.", ""]
     return "\n".join(lines)
 
 
@@ -208,7 +219,9 @@ def main() -> int:
     torch.set_num_threads(1)
     path = Path(args.json)
     saved = json.loads(path.read_text()) if path.exists() else {"groups": [], "runs": [], "commands": []}
-    saved["commands"].append("OMP_NUM_THREADS=1 python benchmarks/pipeline_choice.py " + " ".join(sys.argv[1:]))
+    command = "OMP_NUM_THREADS=1 python benchmarks/pipeline_choice.py " + " ".join(sys.argv[1:])
+    if command not in saved["commands"]:
+        saved["commands"].append(command)
     if args.rescore:
         saved["groups"] = rescore(saved["groups"])
         path.write_text(json.dumps(saved, indent=1) + "\n")

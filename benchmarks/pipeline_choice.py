@@ -83,12 +83,19 @@ def base_config(net: str, sparsity: float, probe_epochs: int, **changes):
 
 
 def greedy_pick(cells: list[dict]) -> dict:
-    """The cell ``--pipeline auto``'s search would finish, given every cell's probe signal: the best
-    pruner x repair at the uniform allocation, then that pair's other allocations."""
-    first = [c for c in cells if c["allocation"] == "uniform"] or cells
-    leader = min(first, key=lambda c: c["signal"])
-    pool = first + [c for c in cells if c["pruner"] == leader["pruner"] and c["repair"] == leader["repair"]]
-    return min(pool, key=lambda c: c["signal"])
+    """The cell ``--pipeline auto``'s search (``greedy_search``) would finish, given every cell's probe
+    signal, with the uniform allocation first as in its default candidate lists."""
+    from starfish.pipeline_choice import Candidate, greedy_search
+
+    by_candidate = {Candidate(c["pruner"], c["allocation"], c["repair"]): c for c in cells}
+    allocations = list(dict.fromkeys(c["allocation"] for c in cells))
+    lists = {
+        "pruner": list(dict.fromkeys(c["pruner"] for c in cells)),
+        "allocation": sorted(allocations, key=lambda a: a != "uniform"),
+        "repair": list(dict.fromkeys(c["repair"] for c in cells)),
+    }
+    measured = greedy_search(lists, lambda candidate: by_candidate[candidate]["signal"])
+    return min((by_candidate[c] for c in measured), key=lambda c: c["signal"])
 
 
 def probe_group(net: str, sparsity: float, probe_epochs: int) -> dict:

@@ -53,33 +53,14 @@ def run_config(net: str, sparsity: float, pipeline: str, eval_size: int | None):
     )
 
 
-class CurveScorer:
-    """Top-1 of a model on a fixed, pre-decoded test subset, in eval mode; restores the heal mode."""
+def curve_scorer(size: int, transform):
+    """Top-1 on a fixed, class-balanced test subset decoded once (``load_folder``), scored with
+    ``predict`` (which leaves the model in eval mode; the observer restores the heal mode)."""
+    from starfish.data import load_folder
+    from starfish.evaluate import predict, top1
 
-    def __init__(self, size: int, transform, seed: int = 0) -> None:
-        from starfish.data import select_images
-        from starfish.loading import decode_calibration
-
-        files, _, _ = select_images(SHARED / "data/cifar10/test", transform, size, seed, "eval", balanced=True)
-        self.batch = decode_calibration(files, 4.0)
-        self.size = size
-
-    @torch.no_grad()
-    def top1(self, model: torch.nn.Module) -> float:
-        from starfish.batch import call_model, select
-        from starfish.evaluate import logits_of
-
-        was_training = model.training
-        model.eval()
-        right = 0
-        try:
-            for start in range(0, self.size, 500):
-                part = select(self.batch, slice(start, start + 500))
-                labels = part.pop("labels")
-                right += int((logits_of(call_model(model, part)).argmax(-1) == labels).sum())
-        finally:
-            model.train(was_training)
-        return right / self.size
+    subset, _, _ = load_folder(SHARED / "data/cifar10/test", transform, size, 0, "eval", balanced=True, progress=False)
+    return lambda model: top1(predict(model, subset, batch_size=500, device="cpu"))
 
 
 def run_pipeline(net: str, sparsity: float, pipeline: str, args: argparse.Namespace) -> dict:
@@ -91,7 +72,7 @@ def run_pipeline(net: str, sparsity: float, pipeline: str, args: argparse.Namesp
     config = run_config(net, sparsity, pipeline, args.eval_size)
     loaded = build_model(config)
     data = load_data(config, loaded)
-    scorer = CurveScorer(args.curve_size, loaded.preprocess.transform())
+    score = curve_scorer(args.curve_size, loaded.preprocess.transform())
     dense = loaded.module
     sparse, masks, _, _ = prune_step(config, dense, data.calibration)
     repair, _ = resolve_repair(config.repair, sparse, True, config.heal.bn_mode, True)
@@ -99,7 +80,7 @@ def run_pipeline(net: str, sparsity: float, pipeline: str, args: argparse.Namesp
     repair_step(repair, dense, sparse, masks, data.calibration)
     repair_seconds = time.perf_counter() - started
     steps_per_epoch = -(-data.calib_size // config.heal.batch_size)
-    curve = [{"step": 0, "epoch": 0.0, "seconds": repair_seconds, "top1": scorer.top1(sparse)}]
+    curve = [{"step": 0, "epoch": 0.0, "seconds": repair_seconds, "top1": score(sparse)}]
     paused = 0.0
     heal_started = 0.0
 
@@ -109,7 +90,7 @@ def run_pipeline(net: str, sparsity: float, pipeline: str, args: argparse.Namesp
             return
         stop = time.perf_counter()
         curve.append({"step": step, "epoch": step / steps_per_epoch,
-                      "seconds": repair_seconds + stop - heal_started - paused, "top1": scorer.top1(sparse)})
+                      "seconds": repair_seconds + stop - heal_started - paused, "top1": score(sparse)})
         set_heal_mode(sparse, config.heal)
         paused += time.perf_counter() - stop
 
@@ -119,7 +100,7 @@ def run_pipeline(net: str, sparsity: float, pipeline: str, args: argparse.Namesp
     heal_seconds = time.perf_counter() - heal_started - paused
     scoring = evaluation(config, data, loaded)
     scoring.score("healed", sparse)
-    kept_subset = scorer.top1(sparse)
+    kept_subset = score(sparse)
     stopping = result.stopping or {}
     return {
         "net": net, "sparsity": sparsity, "pipeline": pipeline, "repair": repair, "budget": config.heal.budget,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from starfish.errors import StarfishError
+from starfish.validation import PROBE_SIGNALS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -206,7 +207,7 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--repair", "repair", dict(help="label-free repair after pruning: auto (default: varmatch unless BatchNorm heals in train mode) | none | bn | varmatch | bn+varmatch")),
     ("--pipeline", "pipeline", dict(choices=["fixed", "auto"], help="fixed (default): prune with --pruner/--allocation/--repair; auto: give each candidate a short heal, rank them on held-out unlabeled data, finish the best (flags you name stay fixed)")),
     ("--probe-epochs", "probe_epochs", dict(type=int, help="--pipeline auto: epochs of each candidate's short heal (default 3)")),
-    ("--probe-signal", "probe_signal", dict(choices=["auto", "kl", "objective"], help="--pipeline auto: rank candidates by the held-out output KL or the held-out healing objective (default auto: objective for networks with BatchNorm, else KL)")),
+    ("--probe-signal", "probe_signal", dict(choices=list(PROBE_SIGNALS), help="--pipeline auto: rank candidates by the held-out output KL or the held-out healing objective (default auto: objective for networks with BatchNorm, else KL)")),
     ("--try-pruners", "candidates.pruner", dict(type=_names, metavar="P1,P2,...", help="--pipeline auto: pruners to try (default magnitude,wanda,sparsegpt)")),
     ("--try-allocations", "candidates.allocation", dict(type=_names, metavar="A1,A2,...", help="--pipeline auto: allocations to try (default uniform,erk,lamp; language models and N:M uniform)")),
     ("--try-repairs", "candidates.repair", dict(type=_names, metavar="R1,R2,...", help="--pipeline auto: repairs to try (default none,varmatch; language models none)")),

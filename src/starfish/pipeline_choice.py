@@ -7,10 +7,11 @@ labels to find it. starfish has a label-free signal: how well the sparse network
 with the dense ones on held-out unlabeled samples, the same value ``--budget auto`` watches.
 
 Each probe prunes a fresh copy of the dense model, applies its repair and heals it for
-``probe_epochs`` epochs with the run's own healer and settings; its signal is the best held-out
-value of the healing objective (KL(dense ‖ sparse) for a healer that uses labels), lower is better.
-The search is greedy by coordinates, to keep the probes few: every pruner × repair at the first
-allocation, then the remaining allocations with the winner's pruner and repair. No label and no
+``probe_epochs`` epochs with the run's own healer and settings; it is ranked by its held-out output
+KL(dense ‖ sparse) or its best held-out healing objective (``resolve_probe_signal``), lower is
+better. The search is greedy by coordinates, to keep the probes few (``greedy_search``): every
+pruner × repair at the first allocation, then the remaining allocations with the winner's pruner
+and repair. No label and no
 evaluation sample is read (the evaluation set is opened only for the final scoring).
 """
 
@@ -19,12 +20,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch import nn
 
 from starfish.batch import Batch
-
 from starfish.models import LoadedModel
 from starfish.models.causal_lm import CAUSAL_LM
 from starfish.validation import PIPELINE_DIMENSIONS as DIMENSIONS
@@ -32,8 +33,6 @@ from starfish.validation import PIPELINE_DIMENSIONS as DIMENSIONS
 DEFAULT_PRUNERS = ("magnitude", "wanda", "sparsegpt")
 DEFAULT_ALLOCATIONS = ("uniform", "erk", "lamp")
 DEFAULT_REPAIRS = ("none", "varmatch")
-PROBE_EPOCHS = 3
-PROBE_SIGNALS = ("auto", "kl", "objective")
 
 
 def resolve_probe_signal(name: str, model: nn.Module) -> tuple[str, str]:
@@ -127,19 +126,30 @@ def candidate_lists(config, loaded: LoadedModel) -> dict[str, list[str]]:
     return {dim: list(given.get(dim) or defaults[dim]) for dim in DIMENSIONS}
 
 
+def greedy_search(lists: dict[str, list[str]], measure: Callable[[Candidate], float]) -> list[Candidate]:
+    """The candidates ``--pipeline auto`` measures, in order: every pruner x repair at the first
+    allocation, then the other allocations with the pruner and repair that measured lowest."""
+    first = [Candidate(p, lists["allocation"][0], r) for p in lists["pruner"] for r in lists["repair"]]
+    values = {c: measure(c) for c in first}
+    leader = min(first, key=values.__getitem__)
+    rest = [replace(leader, allocation=a) for a in lists["allocation"][1:]]
+    for candidate in rest:
+        measure(candidate)
+    return first + rest
+
+
 def choose_pipeline(config, loaded: LoadedModel, data, progress=None) -> PipelineChoice:
-    """Probe the candidates (greedy by coordinates, see the module docstring) and return the record;
-    ``choice.apply(config)`` gives the config the run then finishes with."""
-    lists = candidate_lists(config, loaded)
+    """Probe the candidates (``greedy_search``) and return the record; ``choice.apply(config)``
+    gives the config the run then finishes with."""
     held_source = data.held.source if data.held is not None else "a seeded part of the calibration set"
     choice = PipelineChoice(config.probe_epochs, held_source, *resolve_probe_signal(config.probe_signal, loaded.module))
     started = time.perf_counter()
-    first = [Candidate(p, lists["allocation"][0], r) for p in lists["pruner"] for r in lists["repair"]]
-    for candidate in first:
+
+    def measure(candidate: Candidate) -> float:
         choice.probes.append(probe(config, loaded, data, candidate, progress))
-    leader = choice.best.candidate
-    for allocation in lists["allocation"][1:]:
-        choice.probes.append(probe(config, loaded, data, replace(leader, allocation=allocation), progress))
+        return choice.probes[-1].signal(choice.rank_by)
+
+    greedy_search(candidate_lists(config, loaded), measure)
     choice.seconds = time.perf_counter() - started
     return choice
 
@@ -166,7 +176,6 @@ def probe(config, loaded: LoadedModel, data, candidate: Candidate, progress=None
     finite = [v for v in values if math.isfinite(v)]
     kl = held_out_kl(dense, sparse, data.held.samples, config.heal) if data.held is not None else None
     out = Probe(candidate, min(finite) if finite else math.inf, values[0], monitor, kl, time.perf_counter() - started, result.steps)
-    del sparse, masks
     if progress is not None:
         progress(out)
     return out
@@ -205,4 +214,4 @@ def fixed_record() -> dict:
     return {"mode": "fixed"}
 
 
-__all__ = ["Candidate", "PipelineChoice", "Probe", "candidate_lists", "choose_pipeline"]
+__all__ = ["Candidate", "PipelineChoice", "Probe", "candidate_lists", "choose_pipeline", "greedy_search"]

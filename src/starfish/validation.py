@@ -187,6 +187,7 @@ def preprocess_overrides(overrides: dict | None) -> None:
 
 # What --pipeline auto may search over (starfish.pipeline_choice).
 PIPELINE_DIMENSIONS = ("pruner", "allocation", "repair")
+PROBE_SIGNALS = ("auto", "kl", "objective")  # what --pipeline auto ranks candidates by
 
 
 def pipeline_settings(config: Any, pruners: Sequence[str], allocations: Sequence[str], repairs: Sequence[str]) -> None:
@@ -194,8 +195,8 @@ def pipeline_settings(config: Any, pruners: Sequence[str], allocations: Sequence
     passes the registered pruner, allocation and repair names)."""
     if config.pipeline not in ("fixed", "auto"):
         raise StarfishError(f"--pipeline must be 'fixed' or 'auto'; got '{config.pipeline}'.")
-    if config.probe_signal not in ("auto", "kl", "objective"):
-        raise StarfishError(f"--probe-signal must be auto, kl or objective; got '{config.probe_signal}'.")
+    if config.probe_signal not in PROBE_SIGNALS:
+        raise StarfishError(f"--probe-signal must be one of {', '.join(PROBE_SIGNALS)}; got '{config.probe_signal}'.")
     if config.probe_epochs < 1:
         raise StarfishError(f"--probe-epochs must be at least 1; got {config.probe_epochs}.")
     candidates = config.candidates or {}

@@ -47,8 +47,8 @@ def cell_command(pruner: str, healer: str, pattern: str | None, out: Path, args:
     return cmd
 
 
-def run_cell(cmd: list[str]) -> tuple[dict, float, float]:
-    """Run one cell in its own process: (report, wall seconds, that process's peak RSS in MB)."""
+def run_process(cmd: list[str]) -> tuple[float, float]:
+    """Run ``python CMD`` in its own process: (wall seconds, that process's peak RSS in MB)."""
     started = time.perf_counter()
     child = subprocess.Popen([sys.executable, *cmd], cwd=REPO)
     _, status, usage = os.wait4(child.pid, 0)
@@ -56,8 +56,14 @@ def run_cell(cmd: list[str]) -> tuple[dict, float, float]:
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"cell failed with exit {code}: {' '.join(cmd)}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def run_cell(cmd: list[str]) -> tuple[dict, float, float]:
+    """Run one cell in its own process: (report, wall seconds, that process's peak RSS in MB)."""
+    wall, peak = run_process(cmd)
     out = Path(cmd[cmd.index("--out") + 1])
-    return json.loads((out / "report.json").read_text()), wall, usage.ru_maxrss / 1024
+    return json.loads((out / "report.json").read_text()), wall, peak
 
 
 def reload_check(out: Path) -> dict:

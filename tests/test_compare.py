@@ -161,6 +161,19 @@ def test_repairs_and_repair_plus_healer_names_parse():
     assert specs["finetune"].uses_labels and specs["bn"].kind == "repair"
 
 
+def test_a_healer_can_name_its_heal_scope():
+    specs = {s.name: s for s in parse_healers(["starfish", "starfish@blockwise", "varmatch+nmse@blockwise", "kd@joint"])}
+    assert specs["starfish"].scope is None and specs["starfish@blockwise"].scope == "blockwise"
+    assert (specs["varmatch+nmse@blockwise"].repair, specs["varmatch+nmse@blockwise"].objective) == ("varmatch", "nmse")
+    assert specs["kd@joint"].objective == "kd" and specs["kd@joint"].scope == "joint"
+    with pytest.raises(StarfishError, match="does not use"):  # kd has no per-block signal
+        parse_healers(["kd@blockwise"])
+    with pytest.raises(StarfishError, match="only a trained healer"):
+        parse_healers(["none@blockwise"])
+    with pytest.raises(StarfishError, match="unknown heal scope 'sideways'"):
+        parse_healers(["starfish@sideways"])
+
+
 def test_default_healers_are_label_free():
     names = default_healers()
     assert names[0] == "none" and {"starfish", "kd", "nmse"} <= set(names) and "finetune" not in names

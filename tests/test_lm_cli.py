@@ -97,7 +97,7 @@ def test_compare_ranks_healers_by_perplexity_on_a_language_model(texts, tmp_path
     code = main([
         "compare", "--model", f"hf:{model_dir}", "--calib", str(texts / "calib.txt"), "--calib-size", "16",
         "--seq-len", "16", "--eval", str(texts / "eval.txt"), "--eval-size", "4", "--eval-seq-len", "32",
-        "--sparsities", "0.5", "--healers", "none,starfish,kd", "--epochs", "2", "--batch-size", "4",
+        "--sparsities", "0.5", "--healers", "none,starfish,starfish@blockwise,kd", "--epochs", "2", "--batch-size", "4",
         "--seed", "0", "--no-progress", "--out", str(out),
     ])
     assert code == 0
@@ -109,6 +109,10 @@ def test_compare_ranks_healers_by_perplexity_on_a_language_model(texts, tmp_path
     assert all(r["top1"] is None and r["perplexity"] > 1 and r["mask_violations"] == 0 for r in rows.values())
     assert rows["starfish"]["steps"] == rows["kd"]["steps"] == 8
     assert rows["starfish"]["perplexity"] != rows["none"]["perplexity"]
+    # the same objective block by block, from the same pruned start, is its own column
+    assert rows["starfish@blockwise"]["perplexity"] not in (rows["starfish"]["perplexity"], rows["none"]["perplexity"])
+    scopes = {h["name"]: h["scope"] for h in protocol["healers"]}
+    assert scopes["starfish@blockwise"] == "blockwise" and scopes["starfish"] == scopes["kd"] == "joint"
     md = (out / "compare.md").read_text()
     best = min(rows.values(), key=lambda r: r["perplexity"])
     assert f"**{best['perplexity']:.2f}**" in md and "lower is better" in md

@@ -7,7 +7,10 @@ only the objective swapped). A "healer" is one of
   * ``none``            - prune only;
   * a repair            - forward-only fix-ups from ``starfish.repair`` (e.g. ``bn``, ``varmatch``);
   * an objective        - a trained healer from ``starfish.heal`` (``starfish``, ``kd``, ``nmse``, ``finetune``);
-  * ``REPAIR+OBJECTIVE`` - the repair first, then the trained healer (e.g. ``bn+starfish``).
+  * ``REPAIR+OBJECTIVE`` - the repair first, then the trained healer (e.g. ``bn+starfish``);
+  * ``OBJECTIVE@SCOPE``  - a trained healer in another heal scope than the run's ``--heal-scope``
+    (e.g. ``starfish@blockwise`` beside ``starfish``), so joint and block-wise healing start from
+    the same pruned weights in one grid.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import nn
 from starfish import distributed
 from starfish.alignment import DenseReference, probe_sample
 from starfish.batch import batch_len
-from starfish.distributed.sharding import collect_dropped, shard_student
+from starfish.distributed.sharding import collect_dropped, fsdp_active, shard_student
 from starfish.errors import StarfishError
 from starfish.heal.objectives import OBJECTIVES
 from starfish.masks import Masks
@@ -55,6 +58,7 @@ class HealerSpec:
     name: str
     repair: str | None = None
     objective: str | None = None
+    scope: str | None = None  # None: the run's --heal-scope
 
     @property
     def uses_labels(self) -> bool:
@@ -74,7 +78,13 @@ def default_healers() -> list[str]:
     return ["none", *available_repairs(), *trained]
 
 
+HEAL_SCOPES = ("joint", "blockwise")
+
+
 def parse_healer(name: str, repairs: list[str]) -> HealerSpec:
+    base, at, scope = name.rpartition("@")
+    if at:
+        return _scoped(name, parse_healer(base, repairs), scope)
     known = ["none", *repairs, *sorted(OBJECTIVES)]
     if name == "none":
         return HealerSpec(name)
@@ -90,6 +100,20 @@ def parse_healer(name: str, repairs: list[str]) -> HealerSpec:
         f"unknown healer '{name}'; choose from {', '.join(known)} or REPAIR+HEALER such as "
         f"{(repairs or ['bn'])[0]}+starfish{hint}."
     )
+
+
+def _scoped(name: str, spec: HealerSpec, scope: str) -> HealerSpec:
+    """``spec`` healed in ``scope``; refused where there is nothing to heal or the objective has no
+    per-block signal."""
+    if scope not in HEAL_SCOPES:
+        raise StarfishError(f"healer '{name}': unknown heal scope '{scope}'; use {' or '.join(HEAL_SCOPES)}, e.g. starfish@blockwise.")
+    if spec.objective is None:
+        raise StarfishError(f"healer '{name}': only a trained healer has a heal scope; write e.g. starfish@{scope}.")
+    if scope == "blockwise":
+        from starfish.heal.blockwise import check_blockwise
+
+        check_blockwise(OBJECTIVES[spec.objective])
+    return HealerSpec(name, repair=spec.repair, objective=spec.objective, scope=scope)
 
 
 def parse_healers(names: list[str]) -> list[HealerSpec]:
@@ -127,6 +151,11 @@ def validate_grid(config: RunConfig, sparsities: list[float], specs: list[Healer
         raise StarfishError("compare scores every healer on the same images: pass --eval DIR.")
     if config.calib is None and any(s.name != "none" for s in specs):
         raise StarfishError("healers and repairs need calibration images: pass --calib DIR (or --healers none).")
+    if fsdp_active():
+        from starfish.distributed.fsdp import check_fsdp_scope
+
+        for spec in specs:
+            check_fsdp_scope(spec.scope or config.heal.scope)
     # Every cell is a run without its own healer or repair (the grid supplies them).
     cell = copy.deepcopy(config)
     cell.heal.healer, cell.repair = "none", "none"
@@ -257,6 +286,8 @@ def _apply(spec: HealerSpec, dense, model, masks, data: RunData, config: RunConf
         shard_student(model, block_pattern)  # --distributed fsdp: 1/N of the student per rank; the teacher stays full
         heal_config = copy.deepcopy(config.heal)
         heal_config.healer = spec.objective
+        if spec.scope is not None:
+            heal_config.scope = spec.scope
         result = heal_step(dense, model, masks, data.calibration, heal_config, block_pattern, config.seed, held=data.held)
     return result, (time.perf_counter() - started) if (spec.repair or spec.objective) else 0.0
 
@@ -309,7 +340,7 @@ def _protocol(config, loaded, specs, sparsities, allocations, data: RunData, den
         "prune": {k: v for k, v in config.prune.to_dict().items() if k not in ("sparsity", "allocation")},
         "prunable_weights": prunable,
         "blocks": blocks,
-        "healers": [{"name": s.name, "kind": s.kind, "uses_labels": s.uses_labels} for s in specs],
+        "healers": [{"name": s.name, "kind": s.kind, "uses_labels": s.uses_labels, "scope": s.scope or config.heal.scope} for s in specs],
         "heal_budget": heal_config,
         "calibration": {
             **calibration_protocol(config, loaded, data),

@@ -1,0 +1,144 @@
+"""SmolLM2-135M: every pruned model healed by every healer under one stated budget.
+
+One `starfish compare` process per pruned model (pruner x pattern): it prunes once, then heals a
+copy of exactly those weights and masks with each healer (STARFISH joint, STARFISH block-wise via
+``starfish@blockwise``, ``kd``) under the same optimizer budget, and scores all of them on the same
+evaluation windows. Protocol as `lm_heal.py` (../shared/README.md): perplexity on the first 6
+windows of 2048 tokens of WikiText-2 test.txt, calibration 32 x 512 tokens of valid.tokenized.txt
+drawn with seed 0; batch size and learning rate are the language-model defaults; the budget is
+``--budget fixed --epochs E`` for every healer, so the columns compare equal work, not each
+healer's best. Rows are appended to the JSON after each pruned model; the markdown is rendered from
+the JSON.
+
+    python scripts/install_smollm2.py
+    OMP_NUM_THREADS=2 python benchmarks/lm_heal_matrix.py --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lm_heal import MODEL, REPO, SHARED, run_process
+
+RESULTS = REPO / "benchmarks" / "results" / "lm_heal_matrix.json"
+TABLE = REPO / "benchmarks" / "LM_HEAL_MATRIX.md"
+HEALERS = "none,starfish,starfish@blockwise,kd"
+CELLS = "wanda,sparsegpt,wanda:2:4,sparsegpt:2:4,magnitude,magnitude:2:4"
+
+
+def compare_command(pruner: str, pattern: str | None, out: Path, args: argparse.Namespace) -> list[str]:
+    cmd = [
+        "-m", "starfish", "compare", "--model", f"hf:{MODEL}",
+        "--calib", str(SHARED / "data/wikitext2/valid.tokenized.txt"), "--calib-size", "32", "--seq-len", "512",
+        "--eval", str(SHARED / "data/wikitext2/test.txt"), "--eval-size", "6", "--eval-seq-len", "2048",
+        "--pruner", pruner, "--seed", "0", "--sparsities", "0.5", "--healers", args.healers,
+        "--budget", "fixed", "--epochs", str(args.epochs), "--device", "cpu", "--no-progress", "--out", str(out), "--force",
+    ]
+    return cmd + (["--pattern", pattern] if pattern else [])
+
+
+def matrix_rows(pruner: str, pattern: str | None, out: Path, wall: float, peak: float, cmd: list[str]) -> list[dict]:
+    """One row per healer from the compare outputs, with what they share (protocol, process cost)."""
+    protocol = json.loads((out / "protocol.json").read_text())
+    scopes = {h["name"]: h["scope"] for h in protocol["healers"]}
+    shared = {
+        "pruner": pruner, "pattern": pattern, "epochs": protocol["heal_budget"]["epochs"],
+        "batch_size": protocol["heal_budget"]["batch_size"], "lr": protocol["heal_budget"]["lr"],
+        "dense_perplexity": protocol["dense_perplexity"], "eval": protocol["eval"],
+        "process_wall_seconds": wall, "process_peak_rss_mb": peak,
+        "command": "python benchmarks/lm_heal_matrix.py " + " ".join(sys.argv[1:]),
+        "cell_command": "python " + " ".join(cmd).replace(str(out), "OUT"),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
+    }
+    keep = ("healer", "perplexity", "agreement", "kl", "steps", "heal_seconds", "prune_seconds", "peak_memory_mb", "achieved_sparsity", "mask_violations", "block_cosine_mean", "start_sha256")
+    return [{**shared, **{k: r.get(k) for k in keep}, "scope": scopes.get(r["healer"])} for r in json.loads((out / "compare.json").read_text())]
+
+
+def _cell(row: dict) -> tuple[str, str | None]:
+    return row["pruner"], row["pattern"]
+
+
+def render(rows: list[dict]) -> str:
+    """Perplexity per pruned model and healer (best bold), then each healer's cost."""
+    healers = list(dict.fromkeys(r["healer"] for r in rows))
+    cells = list(dict.fromkeys(_cell(r) for r in rows))
+    first = rows[0]
+    lines = [
+        "# SmolLM2-135M: healers under one budget",
+        "",
+        f"`{first['command']}`; each pruned model is one `starfish compare` process "
+        f"(`{first['cell_command']}`). Budget for every trained healer: {first['epochs']} epochs of the 32 "
+        f"calibration sequences, batch {first['batch_size']}, lr {first['lr']} (cosine), CPU, "
+        f"{first['threads']} threads. Perplexity on {first['eval']['windows']} windows of {first['eval']['seq_len']} "
+        f"tokens of WikiText-2 test ({first['eval']['tokens']} tokens); dense {first['dense_perplexity']:.2f}. "
+        "Lower is better; bold is the best healer of the row.",
+        "",
+        "| pruner | pattern | " + " | ".join(healers) + " |",
+        "|---|---|" + "---|" * len(healers),
+    ]
+    for cell in cells:
+        by = {r["healer"]: r for r in rows if _cell(r) == cell}
+        trained = [by[h]["perplexity"] for h in healers if h in by and h != "none"]
+        best = min(trained) if trained else None
+        shown = []
+        for h in healers:
+            value = by[h]["perplexity"] if h in by else None
+            text = "—" if value is None else f"{value:.2f}"
+            shown.append(f"**{text}**" if value is not None and value == best else text)
+        lines.append(f"| {cell[0]} | {cell[1] or '50% unstructured'} | " + " | ".join(shown) + " |")
+    lines += [
+        "",
+        "Steps are optimizer steps (block-wise: summed over the 30 blocks, each trained for the same epochs); "
+        "the peak RSS is the whole compare process's (all its healers and evaluations), from `wait4`.",
+        "",
+        "| pruner | pattern | healer | scope | perplexity | next-token agreement | KL(dense ‖ sparse) | steps | heal time | process peak RSS | mask violations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["healer"] == "none":
+            continue
+        lines.append(
+            f"| {r['pruner']} | {r['pattern'] or '50%'} | {r['healer']} | {r['scope']} | {r['perplexity']:.2f} | "
+            f"{100 * r['agreement']:.1f}% | {r['kl']:.3f} | {r['steps']} | {r['heal_seconds']:.0f} s | "
+            f"{r['process_peak_rss_mb']:.0f} MB | {r['mask_violations']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", default=CELLS, help=f"PRUNER[:N:M],... (default {CELLS}); no pattern = 50%% unstructured")
+    parser.add_argument("--healers", default=HEALERS, help=f"compare's --healers (default {HEALERS})")
+    parser.add_argument("--epochs", type=int, default=2, help="the one budget every trained healer gets (default 2)")
+    parser.add_argument("--render", action="store_true", help="only render the markdown from the JSON")
+    args = parser.parse_args()
+    rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    if not args.render:
+        if not (MODEL / "config.json").is_file():
+            sys.exit(f"no SmolLM2 folder at {MODEL}: run python scripts/install_smollm2.py first")
+        with tempfile.TemporaryDirectory(prefix="lm_heal_matrix-") as scratch:
+            for cell in args.cells.split(","):
+                pruner, *nm = cell.split(":")
+                pattern = ":".join(nm) or None
+                out = Path(scratch) / f"{pruner}-{pattern or 'unstructured'}".replace(":", "of")
+                cmd = compare_command(pruner, pattern, out, args)
+                wall, peak = run_process(cmd)
+                rows = [r for r in rows if _cell(r) != (pruner, pattern) or r["epochs"] != args.epochs]
+                rows += matrix_rows(pruner, pattern, out, wall, peak, cmd)
+                RESULTS.write_text(json.dumps({"model": MODEL.name, "rows": rows}, indent=2) + "\n")
+                TABLE.write_text(render([r for r in rows if r["epochs"] == args.epochs]))
+                print(render([r for r in rows if _cell(r) == (pruner, pattern) and r["epochs"] == args.epochs]), flush=True)
+    TABLE.write_text(render([r for r in rows if r["epochs"] == args.epochs]))
+    print(TABLE.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

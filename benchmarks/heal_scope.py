@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from starfish.device import current_rss_mb, peak_memory_mb, reset_peak_memory
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STARFISH_SHARED", REPO.parent / "shared"))
 MODELS = {
@@ -37,29 +39,15 @@ MODELS = {
 SCOPES = {"joint": ("joint", "sparse"), "blockwise-sparse": ("blockwise", "sparse"), "blockwise-dense": ("blockwise", "dense")}
 
 
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
 def _reset_peak_rss() -> float:
-    """Reset the kernel's peak-RSS mark (Linux clear_refs 5) and return the current RSS in MB."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    current = _status_mb("VmRSS")
+    """Reset the kernel's peak-RSS mark and return the current RSS in MB."""
+    reset_peak_memory(torch.device("cpu"))
+    current = current_rss_mb()
     return current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _peak_rss() -> float:
-    peak = _status_mb("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_memory_mb(torch.device("cpu"), since_reset=True)[0]
 
 
 def heal_cell(spec: str, sparsity: float, scope: str, calib_size: int, seed: int, out: Path) -> None:

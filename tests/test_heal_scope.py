@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import glob
 import os
+import resource
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,6 +123,19 @@ def test_memory_estimate_is_reported_and_blockwise_plans_less_activation_memory(
     assert j["activations"]["mb"] > 0 and b["activations"]["mb"] < j["activations"]["mb"]
     # the cache holds the 4 block outputs of 48 samples in float16 and no logits
     assert j["dense targets"]["mb"] == pytest.approx(48 * 4 * 5 * 16 * 2 / 2**20)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak-RSS window needs Linux /proc")
+def test_a_heal_reports_its_own_peak_not_the_process_peak_before_it():
+    """On a CPU the heal's peak memory is the resident-set peak while it healed: 600 MB that the
+    process touched and freed before healing (an evaluation, pruning, an earlier healer) do not count."""
+    dense, sparse, masks, calib = _setup()
+    ballast = torch.ones(600 * 2**20 // 4)  # touched, then freed: the process peak now includes it
+    del ballast
+    lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = heal(dense, sparse, masks, calib, _config(max_steps=1), block_pattern=r"blocks\.\d+")
+    assert result.memory_measure == "process peak RSS during healing"
+    assert result.peak_memory_mb < lifetime_peak - 400
 
 
 def test_target_cache_keeps_only_what_is_read_in_the_cache_dtype():

@@ -247,6 +247,7 @@ def compare(
                         "prune_seconds": prune_seconds,
                         "steps": result.steps if result else 0,
                         "peak_memory_mb": result.peak_memory_mb if result else None,
+                        "memory_measure": result.memory_measure if result else None,
                         "achieved_sparsity": own_masks.sparsity(),
                         "mask_violations": 0,
                         "block_cosine_mean": sum(after.values()) / len(after),

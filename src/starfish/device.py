@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
@@ -19,14 +20,43 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return torch.device(name)
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def _status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status in MB (Linux); None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mb() -> float | None:
+    return _status_mb("VmRSS")
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window: CUDA's counters, or on Linux the kernel's peak-RSS mark
+    (``/proc/self/clear_refs`` 5), so a heal reports its own peak, not the peak of whatever ran
+    before it in the process (evaluation, pruning, an earlier healer of ``compare``). Returns
+    whether the window was reset."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_mb("VmHWM") is not None
 
 
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory and what it measures (GPU allocations, or the whole process's resident set)."""
+def peak_memory_mb(device: torch.device, since_reset: bool = False) -> tuple[float, str]:
+    """Peak memory and what it measures (GPU allocations, or the whole process's resident set;
+    ``since_reset``: the window that ``reset_peak_memory`` opened)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    peak = _status_mb("VmHWM") if since_reset else None
+    if peak is not None:
+        return peak, "process peak RSS during healing"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"

@@ -263,7 +263,7 @@ def heal(
     store = TensorStore(location, CACHE_DTYPES[config.cache_dtype], pin=device.type != "cpu")
     snapshot_device = torch.device("cpu") if device.type != "cpu" else device
     masks.apply_(sparse)
-    reset_peak_memory(device)
+    windowed = reset_peak_memory(device)
     started = time.perf_counter()
     per_block: list[dict] = []
     job = HealJob(
@@ -297,7 +297,7 @@ def heal(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    peak, measure = peak_memory_mb(device)
+    peak, measure = peak_memory_mb(device, since_reset=windowed)
     if outcome.diverged:
         warn_divergence(outcome, config)
     return HealResult(

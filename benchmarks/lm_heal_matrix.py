@@ -57,7 +57,7 @@ def matrix_rows(pruner: str, pattern: str | None, out: Path, wall: float, peak: 
         "cell_command": "python " + " ".join(cmd).replace(str(out), "OUT"),
         "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
     }
-    keep = ("healer", "perplexity", "agreement", "kl", "steps", "heal_seconds", "prune_seconds", "peak_memory_mb", "memory_measure", "achieved_sparsity", "mask_violations", "block_cosine_mean", "start_sha256")
+    keep = ("healer", "perplexity", "agreement", "kl", "steps", "heal_seconds", "prune_seconds", "peak_memory_mb", "memory_measure", "memory_plan_mb", "achieved_sparsity", "mask_violations", "block_cosine_mean", "start_sha256")
     return [{**shared, **{k: r.get(k) for k in keep}, "scope": scopes.get(r["healer"])} for r in json.loads((out / "compare.json").read_text())]
 
 
@@ -70,6 +70,11 @@ def _heal_peak(row: dict) -> str:
         return "—"
     windowed = row.get("memory_measure") in ("process peak RSS during healing", "cuda max allocated")
     return f"{row['peak_memory_mb']:.0f} MB" + ("" if windowed else " so far")
+
+
+def _plan(row: dict) -> str:
+    plan = (row.get("memory_plan_mb") or {}).get("cpu")
+    return "—" if plan is None else f"{plan:.0f} MB"
 
 
 def render(rows: list[dict]) -> str:
@@ -105,18 +110,19 @@ def render(rows: list[dict]) -> str:
         "Steps are optimizer steps (block-wise: summed over the 30 blocks, each trained for the same epochs). "
         "*Heal peak* is the process's resident-set peak while that healer ran (the kernel's peak mark reset "
         "when it started; marked *so far* where the row was measured before that reset existed, i.e. the "
-        "process's peak up to the end of that healer); *process peak* is the whole compare process's "
-        "(all healers and evaluations), from `wait4`.",
+        "process's peak up to the end of that healer); *plan* is what starfish estimated before that heal's "
+        "first step (tensors only); *process peak* is the whole compare process's (all healers and "
+        "evaluations), from `wait4`.",
         "",
-        "| pruner | pattern | healer | scope | perplexity | next-token agreement | KL(dense ‖ sparse) | steps | heal time | heal peak | process peak | mask violations |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pruner | pattern | healer | scope | perplexity | next-token agreement | KL(dense ‖ sparse) | steps | heal time | heal peak | plan | process peak | mask violations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["healer"] == "none":
             continue
         lines.append(
             f"| {r['pruner']} | {r['pattern'] or '50%'} | {r['healer']} | {r['scope']} | {r['perplexity']:.2f} | "
-            f"{100 * r['agreement']:.1f}% | {r['kl']:.3f} | {r['steps']} | {r['heal_seconds']:.0f} s | {_heal_peak(r)} | "
+            f"{100 * r['agreement']:.1f}% | {r['kl']:.3f} | {r['steps']} | {r['heal_seconds']:.0f} s | {_heal_peak(r)} | {_plan(r)} | "
             f"{r['process_peak_rss_mb']:.0f} MB | {r['mask_violations']} |"
         )
     return "\n".join(lines) + "\n"

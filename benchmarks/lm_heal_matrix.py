@@ -57,7 +57,7 @@ def matrix_rows(pruner: str, pattern: str | None, out: Path, wall: float, peak: 
         "cell_command": "python " + " ".join(cmd).replace(str(out), "OUT"),
         "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
     }
-    keep = ("healer", "perplexity", "agreement", "kl", "steps", "heal_seconds", "prune_seconds", "peak_memory_mb", "memory_measure", "memory_plan_mb", "achieved_sparsity", "mask_violations", "block_cosine_mean", "start_sha256")
+    keep = ("healer", "perplexity", "agreement", "kl", "steps", "heal_seconds", "prune_seconds", "peak_memory_mb", "memory_measure", "memory_at_start_mb", "memory_plan_mb", "achieved_sparsity", "mask_violations", "block_cosine_mean", "start_sha256")
     return [{**shared, **{k: r.get(k) for k in keep}, "scope": scopes.get(r["healer"])} for r in json.loads((out / "compare.json").read_text())]
 
 
@@ -69,7 +69,10 @@ def _heal_peak(row: dict) -> str:
     if row.get("peak_memory_mb") is None:
         return "—"
     windowed = row.get("memory_measure") in ("process peak RSS during healing", "cuda max allocated")
-    return f"{row['peak_memory_mb']:.0f} MB" + ("" if windowed else " so far")
+    if not windowed:
+        return f"{row['peak_memory_mb']:.0f} MB so far"
+    start = row.get("memory_at_start_mb")
+    return f"{row['peak_memory_mb']:.0f} MB" + ("" if start is None else f" (+{row['peak_memory_mb'] - start:.0f})")
 
 
 def _plan(row: dict) -> str:
@@ -109,7 +112,8 @@ def render(rows: list[dict]) -> str:
         "",
         "Steps are optimizer steps (block-wise: summed over the 30 blocks, each trained for the same epochs). "
         "*Heal peak* is the process's resident-set peak while that healer ran (the kernel's peak mark reset "
-        "when it started; marked *so far* where the row was measured before that reset existed, i.e. the "
+        "when it started; in brackets what healing added to the models and data already held, where measured; "
+        "marked *so far* where the row was measured before that reset existed, i.e. the "
         "process's peak up to the end of that healer); *plan* is what starfish estimated before that heal's "
         "first step (tensors only); *process peak* is the whole compare process's (all healers and "
         "evaluations), from `wait4`.",

@@ -136,6 +136,7 @@ def test_a_heal_reports_its_own_peak_not_the_process_peak_before_it():
     result = heal(dense, sparse, masks, calib, _config(max_steps=1), block_pattern=r"blocks\.\d+")
     assert result.memory_measure == "process peak RSS during healing"
     assert result.peak_memory_mb < lifetime_peak - 400
+    assert 0 < result.memory_at_start_mb <= result.peak_memory_mb  # what was held when the window opened
 
 
 def test_target_cache_keeps_only_what_is_read_in_the_cache_dtype():

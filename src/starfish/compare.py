@@ -248,6 +248,7 @@ def compare(
                         "steps": result.steps if result else 0,
                         "peak_memory_mb": result.peak_memory_mb if result else None,
                         "memory_measure": result.memory_measure if result else None,
+                        "memory_at_start_mb": result.memory_at_start_mb if result else None,
                         "memory_plan_mb": result.memory_estimate["need_mb"] if result and result.memory_estimate else None,
                         "achieved_sparsity": own_masks.sparsity(),
                         "mask_violations": 0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
 import sys
 from pathlib import Path
@@ -35,6 +37,24 @@ def current_rss_mb() -> float | None:
     return _status_mb("VmRSS")
 
 
+def _return_free_heap() -> None:
+    """Hand memory that earlier work freed back to the OS (glibc keeps freed heap pages resident),
+    so the resident set a new window starts from is what is live, not what an earlier evaluation or
+    healer left behind. A no-op where the C library has no ``malloc_trim``."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def current_memory_mb(device: torch.device) -> float | None:
+    """Memory held now: CUDA allocations, or the process's resident set (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return current_rss_mb()
+
+
 def reset_peak_memory(device: torch.device) -> bool:
     """Start a new peak-memory window: CUDA's counters, or on Linux the kernel's peak-RSS mark
     (``/proc/self/clear_refs`` 5), so a heal reports its own peak, not the peak of whatever ran
@@ -43,6 +63,7 @@ def reset_peak_memory(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
+    _return_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

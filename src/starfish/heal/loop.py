@@ -28,7 +28,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from starfish.batch import Batch, batch_len, calibration_set, call_model, position_weights, select, to_device
-from starfish.device import peak_memory_mb, reset_peak_memory, resolve_device
+from starfish.device import current_memory_mb, peak_memory_mb, reset_peak_memory, resolve_device
 from starfish.distributed.ddp import average_buffers
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
@@ -75,6 +75,7 @@ class HealResult:
         return self.stopped_reason is not None
     points: list[str] = field(default_factory=list)  # where each block's stream was read
     stopping: dict | None = None  # budget auto: held-out curve, kept point and stop reason (heal.stopping)
+    memory_at_start_mb: float | None = None  # what was held when the peak window opened (models, data)
 
     def to_dict(self) -> dict:
         return {
@@ -84,6 +85,7 @@ class HealResult:
             "seconds": self.seconds,
             "peak_memory_mb": self.peak_memory_mb,
             "memory_measure": self.memory_measure,
+            "memory_at_start_mb": self.memory_at_start_mb,
             "uses_labels": self.uses_labels,
             "blocks": self.blocks,
             "points": self.points,
@@ -264,6 +266,7 @@ def heal(
     snapshot_device = torch.device("cpu") if device.type != "cpu" else device
     masks.apply_(sparse)
     windowed = reset_peak_memory(device)
+    at_start = current_memory_mb(device)
     started = time.perf_counter()
     per_block: list[dict] = []
     job = HealJob(
@@ -304,7 +307,7 @@ def heal(
         objective.name, outcome.steps, seconds, peak, measure, objective.uses_labels, outcome.losses, outcome.lrs,
         block_names, config.scope, outcome.stopped_reason, outcome.best_step, estimate.to_dict(), per_block,
         points=[p.describe() for p in points], precision=precision, grad_checkpoint=job.grad_checkpoint,
-        stopping=record.to_dict() if record is not None else None,
+        stopping=record.to_dict() if record is not None else None, memory_at_start_mb=at_start,
     )
 
 

@@ -75,18 +75,29 @@ def _heal_peak(row: dict) -> str:
     return f"{row['peak_memory_mb']:.0f} MB" + ("" if start is None else f" (+{row['peak_memory_mb'] - start:.0f})")
 
 
+def _joint_steps(rows: list[dict]) -> int | None:
+    return next((r["steps"] for r in rows if r["scope"] == "joint" and r["healer"] != "none"), None)
+
+
 def _plan(row: dict) -> str:
     plan = (row.get("memory_plan_mb") or {}).get("cpu")
     return "—" if plan is None else f"{plan:.0f} MB"
 
 
 def render(rows: list[dict]) -> str:
+    """One section per budget (epochs), each healer given that same budget."""
+    budgets = sorted({r["epochs"] for r in rows})
+    sections = [render_budget([r for r in rows if r["epochs"] == e]) for e in budgets]
+    return "# SmolLM2-135M: healers under one budget\n\n" + "\n".join(sections)
+
+
+def render_budget(rows: list[dict]) -> str:
     """Perplexity per pruned model and healer (best bold), then each healer's cost."""
     healers = list(dict.fromkeys(r["healer"] for r in rows))
     cells = list(dict.fromkeys(_cell(r) for r in rows))
     first = rows[0]
     lines = [
-        "# SmolLM2-135M: healers under one budget",
+        f"## {first['epochs']} epochs for every healer ({_joint_steps(rows)} optimizer steps in joint scope)",
         "",
         f"`{first['command']}`; each pruned model is one `starfish compare` process "
         f"(`{first['cell_command']}`). Budget for every trained healer: {first['epochs']} epochs of the 32 "
@@ -153,9 +164,9 @@ def main() -> int:
                 rows = [r for r in rows if _cell(r) != (pruner, pattern) or r["epochs"] != args.epochs]
                 rows += matrix_rows(pruner, pattern, out, wall, peak, cmd)
                 RESULTS.write_text(json.dumps({"model": MODEL.name, "rows": rows}, indent=2) + "\n")
-                TABLE.write_text(render([r for r in rows if r["epochs"] == args.epochs]))
-                print(render([r for r in rows if _cell(r) == (pruner, pattern) and r["epochs"] == args.epochs]), flush=True)
-    TABLE.write_text(render([r for r in rows if r["epochs"] == args.epochs]))
+                TABLE.write_text(render(rows))
+                print(render_budget([r for r in rows if _cell(r) == (pruner, pattern) and r["epochs"] == args.epochs]), flush=True)
+    TABLE.write_text(render(rows))
     print(TABLE.read_text())
     return 0
 

@@ -235,7 +235,7 @@ def test_helpers_in_a_two_process_gloo_group() -> None:
         assert out["floats"] == [2.0, 2.0]
         assert out["held_out"] == {"objective": 2.0, "kl": None}
         assert out["tensors"] == [[3.0] * 3, [[30.0, 30.0], [30.0, 30.0]]]
-        assert out["loss"] == pytest.approx(float(loss), rel=1e-6)  # the global batch loss on every rank
+        assert out["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)  # the global batch loss on every rank
         for got, want in zip(out["grads"], expected):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         for got, want in zip(out["small_grads"], expected_small):

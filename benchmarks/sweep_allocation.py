@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 

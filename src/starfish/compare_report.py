@@ -56,7 +56,7 @@ def glance_table(rows: list[dict], protocol: dict) -> str:
     lines = [
         "| healer | " + " | ".join(head) + " |",
         "|---|" + "---|" * len(cols),
-        f"| dense | " + " | ".join(dense for _ in cols) + " |",
+        "| dense | " + " | ".join(dense for _ in cols) + " |",
     ]
     for healer in dict.fromkeys(r["healer"] for r in rows):
         parts = []

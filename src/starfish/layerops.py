@@ -87,7 +87,7 @@ def input_matrix(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):
         if module.groups != 1 or isinstance(module.padding, str):
             raise StarfishError(
-                f"grouped or string-padded convolutions are not supported by calibration-based pruners; "
+                "grouped or string-padded convolutions are not supported by calibration-based pruners; "
                 "exclude them with --exclude or use --pruner magnitude."
             )
         cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)

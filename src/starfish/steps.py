@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from starfish.batch import LABELS, Batch, batch_len, call_model, to_device
+from starfish.batch import LABELS, Batch, batch_len, call_model
 from starfish.data import select_images
 from starfish.device import resolve_device
 from starfish.distributed.shares import evaluation_share, lockstep_batches, statistics_share
@@ -32,7 +32,7 @@ from starfish.models import LoadedModel, Preprocess, create_model
 from starfish.models.causal_lm import CAUSAL_LM
 from starfish.models.registry import check_preprocess
 from starfish.text import TextWindows
-from starfish.pruning import PruneConfig, prune_with_notes
+from starfish.pruning import prune_with_notes
 from starfish.repair import apply_repair
 from starfish.run_config import RunConfig
 from starfish.structure import find_blocks

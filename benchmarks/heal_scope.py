@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from starfish.device import current_rss_mb, peak_memory_mb, reset_peak_memory
+from starfish.device import current_memory_mb, peak_memory_mb, reset_peak_memory
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STARFISH_SHARED", REPO.parent / "shared"))
@@ -42,7 +42,7 @@ SCOPES = {"joint": ("joint", "sparse"), "blockwise-sparse": ("blockwise", "spars
 def _reset_peak_rss() -> float:
     """Reset the kernel's peak-RSS mark and return the current RSS in MB."""
     reset_peak_memory(torch.device("cpu"))
-    current = current_rss_mb()
+    current = current_memory_mb(torch.device("cpu"))
     return current if current is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

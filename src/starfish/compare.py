@@ -29,6 +29,7 @@ from starfish.alignment import DenseReference, probe_sample
 from starfish.batch import batch_len
 from starfish.distributed.sharding import collect_dropped, fsdp_active, shard_student
 from starfish.errors import StarfishError
+from starfish.heal.config import HEAL_SCOPES
 from starfish.heal.objectives import OBJECTIVES
 from starfish.masks import Masks
 from starfish.run_config import RunConfig, validate
@@ -76,9 +77,6 @@ def default_healers() -> list[str]:
     trained = [n for n in ("starfish", "kd", "nmse") if n in OBJECTIVES]
     trained += sorted(n for n in OBJECTIVES if n not in trained and not OBJECTIVES[n].uses_labels)
     return ["none", *available_repairs(), *trained]
-
-
-HEAL_SCOPES = ("joint", "blockwise")
 
 
 def parse_healer(name: str, repairs: list[str]) -> HealerSpec:

@@ -33,10 +33,6 @@ def _status_mb(field: str) -> float | None:
     return None
 
 
-def current_rss_mb() -> float | None:
-    return _status_mb("VmRSS")
-
-
 def _return_free_heap() -> None:
     """Hand memory that earlier work freed back to the OS (glibc keeps freed heap pages resident),
     so the resident set a new window starts from is what is live, not what an earlier evaluation or
@@ -52,7 +48,7 @@ def current_memory_mb(device: torch.device) -> float | None:
     """Memory held now: CUDA allocations, or the process's resident set (None where unknown)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
-    return current_rss_mb()
+    return _status_mb("VmRSS")
 
 
 def reset_peak_memory(device: torch.device) -> bool:

@@ -8,6 +8,8 @@ from starfish.errors import StarfishError
 from starfish.heal.checkpointing import GRAD_CHECKPOINT_MODES
 from starfish.heal.precision import PRECISIONS
 
+HEAL_SCOPES = ("joint", "blockwise")  # --heal-scope, and compare's HEALER@SCOPE
+
 
 @dataclass
 class HealConfig:
@@ -61,7 +63,7 @@ class HealConfig:
             raise StarfishError(f"bn mode must be 'train' or 'frozen'; got {self.bn_mode}.")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise StarfishError(f"optimizer must be adam, adamw or sgd; got {self.optimizer}.")
-        if self.scope not in ("joint", "blockwise"):
+        if self.scope not in HEAL_SCOPES:
             raise StarfishError(f"--heal-scope must be 'joint' or 'blockwise'; got '{self.scope}'.")
         if self.blockwise_inputs not in ("sparse", "dense"):
             raise StarfishError(f"--blockwise-inputs must be 'sparse' or 'dense'; got '{self.blockwise_inputs}'.")

@@ -137,6 +137,7 @@ FLAG_TYPES: dict[str, Callable[[str], object]] = {
     "--resize": positive_int,
     "--std": std_arg,
     "--eval-size": positive_int,
+    "--eval-limit": positive_int,
     "--seed": seed_arg,
     "--include": regex_arg,
     "--exclude": regex_arg,
@@ -168,6 +169,19 @@ FLAG_TYPES: dict[str, Callable[[str], object]] = {
 S = argparse.SUPPRESS
 
 
+class _EvalSources(argparse.Action):
+    """``--eval`` once keeps a plain path; given again, the sources become a list (language models)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        earlier = getattr(namespace, self.dest, None)
+        if isinstance(earlier, str):
+            setattr(namespace, self.dest, [earlier, values])
+        elif isinstance(earlier, list):
+            setattr(namespace, self.dest, [*earlier, values])
+        else:
+            setattr(namespace, self.dest, values)
+
+
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -187,8 +201,11 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--calib", "calib", dict(help="folder of unlabeled calibration images (class sub-folders allowed, labels unused)")),
     ("--calib-size", "calib_size", dict(type=size_arg, help="number of calibration images, or a fraction of the folder (default all)")),
     ("--calib-max-gb", "calib_max_gb", dict(type=float, help="refuse a calibration set larger than this once decoded (default 4)")),
-    ("--eval", "eval", dict(help="evaluation folder with one sub-folder per class (streamed, never held in memory)")),
+    ("--eval", "eval", dict(action=_EvalSources, help="evaluation folder with one sub-folder per class (streamed, never held in memory); language models: a text, repeatable (each scored for perplexity)")),
     ("--eval-size", "eval_size", dict(type=int, help="fixed, seeded, class-balanced evaluation subset (default all)")),
+    ("--eval-tasks", "eval_tasks", dict(type=_names, help="causal LMs: zero-shot tasks scored through lm-evaluation-harness for dense, pruned and healed (e.g. lambada,piqa,arc_easy, or standard)")),
+    ("--eval-limit", "eval_limit", dict(type=int, help="zero-shot: a seeded subset of this many items per task (default all)")),
+    ("--tasks-data", "tasks_data", dict(help="zero-shot task files (default $STARFISH_TASKS_DATA, else ../shared/data/zeroshot)")),
     ("--task", "task", dict(help="how models are scored on --eval: auto (default: perplexity for causal LMs, classification otherwise), classification, perplexity")),
     ("--dtype", "dtype", dict(choices=["float32", "bfloat16", "float16"], help="causal LMs: precision the model is loaded in (default float32)")),
     ("--seq-len", "seq_len", dict(type=int, help="causal LMs: tokens per calibration sequence (default 512)")),
@@ -449,6 +466,34 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_setup(parser: argparse.ArgumentParser) -> None:
+    from starfish.zeroshot.catalog import choices_text
+
+    parser.add_argument("target", metavar="TARGET", help="a starfish run output folder (language model) or hf:FOLDER")
+    parser.add_argument("--tasks", dest="tasks", metavar="T1,T2,...", help=f"zero-shot tasks through lm-evaluation-harness: {choices_text()}")
+    parser.add_argument("--eval-limit", dest="eval_limit", type=positive_int, help="score a seeded subset of this many items per task (default all)")
+    parser.add_argument("--tasks-data", dest="tasks_data", metavar="DIR", help="folder of the task files (default $STARFISH_TASKS_DATA, else ../shared/data/zeroshot)")
+    parser.add_argument("--eval", dest="texts", metavar="TEXT", action="append", default=[], help="a text to score perplexity on (repeatable: one row per text)")
+    parser.add_argument("--eval-size", dest="eval_size", type=positive_int, help="perplexity windows per text (default all)")
+    parser.add_argument("--eval-seq-len", dest="eval_seq_len", type=positive_int, help="tokens per perplexity window (default the model's context, at most 2048)")
+    parser.add_argument("--seed", dest="seed", type=seed_arg, default=0, help="seed of the task subsets (default 0)")
+    parser.add_argument("--batch-size", dest="batch_size", type=positive_int, help="lm-eval batch size (default 16)")
+    parser.add_argument("--dtype", dest="dtype", choices=["float32", "bfloat16", "float16"], help="precision the model is loaded in (default float32)")
+    parser.add_argument("--device", dest="device", type=device_arg, default="auto", help="auto (default), cpu, cuda, ...")
+    parser.add_argument("--out", dest="out", help="output directory for evaluate.json and evaluate.md")
+    parser.add_argument("--force", dest="force", action="store_true", help="replace an output directory starfish wrote")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from starfish.evaluate_output import EvaluateConfig, evaluate, render
+
+    names = ("target", "tasks", "eval_limit", "tasks_data", "texts", "eval_size", "eval_seq_len", "seed", "batch_size", "dtype", "device", "out", "force")
+    record = evaluate(EvaluateConfig(**{k: getattr(args, k) for k in names}), command=_command_line())
+    print(render(record))
+    print(f"wrote {args.out}/ (evaluate.json, evaluate.md)")
+    return 0
+
+
 def _command_line() -> str:
     return "starfish " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -457,6 +502,7 @@ def _command_line() -> str:
 EXTRA_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = [
     ("compare", "healers x sparsities side by side on one model: compare.json, compare.md, plots", _compare_setup, cmd_compare),
     ("diagnose", "Relative Repairability of every prunable layer: rr.json, rr.md, rr.png", _diagnose_setup, cmd_diagnose),
+    ("evaluate", "score a saved language model: zero-shot tasks (lm-eval) and perplexity texts", _evaluate_setup, cmd_evaluate),
 ]
 
 

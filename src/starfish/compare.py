@@ -34,7 +34,9 @@ from starfish.heal.objectives import OBJECTIVES
 from starfish.masks import Masks
 from starfish.run_config import RunConfig, validate
 from starfish.text import TextWindows
-from starfish.steps import RunData, build_model, check_masks, evaluation, heal_step, load_data, prune_step, repair_step
+from starfish.steps import (
+    RunData, build_model, check_masks, evaluation, heal_step, language_scores, load_data, prune_step, repair_step,
+)
 
 ALIGNMENT_IMAGES = 256  # held-out eval images used to measure per-block alignment (labels unused)
 
@@ -200,6 +202,8 @@ def compare(
     scoring = evaluation(config, data, loaded)
     metric = scoring.task.headline
     dense_stats = scoring.score("dense", dense)
+    extra = language_scores(config, loaded, data)  # further texts and zero-shot tasks (language models)
+    dense_extra = extra.score("dense", dense) if extra is not None else {}
     reference = DenseReference(dense, align_inputs, block_pattern, device=device)
     _log(f"dense {_show(metric, dense_stats.get(metric))} on {data.eval_size} {'windows' if text else 'images'}")
 
@@ -234,6 +238,8 @@ def compare(
                     inspect("start", row, model, own_masks)
                 result, seconds = _apply(spec, dense, model, own_masks, data, config, block_pattern)
                 stats = scoring.score(spec.name, model)
+                if extra is not None:
+                    row.update(extra.score(f"{spec.name}@{allocation}@{sparsity:g}", model))
                 check_masks(own_masks, model, f"by healer {spec.name} at sparsity {sparsity}")
                 after = reference.alignment(model)
                 row.update(
@@ -266,6 +272,14 @@ def compare(
                 del model
                 collect_dropped()  # --distributed fsdp: this grid point's sharded student is freed here
     protocol = _protocol(config, loaded, specs, sparsities, allocations, data, dense_stats, metric, prunable, blocks, align_inputs, command)
+    if extra is not None:
+        protocol["dense_scores"] = dense_extra
+        section = extra.record()
+        if "zeroshot" in section:
+            protocol["zeroshot"] = section["zeroshot"]["protocol"]
+        if "perplexity_by_text" in section:
+            protocol["texts"] = {name: {k: v for k, v in entry.items() if k != "perplexity"} for name, entry in section["perplexity_by_text"].items()}
+        extra.close()
     result = {"rows": rows, "protocol": protocol, "curves": curves}
     context = distributed.current()
     if context is not None:

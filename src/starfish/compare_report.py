@@ -74,6 +74,32 @@ def glance_table(rows: list[dict], protocol: dict) -> str:
     return "\n".join(lines)
 
 
+def language_table(rows: list[dict], protocol: dict) -> list[str]:
+    """Language models: perplexity on every further --eval text and zero-shot accuracy per task, a row per model."""
+    dense = protocol.get("dense_scores")
+    if not dense:
+        return []
+    from starfish.zeroshot.catalog import ZEROSHOT_TASKS
+
+    texts = list(dense.get("perplexity_texts", {}))
+    tasks = list(dense.get("zeroshot", {}).get("tasks", {}))
+    head = [f"perplexity {t}" for t in texts] + [f"{t} ({ZEROSHOT_TASKS.get(t).headline})" for t in tasks] + (["zero-shot mean"] if tasks else [])
+    lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+
+    def cells(scores: dict) -> str:
+        ppl = [f"{scores.get('perplexity_texts', {}).get(t, float('nan')):.2f}" for t in texts]
+        zs = scores.get("zeroshot", {})
+        acc = [pct(zs.get("tasks", {}).get(t, {}).get(ZEROSHOT_TASKS.get(t).headline)) for t in tasks]
+        return " | ".join(ppl + acc + ([pct(zs.get("mean"))] if tasks else []))
+
+    lines.append(f"| dense | {cells(dense)} |")
+    for r in rows:
+        lines.append(f"| {r['healer']} at {100 * r['sparsity']:g}% ({r['allocation']}) | {cells(r)} |")
+    limit = (protocol.get("zeroshot") or {}).get("limit")
+    note = f" Zero-shot through lm-evaluation-harness on {'all items' if limit is None else f'a seeded subset of {limit} items per task'}." if tasks else ""
+    return ["## Further texts and zero-shot tasks", "", *lines, "", f"Higher is better for accuracy, lower for perplexity.{note}", ""]
+
+
 def full_table(rows: list[dict], metric: str = "top1") -> str:
     score = "top-1 | of dense" if metric == "top1" else metric
     lines = [
@@ -146,6 +172,7 @@ def render_markdown(result: dict, plots: list[str]) -> str:
         "",
         glance_table(rows, p),
         "",
+        *language_table(rows, p),
     ]
     for name in plots:
         caption = PLOTS.get(name, name) if name != "accuracy_vs_sparsity.png" or _metric(p) == "top1" else f"{_metric(p).capitalize()} against sparsity"

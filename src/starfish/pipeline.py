@@ -27,7 +27,8 @@ from starfish.repair import AUTO, has_batchnorm, resolve_repair
 from starfish.repair.bn import recalibrate_batchnorm
 from starfish.run_config import RunConfig, validate
 from starfish.steps import (
-    RunData, build_model, check_masks, evaluation, heal_step, load_data, prune_step, repair_step, stage_calibration, task_name,
+    LanguageScores, RunData, build_model, check_masks, evaluation, heal_step, language_scores, load_data, prune_step, repair_step,
+    stage_calibration, task_name,
 )
 from starfish.states import SavedState
 from starfish.structure import find_blocks
@@ -87,12 +88,18 @@ def run(config: RunConfig, command: str | None = None) -> dict:
         heal_result = heal_step(dense, sparse, masks, data.calibration, config.heal, block_pattern, config.seed, checkpointer=checkpointer, held=data.held)
     check_masks(masks, sparse, "after healing")
     align_after = probe.measure(dense, sparse, block_pattern, device) if probe is not None and align_before is not None else None
-    if scoring is not None:  # every choice is made: only now is the evaluation set read
-        final_scores(scoring, config, data, dense, sparse, saved, repair, trained)
-        check_masks(masks, sparse, "after scoring")
-
-    scores = scoring.scores if scoring is not None else {}
-    report = build_report(config, loaded, masks, data, scores, heal_result, prune_seconds, command)
+    extra = language_scores(config, loaded, data)  # further texts and zero-shot tasks (language models)
+    try:
+        if scoring is not None:  # every choice is made: only now is the evaluation set read
+            final_scores(scoring, config, data, dense, sparse, saved, repair, trained, extra)
+            check_masks(masks, sparse, "after scoring")
+        scores = scoring.scores if scoring is not None else {}
+        report = build_report(config, loaded, masks, data, scores, heal_result, prune_seconds, command)
+        if extra is not None:
+            report.update(extra.record({label: m.get("perplexity") for label, m in scores.items()}))
+    finally:
+        if extra is not None:
+            extra.close()
     report["repair"] = repair
     report["repair_requested"] = config.repair
     report["repair_reason"] = repair_reason
@@ -137,20 +144,27 @@ def alignment_probe(data: RunData, seed: int) -> AlignmentProbe | None:
 
 def final_scores(
     scoring: Evaluation, config: RunConfig, data: RunData, dense: torch.nn.Module, sparse: torch.nn.Module,
-    saved: dict[str, SavedState], repair: str, trained: bool,
+    saved: dict[str, SavedState], repair: str, trained: bool, extra: LanguageScores | None = None,
 ) -> None:
     """Score dense, pruned, repaired and healed on the evaluation set, after every choice was made;
-    earlier states are swapped into ``sparse`` for their pass and swapped out again."""
-    scoring.score("dense", dense)
+    earlier states are swapped into ``sparse`` for their pass and swapped out again. ``extra``: the
+    further texts and zero-shot tasks of a language model, scored on the same states."""
+
+    def score(label: str, model: torch.nn.Module) -> None:
+        scoring.score(label, model)
+        if extra is not None:
+            extra.score(label, model)
+
+    score("dense", dense)
     if reestimates_batchnorm(config, repair, dense, data):
         scoring.score("dense_bn", bn_control(dense, data))
     labels = ["pruned", *(["repaired"] if repair != "none" else []), *(["healed"] if trained else [])]
     for label in labels:
         if label in saved:
             with saved[label].swapped_in(sparse):
-                scoring.score(label, sparse)
+                score(label, sparse)
         else:  # the live state: the last step that ran
-            scoring.score(label, sparse)
+            score(label, sparse)
 
 
 def reestimates_batchnorm(config: RunConfig, repair: str, dense: torch.nn.Module, data: RunData) -> bool:

@@ -91,6 +91,7 @@ def render_markdown(report: dict) -> str:
         f"Healing took {report['heal_seconds']:.1f} s"
         + (f" ({heal.get('steps')} steps); peak memory {report['peak_memory_mb']:.0f} MB ({report['memory_measure']})." if report.get("peak_memory_mb") else "."),
         "",
+        *language_lines(report),
         *_plot_lines(report),
         *_budget_lines(report),
         *_pipeline_lines(report),
@@ -230,4 +231,37 @@ def _protocol_extras(report: dict) -> list[str]:
     align = report.get("alignment")
     if align:
         lines.append(f"- Block alignment measured on {align['images']}")
+    return lines
+
+
+def _pct2(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+def language_lines(report: dict) -> list[str]:
+    """Perplexity on every --eval text and zero-shot accuracy per task, one column per scored model."""
+    lines: list[str] = []
+    texts = report.get("perplexity_by_text")
+    if texts:
+        labels = list(next(iter(texts.values()))["perplexity"])
+        lines += ["## Perplexity per text", "", "| text | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for name, entry in texts.items():
+            values = entry["perplexity"]
+            lines.append(f"| {name} (`{entry['sha256'][:12]}`, {entry['windows']} x {entry['seq_len']} tokens) | "
+                         + " | ".join("—" if values.get(k) is None else f"{values[k]:.2f}" for k in labels) + " |")
+        lines.append("")
+    zs = report.get("zeroshot")
+    if zs:
+        from starfish.zeroshot.catalog import ZEROSHOT_TASKS
+
+        labels = list(zs["scores"])
+        lines += ["## Zero-shot tasks (lm-evaluation-harness)", "", "| task (metric) | items | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+        for name in zs["tasks"]:
+            metric = ZEROSHOT_TASKS.get(name).headline
+            items = zs["protocol"]["tasks"][name]["items"]
+            lines.append(f"| {name} ({metric}) | {items} | " + " | ".join(_pct2(zs["scores"][k]["tasks"][name].get(metric)) for k in labels) + " |")
+        lines.append("| **mean** | | " + " | ".join(_pct2(zs["scores"][k]["mean"]) for k in labels) + " |")
+        p = zs["protocol"]
+        items = "all items" if p["limit"] is None else f"a seeded subset of {p['limit']} items per task"
+        lines += ["", f"lm-evaluation-harness {p['lm_eval_version']}, zero-shot, {items} (seed {p['seed']}); task files and their sha256 in report.json (`zeroshot.protocol`).", ""]
     return lines

@@ -35,8 +35,11 @@ class RunConfig:
     calib: str | None = None
     calib_size: float | None = None  # count, fraction in (0, 1), or None = the whole folder
     calib_max_gb: float = 4.0  # refuse a calibration set whose decoded size is larger than this
-    eval: str | None = None
+    eval: str | list[str] | None = None  # a folder/text, or (language models) several texts, each scored for perplexity
     eval_size: int | None = None  # None = the whole folder
+    eval_tasks: list[str] | None = None  # causal LMs: zero-shot tasks scored through lm-evaluation-harness (starfish.zeroshot)
+    eval_limit: int | None = None  # zero-shot: a seeded subset of this many items per task (None = all)
+    tasks_data: str | None = None  # zero-shot task files (None: $STARFISH_TASKS_DATA, else ../shared/data/zeroshot)
     holdout: str | None = None  # unlabeled held-out folder/text (None: a draw from --calib outside the calibration draw)
     holdout_size: int | None = None  # held-out samples (None: 200 images, 16 text sequences)
     task: str = "auto"  # how models are scored (starfish.tasks); auto: perplexity for causal LMs, else classification
@@ -60,6 +63,17 @@ class RunConfig:
     resume: bool = False  # continue the checkpoint an interrupted run left beside --out
     eval_batch_size: int = 256
     workers: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eval, list) and len(self.eval) == 1:
+            self.eval = self.eval[0]  # one source is saved as a plain path, as before several were allowed
+
+    @property
+    def eval_sources(self) -> list[str]:
+        """Every --eval source, the first being the one the run's main scores come from."""
+        if self.eval is None:
+            return []
+        return list(self.eval) if isinstance(self.eval, list) else [self.eval]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +138,7 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
     for flag, value in (("--seq-len", config.seq_len), ("--eval-seq-len", config.eval_seq_len)):
         if value is not None and (not isinstance(value, int) or value < 2):
             raise StarfishError(f"{flag} must be a whole number of at least 2 tokens; got {value}.")
+    check_language_scoring(config)
     if config.calib_max_gb <= 0:
         raise StarfishError(f"--calib-max-gb must be positive; got {config.calib_max_gb}.")
     if config.eval_batch_size < 1 or config.workers < 0:
@@ -131,7 +146,7 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
             f"--eval-batch-size must be >= 1 and --workers >= 0; got {config.eval_batch_size} and {config.workers}."
         )
     if config.out is not None and is_writer():  # under --distributed only rank 0 writes, so only it takes the lock
-        check_output_dir(config.out, config.force, (config.weights, config.calib, config.eval, config.masks, config.holdout))
+        check_output_dir(config.out, config.force, (config.weights, config.calib, *config.eval_sources, config.masks, config.holdout, config.tasks_data))
     check_resume(config)  # under the output lock: a checkpoint is resumed with the same settings or not at all
     if config.calib is None and config.heal.healer != "none":
         raise StarfishError("healing needs calibration images: pass --calib DIR (or --healer none).")
@@ -147,3 +162,31 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
         raise StarfishError(
             f"pruner '{config.prune.pruner}' / allocation '{config.prune.allocation}' needs calibration images: pass --calib DIR."
         )
+
+
+def check_language_scoring(config: RunConfig) -> None:
+    """Several --eval texts and --eval-tasks score causal LMs only; both are checked before any load."""
+    from starfish.models.causal_lm import is_causal_lm
+
+    sources = config.eval_sources
+    if not all(isinstance(s, str) and s for s in sources):
+        raise StarfishError(f"--eval must name folders or text files; got {config.eval!r}.")
+    if len(set(sources)) != len(sources):
+        raise StarfishError("--eval names the same source twice; name each text once.")
+    if len(sources) < 2 and not config.eval_tasks and config.eval_limit is None:
+        return
+    language = config.model.startswith("hf:") and is_causal_lm(config.model[3:])
+    if not language:
+        what = "--eval-tasks" if config.eval_tasks or config.eval_limit is not None else "more than one --eval"
+        raise StarfishError(f"{what} applies to causal language models (hf:FOLDER); {config.model} is not one.")
+    if len(sources) > 1:
+        from starfish.text import text_files
+
+        for source in sources:
+            text_files(source)
+    if config.eval_limit is not None and not config.eval_tasks:
+        raise StarfishError("--eval-limit sets the items per zero-shot task: pass --eval-tasks too (or drop it).")
+    if config.eval_tasks:
+        from starfish.zeroshot import ZeroShot
+
+        ZeroShot.check(config.eval_tasks, config.tasks_data, config.eval_limit, config.seed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -71,6 +71,7 @@ class RunData:
     workers: int = 0
     eval_classes: list[str] | None = None  # class folder names of the evaluation set, in label order
     held: HeldOut | None = None  # unlabeled held-out samples (starfish.holdout): stopping and the alignment probe
+    texts: dict[str, TextWindows] = field(default_factory=dict)  # language models: every --eval text by name (the first is ``evaluation``)
 
     @property
     def calib_size(self) -> int:
@@ -123,16 +124,21 @@ def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, ev
     from starfish.models.causal_lm import tokenizer_of
     from starfish.text import calibration_text, evaluation_windows
 
-    calib, windows, held = None, None, None
+    from starfish.evaluate_output import text_name
+
+    calib, held, texts = None, None, {}
     if calibration and config.calib is not None:
         size = int(config.calib_size) if config.calib_size is not None else TEXT_CALIB_DEFAULT
         calib = calibration_text(config.calib, tokenizer_of(loaded.extra), size, config.seq_len, config.seed)
         held = load_text_holdout(config, tokenizer_of(loaded.extra)) if held_out else None
-    if evaluation and config.eval is not None:
+    if evaluation:
         seq_len = config.eval_seq_len or int(loaded.extra["seq_len"])
         size = int(config.eval_size) if config.eval_size is not None else None
-        windows = evaluation_windows(config.eval, tokenizer_of(loaded.extra), seq_len, size)
-    return RunData(calib, windows, 1, config.workers, held=held)
+        taken: set[str] = set()
+        for source in config.eval_sources:
+            texts[text_name(source, taken)] = evaluation_windows(source, tokenizer_of(loaded.extra), seq_len, size)
+    windows = next(iter(texts.values()), None)
+    return RunData(calib, windows, 1, config.workers, held=held, texts=texts)
 
 
 def load_data(
@@ -254,3 +260,60 @@ def check_masks(masks: Masks, model: nn.Module, where: str) -> None:
     broken = masks.violations(model)
     if broken:
         raise RuntimeError(f"mask contract violated {where}: {broken}")
+
+
+@dataclass
+class LanguageScores:
+    """What a language-model job scores beside its main perplexity text: every further --eval text
+    (perplexity) and the zero-shot tasks (``starfish.zeroshot``), for each model it is handed."""
+
+    texts: dict[str, TextWindows]
+    zeroshot: object | None  # starfish.zeroshot.ZeroShot
+    tokenizer: object
+    device: torch.device
+    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)  # text -> label -> perplexity
+
+    def score(self, label: str, model: nn.Module) -> dict:
+        """Perplexity on every further text and the zero-shot tasks of ``model`` under ``label``."""
+        from starfish.lm_eval import evaluate_lm
+
+        out: dict = {}
+        for name, windows in list(self.texts.items())[1:]:
+            value = evaluate_lm({label: model}, windows.batches(1), self.device, reference=None)[label]["perplexity"]
+            self.perplexity.setdefault(name, {})[label] = value
+            out.setdefault("perplexity_texts", {})[name] = value
+        if self.zeroshot is not None:
+            from starfish.zeroshot import means
+
+            tasks = self.zeroshot.score(label, model, self.tokenizer)
+            out["zeroshot"] = {"tasks": tasks, **means(tasks)}
+        return out
+
+    def record(self, main: dict[str, float] | None = None) -> dict:
+        """The report section: perplexity per text (``main``: the first text's, from the run's task)."""
+        out: dict = {}
+        if len(self.texts) > 1:
+            names = list(self.texts)
+            per_text = {names[0]: dict(main or {}), **self.perplexity}
+            out["perplexity_by_text"] = {n: {"perplexity": per_text.get(n, {}), **self.texts[n].protocol()} for n in names}
+        if self.zeroshot is not None:
+            out["zeroshot"] = self.zeroshot.record()
+        return out
+
+    def close(self) -> None:
+        if self.zeroshot is not None:
+            self.zeroshot.close()
+
+
+def language_scores(config: RunConfig, loaded: LoadedModel, data: RunData) -> LanguageScores | None:
+    """The further texts and zero-shot tasks of a language-model job, or None when it has neither."""
+    if loaded.task != CAUSAL_LM or (len(data.texts) < 2 and not config.eval_tasks):
+        return None
+    from starfish.models.causal_lm import tokenizer_of
+
+    zeroshot = None
+    if config.eval_tasks:
+        from starfish.zeroshot import ZeroShot
+
+        zeroshot = ZeroShot.check(config.eval_tasks, config.tasks_data, config.eval_limit, config.seed)
+    return LanguageScores(data.texts, zeroshot, tokenizer_of(loaded.extra), resolve_device(config.heal.device))

@@ -234,10 +234,11 @@ def run_settings(config: Any) -> None:
     non_negative("--repair-shrinkage", config.repair_shrinkage)
     if config.holdout_size is not None:
         integer("--holdout-size", config.holdout_size, 1)
-    for name in ("out", "weights", "calib", "eval", "masks", "holdout"):
-        value = getattr(config, name)
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise StarfishError(f"--{name} is empty; pass a path.")
+    for name in ("out", "weights", "calib", "eval", "masks", "holdout", "tasks_data"):
+        values = getattr(config, name)
+        for value in values if name == "eval" and isinstance(values, list) else [values]:
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise StarfishError(f"--{name.replace('_', '-')} is empty; pass a path.")
     preprocess_overrides(config.preprocess)
 
 

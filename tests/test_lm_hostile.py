@@ -1,0 +1,88 @@
+"""Hostile inputs to the language-model surfaces, round 2: half precision, unchecked last steps,
+overflowing perplexity, broken ``hf:`` folders and text, sizes beyond what the data or the model
+holds. Each ends in a healed model that is finite, or in one line (exit 2) before heavy work with
+no output written and no input touched."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lm_tiny import llama_config, save_tiny
+from starfish.cli import main
+from starfish.heal import HealConfig, heal
+
+from test_heal_precision import _llama
+from test_lm_cli import VOCAB, texts  # noqa: F401  (fixture)
+from test_reliability import refused
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("llama") / "llama", llama_config(VOCAB))
+
+
+def lm_args(model_dir, texts, out, *extra: str) -> list[str]:
+    return [
+        "run", "--model", f"hf:{model_dir}", "--calib", str(texts / "calib.txt"), "--calib-size", "16",
+        "--seq-len", "16", "--eval", str(texts / "eval.txt"), "--eval-size", "4", "--eval-seq-len", "32",
+        "--sparsity", "0.7", "--seed", "0", "--epochs", "4", "--batch-size", "4", "--no-progress", "--out", str(out), *extra,
+    ]
+
+
+# --- 1. half-precision weights heal through float32 master weights; nothing unchecked is written --------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_half_precision_llama_heals_to_finite_weights_below_the_pruned_perplexity(dtype, llama, texts, tmp_path):
+    out = tmp_path / "out"
+    assert main(lm_args(llama, texts, out, "--dtype", dtype, "--healer", "kd", "--lr", "3e-3")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["heal"]["master_weights"] == f"float32 (loaded {dtype})" and not report["heal"]["diverged"]
+    assert report["perplexity"]["healed"] < report["perplexity"]["pruned"]
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {getattr(torch, dtype)}
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+class _BreakingSGD(torch.optim.SGD):
+    """An optimizer whose every step leaves NaN in the weights (a step far too large, in any dtype)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.fill_(float("nan"))
+
+
+@pytest.fixture()
+def breaking_optimizer(monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("starfish.heal.steps"), "make_optimizer", lambda params, config: _BreakingSGD(params, lr=config.lr))
+
+
+def test_a_last_step_that_breaks_the_weights_is_caught_and_rolled_back(breaking_optimizer):
+    """The last step's weights are scored by no loss, so they are checked themselves."""
+    dense, sparse, masks, calib, pattern = _llama()
+    before = {k: v.clone() for k, v in sparse.state_dict().items()}
+    config = HealConfig(optimizer="sgd", max_steps=1, epochs=1, batch_size=4, device="cpu", progress=False)
+    result = heal(dense, sparse, masks, calib, config, block_pattern=pattern)
+    assert result.stopped_reason == "the weights became non-finite in step 0" and result.best_step == 0
+    assert all(torch.equal(before[k], v) for k, v in sparse.state_dict().items())  # the checked step-0 weights
+
+
+def test_non_finite_weights_without_a_kept_copy_are_refused_not_written(breaking_optimizer, llama, texts, tmp_path, capsys):
+    from starfish.errors import StarfishError
+
+    dense, sparse, masks, calib, pattern = _llama()
+    config = HealConfig(max_steps=1, epochs=1, batch_size=4, device="cpu", progress=False, keep_best=False)
+    with pytest.raises(StarfishError, match="non-finite.*lower --lr"):
+        heal(dense, copy.deepcopy(sparse), masks, calib, config, block_pattern=pattern)
+    out = tmp_path / "out"  # the command line keeps the checked weights of step 0 and writes those
+    assert main(lm_args(llama, texts, out, "--max-steps", "1")) == 0
+    assert "became non-finite in step 0" in capsys.readouterr().err
+    assert all(bool(torch.isfinite(w).all()) for w in load_file(str(out / "model" / "model.safetensors")).values())

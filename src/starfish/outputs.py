@@ -150,7 +150,7 @@ def resume_dir(path: str | Path) -> Path:
 
 
 RESUME_MARKER = ".starfish-resume"  # only a resume folder holding it is ever emptied by starfish
-_RESUME_FILES = re.compile(r"^(\.starfish-resume|run\.json|[A-Za-z0-9_-]+\.pt)(\.tmp-\d+)?$")
+_RESUME_FILES = re.compile(r"^(\.starfish-resume|run\.json|[A-Za-z0-9_-]+\.pt(\.sha256)?)(\.tmp-\d+)?$")
 
 
 def discard_resume(path: str | Path) -> bool:

@@ -86,3 +86,30 @@ def test_non_finite_weights_without_a_kept_copy_are_refused_not_written(breaking
     assert main(lm_args(llama, texts, out, "--max-steps", "1")) == 0
     assert "became non-finite in step 0" in capsys.readouterr().err
     assert all(bool(torch.isfinite(w).all()) for w in load_file(str(out / "model" / "model.safetensors")).values())
+
+
+# --- 3. a perplexity beyond exp()'s range is inf with the reason, not a crash at the end ------------------
+
+
+def _edited_copy(model_dir, folder, edit):
+    """A copy of a saved tiny causal LM with ``edit(model)`` applied to its weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        edit(model)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+    return folder
+
+
+def test_an_overflowing_perplexity_is_reported_as_inf_with_the_reason(llama, texts, tmp_path, capsys):
+    broken = _edited_copy(llama, tmp_path / "loud", lambda m: m.lm_head.weight.mul_(1e4))  # logits ~1e4: NLL >> 709
+    out = tmp_path / "out"
+    assert main(lm_args(broken, texts, out, "--healer", "none")) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "perplexity of dense is inf" in err and "broken or diverged" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["perplexity"]["dense"] == float("inf")
+    assert "beyond exp()'s range" in report["metrics"]["dense"]["perplexity_note"]
+    assert "| inf |" in (out / "report.md").read_text()

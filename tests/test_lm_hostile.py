@@ -113,3 +113,79 @@ def test_an_overflowing_perplexity_is_reported_as_inf_with_the_reason(llama, tex
     assert report["perplexity"]["dense"] == float("inf")
     assert "beyond exp()'s range" in report["metrics"]["dense"]["perplexity_note"]
     assert "| inf |" in (out / "report.md").read_text()
+
+
+# --- 4, 6, 9, 10. an hf: folder is loaded strictly or refused in one line ---------------------------------
+
+
+def _variant(llama, folder, edit):
+    """A copy of the tiny Llama folder whose model.safetensors went through ``edit(tensors)`` (or whose
+    files ``edit(folder)`` changed, when ``edit`` takes a path)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(llama, folder)
+    weights = folder / "model.safetensors"
+    tensors = load_file(str(weights))
+    if edit(tensors) is not False:
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    return folder
+
+
+HF_FOLDERS = {
+    "truncated safetensors": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]), "SafetensorError"),
+    "random safetensors": (lambda f: (f / "model.safetensors").write_bytes(bytes(range(256)) * 64), "SafetensorError"),
+    "pickle payload": (lambda f: ((f / "model.safetensors").unlink(), (f / "pytorch_model.bin").write_bytes(
+        b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94\x8c\x05true\x94\x85\x94R\x94.")), "could not read the weight files"),
+    "NaN weights": (lambda f: None, "NaN or infinite values (first in 'model.layers.0.mlp.up_proj.weight')"),
+    "missing tensor": (lambda f: None, "missing: model.layers.0.mlp.up_proj.weight"),
+    "unexpected tensor": (lambda f: None, "unexpected: model.extra.weight"),
+}
+TENSOR_EDITS = {
+    "NaN weights": lambda t: t["model.layers.0.mlp.up_proj.weight"].view(-1)[3:5].fill_(float("nan")),
+    "missing tensor": lambda t: t.pop("model.layers.0.mlp.up_proj.weight"),
+    "unexpected tensor": lambda t: t.__setitem__("model.extra.weight", torch.zeros(3)),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_FOLDERS))
+def test_a_broken_hf_folder_is_a_one_line_refusal(case, llama, texts, tmp_path, capsys):
+    import hashlib
+
+    folder = tmp_path / "model"
+    edit_files, needle = HF_FOLDERS[case]
+    _variant(llama, folder, TENSOR_EDITS.get(case, lambda t: False))
+    edit_files(folder)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    out = tmp_path / "out"
+    refused(capsys, lm_args(folder, texts, out), needle)
+    assert not out.exists() and [p for p in tmp_path.iterdir()] == [folder]
+    assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def test_a_tied_head_is_not_a_missing_tensor(texts, tmp_path):
+    config = llama_config(VOCAB)
+    config.tie_word_embeddings = True
+    tied = save_tiny(tmp_path / "tied", config)
+    assert "lm_head.weight" not in load_file(str(tied / "model.safetensors"))
+    assert main(lm_args(tied, texts, tmp_path / "out", "--healer", "none")) == 0
+
+
+def test_float16_overflow_of_float32_weights_is_refused_with_the_fix(llama, texts, tmp_path, capsys):
+    loud = _variant(llama, tmp_path / "loud", lambda t: t["model.layers.1.mlp.down_proj.weight"].view(-1)[0].fill_(1e6))
+    refused(capsys, lm_args(loud, texts, tmp_path / "out", "--dtype", "float16"), "once loaded in float16")
+
+
+@pytest.mark.parametrize("arch", ["BertForMaskedLM", "LlamaForSequenceClassification"])
+def test_hf_models_that_are_not_causal_lms_name_what_is_supported(arch, texts, tmp_path, capsys):
+    from transformers import AutoConfig, BertConfig
+
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32) \
+        if arch.startswith("Bert") else llama_config(VOCAB)
+    config.architectures = [arch]
+    folder = tmp_path / "m"
+    folder.mkdir()
+    config.save_pretrained(folder)
+    assert AutoConfig.from_pretrained(folder).architectures == [arch]
+    refused(capsys, lm_args(folder, texts, tmp_path / "out"), f"is a {arch}; starfish supports Hugging Face causal language models")

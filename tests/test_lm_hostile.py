@@ -189,3 +189,33 @@ def test_hf_models_that_are_not_causal_lms_name_what_is_supported(arch, texts, t
     config.save_pretrained(folder)
     assert AutoConfig.from_pretrained(folder).architectures == [arch]
     refused(capsys, lm_args(folder, texts, tmp_path / "out"), f"is a {arch}; starfish supports Hugging Face causal language models")
+
+
+# --- 5. text that is not UTF-8 --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,data,needle", [
+    ("invalid.txt", "the quick brown fox".encode() + b"\xff\xfe\x00 jumps", "not UTF-8 text (byte offset 19: 0xff)"),
+    ("binary.txt", bytes(range(128, 256)) * 8, "not UTF-8 text (byte offset 0: 0x80)"),
+    ("odd.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "not UTF-8 text (byte offset 28: 0xe9)"),
+    ("broken16.txt", b"\xff\xfe" + "the fox".encode("utf-16-le") + b"\x00\xd8", "not UTF-16 text"),
+])
+def test_text_that_is_not_utf8_is_refused_with_the_byte_offset(name, data, needle, llama, texts, tmp_path, capsys):
+    bad = tmp_path / name
+    bad.write_bytes(data)
+    for flag in ("--calib", "--eval"):
+        args = lm_args(llama, texts, tmp_path / "out", flag, str(bad))
+        refused(capsys, args, f"{bad} is {needle}")
+    assert not (tmp_path / "out").exists() and bad.read_bytes() == data
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
+def test_text_with_a_byte_order_mark_is_decoded_by_it(encoding, tmp_path):
+    import codecs
+
+    from starfish.text import read_documents
+
+    text = "the quick brown fox — naïve café\nsecond line"
+    bom = {"utf-16-be": codecs.BOM_UTF16_BE}.get(encoding, b"")
+    (tmp_path / "a.txt").write_bytes(bom + text.encode(encoding))
+    assert read_documents(tmp_path / "a.txt") == [text]

@@ -219,3 +219,31 @@ def test_text_with_a_byte_order_mark_is_decoded_by_it(encoding, tmp_path):
     bom = {"utf-16-be": codecs.BOM_UTF16_BE}.get(encoding, b"")
     (tmp_path / "a.txt").write_bytes(bom + text.encode(encoding))
     assert read_documents(tmp_path / "a.txt") == [text]
+
+
+# --- 7, 8, 13. lengths, sizes and tasks a language model cannot take ------------------------------------
+
+
+@pytest.mark.parametrize("family,flags,needle", [
+    ("gpt2", ("--seq-len", "65"), "--seq-len 65 is longer than the model's context of 64 tokens; pass --seq-len 64 or less"),
+    ("gpt2", ("--eval-seq-len", "100"), "--eval-seq-len 100 is longer than the model's context of 64 tokens"),
+    ("llama", ("--seq-len", "129"), "--seq-len 129 is longer than the model's context of 128 tokens"),
+    ("llama", ("--calib-size", "1000000000000"), "over the 4 GB budget; lower --calib-size or raise --calib-max-gb"),
+    ("llama", ("--holdout-size", "1000000000000"), "lower --holdout-size or raise --calib-max-gb"),
+    ("llama", ("--task", "classification"), "--task classification scores image classifiers"),
+])
+def test_lengths_sizes_and_tasks_beyond_the_model_or_budget_are_refused(family, flags, needle, texts, tmp_path, capsys, monkeypatch):
+    from lm_tiny import gpt2_config
+
+    import starfish.steps
+
+    model = save_tiny(tmp_path / family, gpt2_config(VOCAB) if family == "gpt2" else llama_config(VOCAB))
+    monkeypatch.setattr(starfish.steps, "load_text_data", lambda *a, **k: pytest.fail("text was read before the refusal"))
+    capsys.readouterr()  # saving the model's progress bar
+    refused(capsys, lm_args(model, texts, tmp_path / "out", *flags), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_language_task_on_an_image_model_is_refused(tmp_path, capsys):
+    refused(capsys, ["run", "--model", "cifar10-resnet20", "--task", "perplexity", "--healer", "none", "--out", str(tmp_path / "o")],
+            "--task perplexity scores causal language models")

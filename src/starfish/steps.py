@@ -26,7 +26,7 @@ from starfish.evaluate import logits_of
 from starfish.heal import HealConfig, HealResult, heal
 from starfish.heal.checkpoint import Checkpointer
 from starfish.holdout import HeldOut, load_image_holdout, load_text_holdout
-from starfish.loading import decode_calibration, stream
+from starfish.loading import GB, decode_calibration, stream
 from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model
 from starfish.models.causal_lm import CAUSAL_LM
@@ -51,6 +51,8 @@ def build_model(config: RunConfig) -> LoadedModel:
         return loaded
     if config.dtype is not None:
         raise StarfishError("--dtype applies to causal language models (hf:FOLDER); drop it for image models.")
+    if config.task == "perplexity":
+        raise StarfishError("--task perplexity scores causal language models; an image model is scored by classification: pass --task classification or auto.")
     if config.preprocess:
         merged = {**loaded.preprocess.to_dict(), **config.preprocess}
         merged["mean"], merged["std"] = tuple(merged["mean"]), tuple(merged["std"])
@@ -109,6 +111,35 @@ def check_text_run(config: RunConfig, loaded: LoadedModel) -> None:
             raise StarfishError(f"{flag} counts sequences/windows for a language model: pass a whole number >= 1 (got {value}).")
     if config.preprocess:
         raise StarfishError("--input-size/--resize/--mean/--std/--channels apply to image models; drop them for a language model.")
+    if config.task == "classification":
+        raise StarfishError("--task classification scores image classifiers; a causal LM is scored by perplexity: pass --task perplexity or auto.")
+    check_context(config, loaded)
+    check_text_budget(config)
+
+
+def check_context(config: RunConfig, loaded: LoadedModel) -> None:
+    """Sequences longer than the model's context are refused before any text is read: learned
+    positions (GPT-2) would index past their table, rotary ones would run where the model never trained."""
+    from starfish.models.causal_lm import context_length
+
+    context = context_length(getattr(loaded.module, "config", None))
+    for flag, value in (("--seq-len", config.seq_len), ("--eval-seq-len", config.eval_seq_len)):
+        if context is not None and value is not None and value > context:
+            raise StarfishError(f"{flag} {value} is longer than the model's context of {context} tokens; pass {flag} {context} or less.")
+
+
+def check_text_budget(config: RunConfig) -> None:
+    """Calibration and held-out sequences are drawn with replacement, so any count is valid text-wise;
+    what bounds them is memory: refuse before allocating a set larger than ``--calib-max-gb``."""
+    from starfish.holdout import TEXT_DEFAULT
+
+    for flag, count in (("--calib-size", config.calib_size or TEXT_CALIB_DEFAULT), ("--holdout-size", config.holdout_size or TEXT_DEFAULT)):
+        need = int(count) * config.seq_len * 2 * 8  # token ids and attention mask, int64
+        if need > config.calib_max_gb * GB:
+            raise StarfishError(
+                f"{int(count)} sequences of {config.seq_len} tokens would take {need / GB:.3g} GB, over the {config.calib_max_gb:g} GB "
+                f"budget; lower {flag} or raise --calib-max-gb."
+            )
 
 
 def task_name(config: RunConfig, loaded: LoadedModel) -> str:

@@ -18,7 +18,7 @@ from starfish.heal import HealConfig, heal
 
 from test_heal_precision import _llama
 from test_lm_cli import VOCAB, texts  # noqa: F401  (fixture)
-from test_reliability import refused
+from test_reliability import no_heavy_work, refused  # noqa: F401  (fixture)
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
@@ -247,3 +247,32 @@ def test_lengths_sizes_and_tasks_beyond_the_model_or_budget_are_refused(family, 
 def test_a_language_task_on_an_image_model_is_refused(tmp_path, capsys):
     refused(capsys, ["run", "--model", "cifar10-resnet20", "--task", "perplexity", "--healer", "none", "--out", str(tmp_path / "o")],
             "--task perplexity scores causal language models")
+
+
+# --- 14, 15. outputs: never inside the input model folder; written with the user's umask -----------------
+
+
+def test_out_inside_the_input_model_folder_is_refused(llama, texts, capsys, no_heavy_work):
+    import hashlib
+
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in llama.iterdir()}
+    refused(capsys, lm_args(llama, texts, llama / "healed"), "lies inside the input folder")
+    refused(capsys, lm_args(llama, texts, llama, "--force"), "would overwrite the input")
+    assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in llama.iterdir()}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_output_is_written_with_the_users_umask(umask, llama, texts, tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        out = tmp_path / "out"
+        assert main(lm_args(llama, texts, out, "--healer", "none")) == 0
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in (out, *out.rglob("*"))}
+    expected = {k: (0o777 if (out / k).is_dir() else 0o666) & ~umask for k in modes}
+    assert "model/model.safetensors" in modes and "masks.safetensors" in modes
+    assert modes == expected

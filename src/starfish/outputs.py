@@ -240,6 +240,7 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
+        apply_umask(scratch)
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         with _signals_deferred():
             if path.exists():
@@ -249,6 +250,16 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         discard_resume(path)  # the output is complete: checkpoints toward it are obsolete (still under the lock)
     finally:
         release_output_lock(path)
+
+
+def apply_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions the user's umask asks for: some writers
+    (safetensors) create files 0600 whatever the umask, so outputs would otherwise differ in who may read them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for item in (folder, *folder.rglob("*")):
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def write_json(path: Path, obj: object) -> None:

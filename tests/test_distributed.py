@@ -136,6 +136,17 @@ def test_user_errors_come_before_the_process_group(tmp_path, capsys, monkeypatch
     assert not dist.is_initialized()
 
 
+def test_an_existing_out_is_refused_by_every_rank_itself(tmp_path, shared) -> None:
+    """Each rank decides the refusal on its own: none is left waiting for a peer that already left."""
+    (tmp_path / "out").mkdir()
+    result = torchrun("run", "--distributed", "ddp", *RUN, "--out", str(tmp_path / "out"))
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("starfish: error:")]
+    assert result.returncode != 0 and len(refusals) == 2, result.stderr[-3000:]
+    assert all("already exists" in line for line in refusals)
+    assert "starfish/" not in result.stderr.replace(str(tmp_path), "")  # torchrun reports its failed children; no starfish traceback
+    assert os.listdir(tmp_path / "out") == []
+
+
 @pytest.mark.parametrize("command,extra,message", [
     ("run", ["--heal-scope", "blockwise"], "--heal-scope joint"),
     ("run", ["--checkpoint-every", "2"], "--checkpoint-every"),

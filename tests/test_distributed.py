@@ -152,6 +152,7 @@ def test_an_existing_out_is_refused_by_every_rank_itself(tmp_path, shared) -> No
     ("run", ["--checkpoint-every", "2"], "--checkpoint-every"),
     ("run", ["--precision", "fp16"], "--precision"),
     ("run", ["--pipeline", "auto"], "--pipeline auto probes whole"),
+    ("run", ["--dtype", "float16"], "float16 steps overflow"),
     ("compare", ["--sparsities", "0.5", "--heal-scope", "blockwise"], "--heal-scope joint"),
 ])
 def test_what_fsdp_cannot_do_is_refused_before_the_process_group(command, extra, message, tmp_path, capsys, monkeypatch) -> None:

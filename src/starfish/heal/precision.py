@@ -24,6 +24,7 @@ from typing import ContextManager, Iterator
 import torch
 from torch import nn
 
+from starfish.masks import is_sharded
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,10 +61,11 @@ def float32_master_weights(model: nn.Module) -> Iterator[dict[str, torch.dtype]]
     weight NaN) and bfloat16 rounds small updates away, so half-precision weights never heal. While
     open, every floating parameter and buffer that is not float32 is float32 (updates accumulate
     there, optimizer state is float32); on exit each returns to the dtype it was loaded in. Pruned
-    entries are exact zeros in every dtype. Yields ``{name: loaded dtype}`` of what was widened."""
+    entries are exact zeros in every dtype. FSDP2 shards keep their dtype (``--distributed fsdp``
+refuses float16). Yields ``{name: loaded dtype}`` of what was widened."""
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
-    lowered = {k: t.dtype for k, t in tensors.items() if t.is_floating_point() and t.dtype != torch.float32}
+    lowered = {k: t.dtype for k, t in tensors.items() if t.is_floating_point() and t.dtype != torch.float32 and not is_sharded(t)}
     with torch.no_grad():
         for k in lowered:
             tensors[k].data = tensors[k].data.float()

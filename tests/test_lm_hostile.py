@@ -232,13 +232,11 @@ def test_text_with_a_byte_order_mark_is_decoded_by_it(encoding, tmp_path):
     ("llama", ("--holdout-size", "1000000000000"), "lower --holdout-size or raise --calib-max-gb"),
     ("llama", ("--task", "classification"), "--task classification scores image classifiers"),
 ])
-def test_lengths_sizes_and_tasks_beyond_the_model_or_budget_are_refused(family, flags, needle, texts, tmp_path, capsys, monkeypatch):
+def test_lengths_sizes_and_tasks_beyond_the_model_or_budget_are_refused(family, flags, needle, texts, tmp_path, capsys, no_heavy_work):
+    """Decided from config.json alone: neither the model nor any text is loaded first."""
     from lm_tiny import gpt2_config
 
-    import starfish.steps
-
     model = save_tiny(tmp_path / family, gpt2_config(VOCAB) if family == "gpt2" else llama_config(VOCAB))
-    monkeypatch.setattr(starfish.steps, "load_text_data", lambda *a, **k: pytest.fail("text was read before the refusal"))
     capsys.readouterr()  # saving the model's progress bar
     refused(capsys, lm_args(model, texts, tmp_path / "out", *flags), needle)
     assert not (tmp_path / "out").exists()

@@ -126,6 +126,9 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
             raise StarfishError(f"{flag} must be a whole number of at least 2 tokens; got {value}.")
     if config.calib_max_gb <= 0:
         raise StarfishError(f"--calib-max-gb must be positive; got {config.calib_max_gb}.")
+    from starfish.lm_checks import language_model_settings
+
+    language_model_settings(config)
     if config.eval_batch_size < 1 or config.workers < 0:
         raise StarfishError(
             f"--eval-batch-size must be >= 1 and --workers >= 0; got {config.eval_batch_size} and {config.workers}."

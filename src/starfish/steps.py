@@ -26,12 +26,12 @@ from starfish.evaluate import logits_of
 from starfish.heal import HealConfig, HealResult, heal
 from starfish.heal.checkpoint import Checkpointer
 from starfish.holdout import HeldOut, load_image_holdout, load_text_holdout
-from starfish.loading import GB, decode_calibration, stream
+from starfish.loading import decode_calibration, stream
 from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model
 from starfish.models.causal_lm import CAUSAL_LM
 from starfish.models.registry import check_preprocess
-from starfish.text import TextWindows
+from starfish.text import TEXT_CALIB_DEFAULT, TextWindows
 from starfish.pruning import prune_with_notes
 from starfish.repair import apply_repair
 from starfish.run_config import RunConfig
@@ -40,7 +40,6 @@ from starfish.tasks import Evaluation, get_task
 from starfish.validation import check_class_count
 
 
-TEXT_CALIB_DEFAULT = 128  # calibration sequences when --calib-size is not given (the Wanda/SparseGPT default)
 
 
 def build_model(config: RunConfig) -> LoadedModel:
@@ -111,35 +110,6 @@ def check_text_run(config: RunConfig, loaded: LoadedModel) -> None:
             raise StarfishError(f"{flag} counts sequences/windows for a language model: pass a whole number >= 1 (got {value}).")
     if config.preprocess:
         raise StarfishError("--input-size/--resize/--mean/--std/--channels apply to image models; drop them for a language model.")
-    if config.task == "classification":
-        raise StarfishError("--task classification scores image classifiers; a causal LM is scored by perplexity: pass --task perplexity or auto.")
-    check_context(config, loaded)
-    check_text_budget(config)
-
-
-def check_context(config: RunConfig, loaded: LoadedModel) -> None:
-    """Sequences longer than the model's context are refused before any text is read: learned
-    positions (GPT-2) would index past their table, rotary ones would run where the model never trained."""
-    from starfish.models.causal_lm import context_length
-
-    context = context_length(getattr(loaded.module, "config", None))
-    for flag, value in (("--seq-len", config.seq_len), ("--eval-seq-len", config.eval_seq_len)):
-        if context is not None and value is not None and value > context:
-            raise StarfishError(f"{flag} {value} is longer than the model's context of {context} tokens; pass {flag} {context} or less.")
-
-
-def check_text_budget(config: RunConfig) -> None:
-    """Calibration and held-out sequences are drawn with replacement, so any count is valid text-wise;
-    what bounds them is memory: refuse before allocating a set larger than ``--calib-max-gb``."""
-    from starfish.holdout import TEXT_DEFAULT
-
-    for flag, count in (("--calib-size", config.calib_size or TEXT_CALIB_DEFAULT), ("--holdout-size", config.holdout_size or TEXT_DEFAULT)):
-        need = int(count) * config.seq_len * 2 * 8  # token ids and attention mask, int64
-        if need > config.calib_max_gb * GB:
-            raise StarfishError(
-                f"{int(count)} sequences of {config.seq_len} tokens would take {need / GB:.3g} GB, over the {config.calib_max_gb:g} GB "
-                f"budget; lower {flag} or raise --calib-max-gb."
-            )
 
 
 def task_name(config: RunConfig, loaded: LoadedModel) -> str:

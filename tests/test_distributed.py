@@ -267,3 +267,25 @@ def test_shares_are_disjoint_and_cover_everything() -> None:
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
             sizes = [e - s for s, e in bounds]
             assert max(sizes) - min(sizes) <= 1
+
+
+def test_a_float16_language_model_heals_to_finite_weights_under_ddp(tmp_path) -> None:
+    """float32 master weights on every rank: the first step no longer turns the float16 weights NaN."""
+    from lm_tiny import LINES, llama_config, save_tiny, tiny_tokenizer
+
+    model = save_tiny(tmp_path / "llama", llama_config(len(tiny_tokenizer())))
+    (tmp_path / "calib.txt").write_text("\n".join(LINES * 20))
+    (tmp_path / "eval.txt").write_text("\n\n".join(LINES * 30))
+    out = tmp_path / "out"
+    result = torchrun(
+        "run", "--distributed", "ddp", "--device", "cpu", "--model", f"hf:{model}", "--dtype", "float16",
+        "--calib", str(tmp_path / "calib.txt"), "--calib-size", "8", "--seq-len", "16", "--eval", str(tmp_path / "eval.txt"),
+        "--eval-size", "2", "--eval-seq-len", "32", "--sparsity", "0.5", "--healer", "kd", "--epochs", "1", "--batch-size", "4",
+        "--no-progress", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["heal"]["master_weights"] == "float32 (loaded float16)" and not report["heal"]["diverged"]
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float16} and all(bool(torch.isfinite(w).all()) for w in weights.values())
+    assert report["perplexity"]["healed"] < float("inf")

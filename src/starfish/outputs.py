@@ -262,12 +262,13 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         release_output_lock(path)
 
 
-def apply_umask(folder: Path) -> None:
-    """Give ``folder`` and everything in it the permissions the user's umask asks for: some writers
-    (safetensors) create files 0600 whatever the umask, so outputs would otherwise differ in who may read them."""
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions the user's umask asks
+    for: some writers (safetensors) create files 0600 whatever the umask, so outputs would otherwise
+    differ in who may read them."""
     mask = os.umask(0)
     os.umask(mask)
-    for item in (folder, *folder.rglob("*")):
+    for item in (path, *(path.rglob("*") if path.is_dir() else ())):
         if not item.is_symlink():
             item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 

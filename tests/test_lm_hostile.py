@@ -274,3 +274,22 @@ def test_every_output_is_written_with_the_users_umask(umask, llama, texts, tmp_p
     expected = {k: (0o777 if (out / k).is_dir() else 0o666) & ~umask for k in modes}
     assert "model/model.safetensors" in modes and "masks.safetensors" in modes
     assert modes == expected
+
+
+def test_an_hf_image_classifier_folder_is_loaded_strictly_too(tmp_path, capsys):
+    """The same strict loading for a transformers image classifier: a tensor left out is named."""
+    from safetensors.torch import save_file
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from starfish.errors import StarfishError
+    from starfish.models import create_model
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=3)
+    ViTForImageClassification(cfg).save_pretrained(tmp_path)
+    assert create_model(f"hf:{tmp_path}").module.config.num_labels == 3  # the intact folder loads
+    assert create_model(f"hf:{tmp_path}", num_classes=5).module.config.num_labels == 5  # a new head starts fresh, by request
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors.pop("vit.encoder.layer.0.intermediate.dense.weight")
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(StarfishError, match=r"do not fit its config.json \(missing: vit\."):
+        create_model(f"hf:{tmp_path}")

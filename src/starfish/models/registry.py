@@ -277,16 +277,17 @@ def _torchvision_model(name: str, pretrained: bool, num_classes: int | None) -> 
 
 def _hf_model(name: str, pretrained: bool, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
     """A Hugging Face image classifier from a local folder or the hub cache (never downloads offline)."""
-    from starfish.models.causal_lm import check_finite_weights, unreadable_weights
+    from starfish.models.causal_lm import check_finite_weights, check_loading_info, unreadable_weights
 
     try:
         from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
     except ImportError:
         raise StarfishError("hf:<name> needs the transformers package: pip install 'starfish-heal[hf]'.") from None
     kwargs = {} if num_classes is None else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
+    info = None
     try:
         if pretrained or Path(name).is_dir():
-            model = AutoModelForImageClassification.from_pretrained(name, **kwargs)
+            model, info = AutoModelForImageClassification.from_pretrained(name, output_loading_info=True, **kwargs)
         else:
             config = AutoConfig.from_pretrained(name, **({"num_labels": num_classes} if num_classes else {}))
             model = AutoModelForImageClassification.from_config(config)
@@ -297,6 +298,8 @@ def _hf_model(name: str, pretrained: bool, num_classes: int | None) -> tuple[nn.
         ) from None
     except Exception as exc:  # corrupt weight files
         raise StarfishError(unreadable_weights(name, exc)) from None
+    if info is not None and num_classes is None:  # a new --num-classes head starts fresh; all else loads strictly
+        check_loading_info(name, info)
     check_finite_weights(model, name)
     pre = Preprocess()
     try:

@@ -147,6 +147,27 @@ def test_an_existing_out_is_refused_by_every_rank_itself(tmp_path, shared) -> No
     assert os.listdir(tmp_path / "out") == []
 
 
+def test_a_refusal_only_rank_zero_sees_still_ends_every_rank_at_once(tmp_path, shared) -> None:
+    """Another process holds the output lock: rank 0 alone can tell. Rank 1, already waiting in the
+    rendezvous, ends on torchrun's SIGTERM at once instead of after torchrun's 30 s grace period."""
+    import time
+
+    from starfish.outputs import check_output_dir, release_output_lock
+
+    out = tmp_path / "out"
+    check_output_dir(out, force=False)  # this test process now holds the lock on --out
+    try:
+        started = time.monotonic()
+        result = torchrun("run", "--distributed", "ddp", *RUN, "--out", str(out))
+        seconds = time.monotonic() - started
+    finally:
+        release_output_lock(out)
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("starfish: error:")]
+    assert result.returncode != 0 and len(refusals) == 1 and "another starfish process" in refusals[0], result.stderr[-3000:]
+    assert seconds < 30, f"rank 1 lingered: the launch took {seconds:.0f} s"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command,extra,message", [
     ("run", ["--heal-scope", "blockwise"], "--heal-scope joint"),
     ("run", ["--checkpoint-every", "2"], "--checkpoint-every"),

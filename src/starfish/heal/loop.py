@@ -241,7 +241,11 @@ def heal(
     With ``config.budget == "auto"`` healing stops when the objective on ``holdout`` (unlabeled
     samples never trained on; without it, a seeded fifth of the calibration set is held out) no
     longer improves, and the best held-out weights are kept (``heal.stopping``). ``observer(steps)``
-    (joint scope) is called after every optimizer step, e.g. to score the weights as healing goes."""
+    (joint scope) is called after every optimizer step, e.g. to score the weights as healing goes.
+
+    A ``sparse`` model in float16/bfloat16 heals through float32 master weights and returns in its
+    own dtype; the healed weights are always finite (a non-finite last step is rolled back, or
+    refused when nothing finite was kept)."""
     config = (config or HealConfig()).validate()
     with float32_master_weights(sparse) as widened:
         result = _heal_float32(dense, sparse, masks, calibration, config, block_pattern, checkpointer, holdout, holdout_source, observer)

@@ -177,3 +177,25 @@ def test_a_healer_can_name_its_heal_scope():
 def test_default_healers_are_label_free():
     names = default_healers()
     assert names[0] == "none" and {"starfish", "kd", "nmse"} <= set(names) and "finetune" not in names
+
+
+@pytest.mark.parametrize("healers,sparsities,allocations,needle", [
+    ("starfish@blockwise@joint", "0.5", None, "more than one heal scope"),
+    ("starfish,starfish@joint", "0.5", None, "names the same healer twice ('starfish' and 'starfish@joint', both heal joint)"),
+    ("kd,kd", "0.5", None, "--healers names kd more than once"),
+    ("none,starfish", "0.5,0.5", None, "--sparsities names 0.5 more than once"),
+    ("none,starfish", "0.5", "uniform,uniform", "--allocations names uniform more than once"),
+    ("starfish@", "0.5", None, "unknown heal scope ''"),
+    ("@joint", "0.5", None, "unknown healer ''"),
+])
+def test_duplicates_and_malformed_scopes_are_refused_alike_before_any_work(healers, sparsities, allocations, needle, capsys, tmp_path, monkeypatch):
+    import starfish.compare
+    from test_reliability import refused
+
+    monkeypatch.setattr(starfish.compare, "build_model", lambda *a: pytest.fail("heavy work before the refusal"))
+    args = ["compare", "--model", "cifar10-resnet20", "--calib", str(tmp_path), "--eval", str(tmp_path), "--out", str(tmp_path / "c"),
+            "--healers", healers, "--sparsities", sparsities, *(["--allocations", allocations] if allocations else [])]
+    refused(capsys, args, needle)
+    assert not (tmp_path / "c").exists()
+    scoped = parse_healers(["starfish", "starfish@joint"], scope="blockwise")  # different work under --heal-scope blockwise
+    assert [s.scope for s in scoped] == [None, "joint"]

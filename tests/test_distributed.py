@@ -136,11 +136,44 @@ def test_user_errors_come_before_the_process_group(tmp_path, capsys, monkeypatch
     assert not dist.is_initialized()
 
 
+def test_an_existing_out_is_refused_by_every_rank_itself(tmp_path, shared) -> None:
+    """Each rank decides the refusal on its own: none is left waiting for a peer that already left."""
+    (tmp_path / "out").mkdir()
+    result = torchrun("run", "--distributed", "ddp", *RUN, "--out", str(tmp_path / "out"))
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("starfish: error:")]
+    assert result.returncode != 0 and len(refusals) == 2, result.stderr[-3000:]
+    assert all("already exists" in line for line in refusals)
+    assert "starfish/" not in result.stderr.replace(str(tmp_path), "")  # torchrun reports its failed children; no starfish traceback
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_refusal_only_rank_zero_sees_still_ends_every_rank_at_once(tmp_path, shared) -> None:
+    """Another process holds the output lock: rank 0 alone can tell. Rank 1, already waiting in the
+    rendezvous, ends on torchrun's SIGTERM at once instead of after torchrun's 30 s grace period."""
+    import time
+
+    from starfish.outputs import check_output_dir, release_output_lock
+
+    out = tmp_path / "out"
+    check_output_dir(out, force=False)  # this test process now holds the lock on --out
+    try:
+        started = time.monotonic()
+        result = torchrun("run", "--distributed", "ddp", *RUN, "--out", str(out))
+        seconds = time.monotonic() - started
+    finally:
+        release_output_lock(out)
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("starfish: error:")]
+    assert result.returncode != 0 and len(refusals) == 1 and "another starfish process" in refusals[0], result.stderr[-3000:]
+    assert seconds < 30, f"rank 1 lingered: the launch took {seconds:.0f} s"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command,extra,message", [
     ("run", ["--heal-scope", "blockwise"], "--heal-scope joint"),
     ("run", ["--checkpoint-every", "2"], "--checkpoint-every"),
     ("run", ["--precision", "fp16"], "--precision"),
     ("run", ["--pipeline", "auto"], "--pipeline auto probes whole"),
+    ("run", ["--dtype", "float16"], "float16 steps overflow"),
     ("compare", ["--sparsities", "0.5", "--heal-scope", "blockwise"], "--heal-scope joint"),
 ])
 def test_what_fsdp_cannot_do_is_refused_before_the_process_group(command, extra, message, tmp_path, capsys, monkeypatch) -> None:
@@ -255,3 +288,25 @@ def test_shares_are_disjoint_and_cover_everything() -> None:
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
             sizes = [e - s for s, e in bounds]
             assert max(sizes) - min(sizes) <= 1
+
+
+def test_a_float16_language_model_heals_to_finite_weights_under_ddp(tmp_path) -> None:
+    """float32 master weights on every rank: the first step no longer turns the float16 weights NaN."""
+    from lm_tiny import LINES, llama_config, save_tiny, tiny_tokenizer
+
+    model = save_tiny(tmp_path / "llama", llama_config(len(tiny_tokenizer())))
+    (tmp_path / "calib.txt").write_text("\n".join(LINES * 20))
+    (tmp_path / "eval.txt").write_text("\n\n".join(LINES * 30))
+    out = tmp_path / "out"
+    result = torchrun(
+        "run", "--distributed", "ddp", "--device", "cpu", "--model", f"hf:{model}", "--dtype", "float16",
+        "--calib", str(tmp_path / "calib.txt"), "--calib-size", "8", "--seq-len", "16", "--eval", str(tmp_path / "eval.txt"),
+        "--eval-size", "2", "--eval-seq-len", "32", "--sparsity", "0.5", "--healer", "kd", "--epochs", "1", "--batch-size", "4",
+        "--no-progress", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["heal"]["master_weights"] == "float32 (loaded float16)" and not report["heal"]["diverged"]
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float16} and all(bool(torch.isfinite(w).all()) for w in weights.values())
+    assert report["perplexity"]["healed"] < float("inf")

@@ -148,13 +148,16 @@ def test_bf16_autocast_heals_with_float32_master_weights_and_exact_masks(scope):
         assert b.loss_history[-1] < b.loss_history[0]
 
 
-def test_fp16_uses_loss_scaling_and_refuses_float16_weights():
+def test_fp16_uses_loss_scaling_also_on_float16_weights():
     dense, sparse, masks, calib, pattern = _llama()
     healed = copy.deepcopy(sparse)
     result = heal(dense, healed, masks, calib, _config(precision="fp16"), block_pattern=pattern)
     assert result.precision == "fp16" and result.steps == 3 and masks.violations(healed) == {}
-    with pytest.raises(StarfishError, match="--precision bf16"):
-        heal(dense.half(), copy.deepcopy(sparse).half(), masks, calib, _config(precision="fp16"), block_pattern=pattern)
+    half = copy.deepcopy(sparse).half()  # float32 master weights while healing: the scaler can unscale them
+    result = heal(dense.half(), half, masks, calib, _config(precision="fp16"), block_pattern=pattern)
+    assert result.master_weights == "float32 (loaded float16)" and result.steps == 3
+    assert {p.dtype for p in half.parameters()} == {torch.float16} and masks.violations(half) == {}
+    assert all(bool(torch.isfinite(p).all()) for p in half.parameters())
 
 
 def test_skipping_the_head_gives_the_same_loss_and_the_head_never_runs():

@@ -279,3 +279,45 @@ def test_a_checkpoint_of_other_masks_or_data_is_refused_and_leaves_the_model_alo
     Checkpointer.open(RunConfig(out=str(out)), {"pixel_values": torch.zeros(2, 3)}).write("joint", {}, 1, 2)
     with pytest.raises(StarfishError, match="calibration data differ"):
         Checkpointer.open(RunConfig(out=str(out), resume=True), {"pixel_values": torch.ones(2, 3)})
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused_on_resume(tmp_path, monkeypatch, capsys):
+    """A checkpoint left by an interrupted language-model run, one bit flipped: --resume refuses it
+    in one line naming the file, before any work; --force starts over."""
+    from lm_tiny import llama_config, save_tiny
+    from test_lm_cli import VOCAB, _run
+
+    texts = tmp_path / "text"
+    texts.mkdir()
+    from lm_tiny import LINES
+
+    (texts / "calib.txt").write_text("\n".join(LINES * 20))
+    (texts / "eval.txt").write_text("\n\n".join(LINES * 30))
+    model = save_tiny(tmp_path / "llama", llama_config(VOCAB))
+    out = tmp_path / "out"
+    original = ResumePoint.step_done
+
+    def step_then_stop(self: ResumePoint) -> None:
+        original(self)
+        if self.outcome.steps == 2:
+            raise Interrupted()
+
+    monkeypatch.setattr(ResumePoint, "step_done", step_then_stop)
+    assert _run(model, texts, out, "--checkpoint-every", "1") == 130
+    monkeypatch.setattr(ResumePoint, "step_done", original)
+    checkpoint = resume_dir(out) / "joint.pt"
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    checkpoint.write_bytes(bytes(data))
+    capsys.readouterr()
+    import starfish.pipeline
+
+    monkeypatch.setattr(starfish.pipeline, "build_model", lambda *a, **k: pytest.fail("heavy work before the refusal"))
+    assert _run(model, texts, out, "--checkpoint-every", "1", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(checkpoint) in err and "sha256" in err and "--force" in err
+    assert not out.exists() and checkpoint.read_bytes() == bytes(data)  # nothing written, the evidence kept
+    monkeypatch.undo()
+    assert _run(model, texts, out, "--checkpoint-every", "1", "--force") == 0
+    assert not resume_dir(out).exists()

@@ -9,15 +9,14 @@ replace (``--force``) always come from the command line, never from a config fil
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shlex
-import signal
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from starfish.errors import StarfishError
+from starfish.signals import sigterm_handled_by
 from starfish.validation import PROBE_SIGNALS
 
 
@@ -538,19 +537,6 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors print one line and exit 2; interrupts (Ctrl-C, SIGTERM) exit
     130/143 with scratch cleaned and any earlier output untouched; anything else is a bug and keeps
@@ -558,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     from starfish.distributed.launch import RankFailure
     from starfish.outputs import protect_inputs, release_all_output_locks
 
-    with _sigterm_as_interrupt():
+    with sigterm_handled_by(_raise_terminated):
         try:
             parser = build_parser()
             args = parser.parse_args(argv)

@@ -83,6 +83,8 @@ def default_healers() -> list[str]:
 
 def parse_healer(name: str, repairs: list[str]) -> HealerSpec:
     base, at, scope = name.rpartition("@")
+    if "@" in base:
+        raise StarfishError(f"healer '{name}' names more than one heal scope; write one at most, e.g. starfish@blockwise.")
     if at:
         return _scoped(name, parse_healer(base, repairs), scope)
     known = ["none", *repairs, *sorted(OBJECTIVES)]
@@ -116,14 +118,30 @@ def _scoped(name: str, spec: HealerSpec, scope: str) -> HealerSpec:
     return HealerSpec(name, repair=spec.repair, objective=spec.objective, scope=scope)
 
 
-def parse_healers(names: list[str]) -> list[HealerSpec]:
+def parse_healers(names: list[str], scope: str = "joint") -> list[HealerSpec]:
+    """The grid's columns; two names for the same work (``starfish`` and ``starfish@joint`` when the
+    run's ``--heal-scope`` is joint) are refused like a name given twice."""
     if not names:
         raise StarfishError("--healers is empty; name at least one, e.g. --healers none,starfish,kd.")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise StarfishError(f"--healers names {', '.join(dupes)} more than once; list each healer once.")
+    refuse_duplicates("--healers", names)
     repairs = available_repairs()
-    return [parse_healer(n, repairs) for n in names]
+    specs = [parse_healer(n, repairs) for n in names]
+    seen: dict[tuple, str] = {}
+    for spec in specs:
+        work = (spec.repair, spec.objective, (spec.scope or scope) if spec.objective else None)
+        if work in seen:
+            raise StarfishError(
+                f"--healers names the same healer twice ('{seen[work]}' and '{spec.name}', both heal {work[2]}); list each healer once."
+            )
+        seen[work] = spec.name
+    return specs
+
+
+def refuse_duplicates(flag: str, values: list) -> None:
+    """A grid axis lists each value once (a repeated one would run, and be reported, twice)."""
+    dupes = sorted({str(v) for v in values if values.count(v) > 1})
+    if dupes:
+        raise StarfishError(f"{flag} names {', '.join(dupes)} more than once; list each value once.")
 
 
 def state_fingerprint(model: nn.Module) -> str:
@@ -145,6 +163,8 @@ def validate_grid(config: RunConfig, sparsities: list[float], specs: list[Healer
     all before any model or image is loaded."""
     if not sparsities:
         raise StarfishError("--sparsities is empty; pass e.g. --sparsities 0.5,0.75,0.9.")
+    refuse_duplicates("--sparsities", list(sparsities))
+    refuse_duplicates("--allocations", list(allocations))
     if config.masks:
         raise StarfishError("compare prunes at every --sparsities value itself; drop --masks.")
     if config.eval is None:
@@ -174,7 +194,7 @@ def compare(
     """Run the grid; returns ``{"rows": [...], "protocol": {...}, "curves": [...]}`` (and writes it under
     ``config.out`` when set). ``config`` is a RunConfig: its model, data, seed, prune and heal
     settings are shared by every cell; its sparsity and healer are replaced by the grid's."""
-    specs = parse_healers(list(healers))
+    specs = parse_healers(list(healers), config.heal.scope)
     allocations = list(allocations or [config.prune.allocation])
     validate_grid(config, sparsities, specs, allocations)
 

@@ -78,6 +78,8 @@ def dense_demo_model(train: TensorDataset, retrain: bool = False) -> DigitsResNe
     """Train once, then reuse the cached weights (written atomically)."""
     from safetensors.torch import load_file, save_file
 
+    from starfish.outputs import apply_umask
+
     path = cache_dir() / "demo-digits-resnet.safetensors"
     if path.is_file() and not retrain:
         model = DigitsResNet()
@@ -88,6 +90,7 @@ def dense_demo_model(train: TensorDataset, retrain: bool = False) -> DigitsResNe
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    apply_umask(tmp)
     tmp.replace(path)
     return model
 

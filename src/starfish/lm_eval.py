@@ -5,7 +5,8 @@ per-token sums before the next window, so no full-vocabulary output is ever kept
 token counts once: position t predicts token t+1, and a prediction counts only when both positions
 are real (``attention_mask`` 1), so padding never counts.
 
-* perplexity = exp(mean next-token negative log-likelihood over all predicted tokens);
+* perplexity = exp(mean next-token negative log-likelihood over all predicted tokens); ``inf``, with
+  a ``perplexity_note`` saying why, where exp() overflows;
 * against the reference model (the dense one), on the same tokens: top-1 agreement (how often both
   predict the same next token) and KL(reference || model), in nats per token.
 """
@@ -13,6 +14,7 @@ are real (``attention_mask`` 1), so padding never counts.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Iterable, Mapping
 
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from starfish.batch import ATTENTION, TOKENS, call_model, to_device
-from starfish.distributed.context import sum_floats
+from starfish.distributed.context import is_writer, sum_floats
 from starfish.distributed.shares import is_padding
 from starfish.errors import StarfishError
 
@@ -58,11 +60,24 @@ class _Totals:
 
     def metrics(self, compared: bool) -> dict[str, float]:
         mean_nll = self.nll / self.tokens if self.tokens else float("nan")
-        out = {"perplexity": math.exp(mean_nll), "nll": mean_nll, "tokens": int(self.tokens)}
+        out = {"perplexity": perplexity(mean_nll), "nll": mean_nll, "tokens": int(self.tokens)}
+        if out["perplexity"] == math.inf:
+            out["perplexity_note"] = (
+                f"mean next-token NLL {mean_nll:.4g} nats is beyond exp()'s range: the model is broken or diverged"
+            )
         if compared:
             out["top1_agreement"] = self.agree / self.tokens if self.tokens else float("nan")
             out["kl_from_reference"] = self.kl / self.tokens if self.tokens else float("nan")
         return out
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL); ``inf`` where that overflows (a mean NLL above ~709 nats: a broken model),
+    so a run reports it instead of crashing at its final scoring."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
 
 
 def _accumulate(
@@ -124,4 +139,8 @@ def evaluate_lm(
         del ref_logits
     for k in order:
         totals[k].gather()
-    return {k: totals[k].metrics(compared=ref is not None and k != ref) for k in models}
+    scores = {k: totals[k].metrics(compared=ref is not None and k != ref) for k in models}
+    for label, metrics in scores.items():
+        if "perplexity_note" in metrics and is_writer():
+            sys.stderr.write(f"starfish: warning: perplexity of {label} is inf: {metrics['perplexity_note']}.\n")
+    return scores

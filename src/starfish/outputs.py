@@ -150,7 +150,7 @@ def resume_dir(path: str | Path) -> Path:
 
 
 RESUME_MARKER = ".starfish-resume"  # only a resume folder holding it is ever emptied by starfish
-_RESUME_FILES = re.compile(r"^(\.starfish-resume|run\.json|[A-Za-z0-9_-]+\.pt)(\.tmp-\d+)?$")
+_RESUME_FILES = re.compile(r"^(\.starfish-resume|run\.json|[A-Za-z0-9_-]+\.pt(\.sha256)?)(\.tmp-\d+)?$")
 
 
 def discard_resume(path: str | Path) -> bool:
@@ -181,10 +181,12 @@ def _recover_scratch(path: Path) -> None:
             shutil.rmtree(item, ignore_errors=True)
 
 
-def check_output_dir(path: str | Path, force: bool, inputs: tuple[str | Path | None, ...] = ()) -> Path:
+def check_output_dir(path: str | Path, force: bool, inputs: tuple[str | Path | None, ...] = (), claim: bool = True) -> Path:
     """Claim ``path`` as this run's output before any heavy work: refuse dangerous locations, inputs,
     unwritable parents, an existing folder (unless ``force`` and starfish wrote it), then hold the
-    lock until ``atomic_output_dir`` finishes (or ``release_output_lock``)."""
+    lock until ``atomic_output_dir`` finishes (or ``release_output_lock``). ``claim=False`` (the
+    ranks of a torchrun launch that do not write) makes the same checks without taking the lock,
+    so every rank refuses a bad ``--out`` itself instead of waiting for a peer that already left."""
     raw = path
     _refuse_dangerous(Path(path).resolve(), raw)
     path = Path(path).resolve()
@@ -192,23 +194,31 @@ def check_output_dir(path: str | Path, force: bool, inputs: tuple[str | Path | N
     if path.exists() and not path.is_dir():
         raise StarfishError(f"output path {path} exists and is a file; choose another --out.")
     _check_parent_writable(path)
+    if not claim:
+        _refuse_existing(path, force)
+        return path
     held_before = path in _HELD_LOCKS
     _acquire_lock(path)
     try:
         _recover_scratch(path)
-        if path.exists():
-            if not force:
-                raise StarfishError(f"output directory {path} already exists; pass --force to replace it or choose another --out.")
-            if not (path / MARKER).is_file():
-                raise StarfishError(
-                    f"output directory {path} was not written by starfish (no {MARKER} marker), so --force will not "
-                    "replace it; delete it yourself or choose another --out."
-                )
+        _refuse_existing(path, force)
     except BaseException:
         if not held_before:
             release_output_lock(path)
         raise
     return path
+
+
+def _refuse_existing(path: Path, force: bool) -> None:
+    """An existing output is replaced only with ``force``, and only when starfish wrote it."""
+    if path.exists():
+        if not force:
+            raise StarfishError(f"output directory {path} already exists; pass --force to replace it or choose another --out.")
+        if not (path / MARKER).is_file():
+            raise StarfishError(
+                f"output directory {path} was not written by starfish (no {MARKER} marker), so --force will not "
+                "replace it; delete it yourself or choose another --out."
+            )
 
 
 @contextmanager
@@ -240,6 +250,7 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
+        apply_umask(scratch)
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         with _signals_deferred():
             if path.exists():
@@ -249,6 +260,17 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         discard_resume(path)  # the output is complete: checkpoints toward it are obsolete (still under the lock)
     finally:
         release_output_lock(path)
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions the user's umask asks
+    for: some writers (safetensors) create files 0600 whatever the umask, so outputs would otherwise
+    differ in who may read them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for item in (path, *(path.rglob("*") if path.is_dir() else ())):
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def write_json(path: Path, obj: object) -> None:

@@ -15,6 +15,8 @@ import torch
 from starfish import distributed
 from starfish.alignment import AlignmentProbe
 from starfish.batch import select
+from starfish.errors import StarfishError
+from starfish.validation import first_non_finite
 from starfish.distributed.sharding import gathered, plain_copy, shard_for_healing
 from starfish.heal import HealResult
 from starfish.heal.checkpoint import Checkpointer
@@ -192,6 +194,9 @@ def write_run(
     from starfish.report import render_markdown
     from starfish.run_plots import write_run_plots
 
+    bad = first_non_finite(sparse.state_dict().items())
+    if bad is not None:  # a last line of defence: healing checks its weights, nothing unchecked is written
+        raise StarfishError(f"refusing to write {config.out}: weight '{bad}' holds NaN or inf; lower --lr or heal in float32 (--dtype float32).")
     with atomic_output_dir(config.out, config.force) as scratch:
         report["plots"] = write_run_plots(scratch, report, heal_result.loss_history if heal_result else None)
         if loaded.task == CAUSAL_LM:

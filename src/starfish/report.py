@@ -70,7 +70,7 @@ def _recovery_line(report: dict) -> str:
     if ppl is None:
         return f"Recovered fraction (healed / dense top-1): **{pct(report.get('recovered_fraction'))}**."
     dense, pruned, healed = (ppl.get(k) for k in ("dense", "pruned", "healed"))
-    if None in (dense, pruned, healed) or not pruned > dense > 0:
+    if None in (dense, pruned, healed) or not math.isfinite(pruned) or not math.isfinite(healed) or not pruned > dense > 0:
         return "Gap closed by healing: **—**."
     closed = (math.log(pruned) - math.log(healed)) / (math.log(pruned) - math.log(dense))
     return f"Gap closed by healing (share of the pruned-to-dense log-perplexity gap): **{pct(closed)}**."

@@ -141,12 +141,17 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
     check_language_scoring(config)
     if config.calib_max_gb <= 0:
         raise StarfishError(f"--calib-max-gb must be positive; got {config.calib_max_gb}.")
+    from starfish.lm_checks import language_model_settings
+
+    language_model_settings(config)
     if config.eval_batch_size < 1 or config.workers < 0:
         raise StarfishError(
             f"--eval-batch-size must be >= 1 and --workers >= 0; got {config.eval_batch_size} and {config.workers}."
         )
-    if config.out is not None and is_writer():  # under --distributed only rank 0 writes, so only it takes the lock
-        check_output_dir(config.out, config.force, (config.weights, config.calib, *config.eval_sources, config.masks, config.holdout, config.tasks_data))
+    if config.out is not None:  # under --distributed every rank checks; only rank 0 (the writer) takes the lock
+        model_folder = config.model[len("hf:"):] if config.model.startswith("hf:") and Path(config.model[len("hf:"):]).exists() else None
+        inputs = (config.weights, config.calib, *config.eval_sources, config.masks, config.holdout, model_folder, config.tasks_data)
+        check_output_dir(config.out, config.force, inputs, claim=is_writer())
     check_resume(config)  # under the output lock: a checkpoint is resumed with the same settings or not at all
     if config.calib is None and config.heal.healer != "none":
         raise StarfishError("healing needs calibration images: pass --calib DIR (or --healer none).")

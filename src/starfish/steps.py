@@ -31,7 +31,7 @@ from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model
 from starfish.models.causal_lm import CAUSAL_LM
 from starfish.models.registry import check_preprocess
-from starfish.text import TextWindows
+from starfish.text import TEXT_CALIB_DEFAULT, TextWindows
 from starfish.pruning import prune_with_notes
 from starfish.repair import apply_repair
 from starfish.run_config import RunConfig
@@ -40,7 +40,6 @@ from starfish.tasks import Evaluation, get_task
 from starfish.validation import check_class_count
 
 
-TEXT_CALIB_DEFAULT = 128  # calibration sequences when --calib-size is not given (the Wanda/SparseGPT default)
 
 
 def build_model(config: RunConfig) -> LoadedModel:
@@ -51,6 +50,8 @@ def build_model(config: RunConfig) -> LoadedModel:
         return loaded
     if config.dtype is not None:
         raise StarfishError("--dtype applies to causal language models (hf:FOLDER); drop it for image models.")
+    if config.task == "perplexity":
+        raise StarfishError("--task perplexity scores causal language models; an image model is scored by classification: pass --task classification or auto.")
     if config.preprocess:
         merged = {**loaded.preprocess.to_dict(), **config.preprocess}
         merged["mean"], merged["std"] = tuple(merged["mean"]), tuple(merged["std"])

@@ -1,7 +1,8 @@
 """Text for causal language models: calibration sequences and evaluation windows.
 
 Sources are a ``.txt`` file (one document: the whole file), a ``.jsonl`` file (one document per
-line, field ``"text"``) or a folder of them (sorted by name, not recursive).
+line, field ``"text"``) or a folder of them (sorted by name, not recursive), in UTF-8 (or UTF-16
+with a byte-order mark).
 
 * Calibration (``calibration_text``): ``size`` sequences of ``seq_len`` tokens drawn with a seed.
   A document is picked with probability proportional to its token count (so every token is about
@@ -15,6 +16,7 @@ line, field ``"text"``) or a folder of them (sorted by name, not recursive).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from starfish.errors import StarfishError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 DOCUMENT_SEPARATOR = "\n\n"  # joins documents when a source is evaluated as one text
+TEXT_CALIB_DEFAULT = 128  # calibration sequences when --calib-size is not given (the Wanda/SparseGPT default)
 
 
 def text_files(path: str | Path) -> list[Path]:
@@ -45,9 +48,23 @@ def text_files(path: str | Path) -> list[Path]:
     return [path]
 
 
+def read_text(path: Path) -> str:
+    """A text file as UTF-8 (a UTF-8 or UTF-16 byte-order mark decides the encoding); anything else is
+    refused naming the first byte that is not UTF-8, instead of a decoding traceback."""
+    data = path.read_bytes()
+    codec = "utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise StarfishError(
+            f"{path} is not {'UTF-16' if codec == 'utf-16' else 'UTF-8'} text (byte offset {exc.start}: 0x{data[exc.start]:02x}); "
+            "convert it to UTF-8 (e.g. iconv -t UTF-8) or point at a text file."
+        ) from None
+
+
 def _jsonl_documents(path: Path) -> list[str]:
     docs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -67,7 +84,7 @@ def read_documents(path: str | Path) -> list[str]:
         if file.suffix == ".jsonl":
             docs += _jsonl_documents(file)
         else:
-            docs.append(file.read_text(encoding="utf-8"))
+            docs.append(read_text(file))
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise StarfishError(f"text source {path} is empty; it needs some text.")

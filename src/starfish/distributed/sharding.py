@@ -62,6 +62,8 @@ def check_fsdp_run(config, job: str = "run") -> None:
     check_fsdp_scope(config.heal.scope)
     if config.heal.precision == "fp16":
         raise StarfishError("--precision fp16 needs a loss scaler that sharded weights do not support; use --precision bf16 or fp32 with --distributed fsdp.")
+    if getattr(config, "dtype", None) == "float16":  # shards are healed in their own dtype: float16 steps overflow
+        raise StarfishError("--distributed fsdp heals the shards in the dtype they were loaded in, and float16 steps overflow; load in bfloat16 or float32 (--dtype).")
     if config.resume or config.checkpoint_every not in ("auto", 0):
         raise StarfishError(
             "healing checkpoints (--checkpoint-every, --resume) are not available with --distributed fsdp "

@@ -23,6 +23,10 @@ repair, cached dense targets). Those steps are deterministic, so recomputing is 
 the pipeline unchanged; the checkpoint's masks and calibration digest are compared with the
 recomputed ones, so a run whose inputs changed is refused instead of silently mixing two runs.
 
+Every checkpoint file has its sha256 recorded beside it (``NAME.pt.sha256``) when written, and
+``--resume`` verifies every one before any work: a flipped bit is refused naming the file, never
+loaded (``verify_checkpoint``).
+
 ``run.json`` beside the checkpoints holds the run's fingerprint: its saved config (without where
 it writes, how often it checkpoints and progress / loader settings, which change no weight) and
 the calibration digest. ``--resume`` with a different config is refused naming the difference.
@@ -50,7 +54,7 @@ from starfish.outputs import RESUME_MARKER, discard_resume, resume_dir
 AUTO = "auto"
 AUTO_SECONDS = 300.0  # auto: a checkpoint once five minutes have passed since the last one (or the start)...
 AUTO_SAVE_SHARE = 0.05  # ...and less often when writing one would take more than this share of the time
-FORMAT = 1
+FORMAT = 2  # 2: every NAME.pt has a NAME.pt.sha256 beside it
 # Settings that change no healed weight: a resume may differ in them.
 UNFINGERPRINTED = ("heal.progress", "workers", "eval_batch_size")
 
@@ -125,6 +129,8 @@ def check_resume(config: Any) -> None:
             "or --force to discard it and start over."
         )
     if config.resume:
+        for path in sorted(folder.glob("*.pt")):
+            verify_checkpoint(path)
         diff = _differences(saved.get("config", {}), fingerprint(config.saved_dict()))
         if diff:
             more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
@@ -211,7 +217,7 @@ class Checkpointer:
             (self.folder / RESUME_MARKER).write_text("Healing checkpoints written by starfish for `--resume`.\n")
             run = {**self.record, "environment": self.environment}
             _write_atomic(self.folder / "run.json", lambda f: f.write(json.dumps(run, indent=1).encode()))
-        _write_atomic(self.folder / f"{key}.pt", lambda f: torch.save(state, f))
+        _write_checkpoint(self.folder / f"{key}.pt", state)
         self.kept = (key, step, total)  # before the folder sync: an interrupt there still names it
         _sync_folder(self.folder)
         self._last_save = time.monotonic()
@@ -221,6 +227,7 @@ class Checkpointer:
         path = self.folder / f"{key}.pt"
         if not path.is_file():
             return None
+        verify_checkpoint(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a truncated or foreign file: never half-restore
@@ -237,6 +244,50 @@ class Checkpointer:
                 f"starfish: note: the healing checkpoint ({key}, step {step} of {total}) is kept in {self.folder}; "
                 "rerun the same command with --resume to continue.\n"
             )
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_checkpoint(path: Path, state: dict) -> None:
+    """``path`` and its digest file ``NAME.pt.sha256``. The digest file names the new file's sha256
+    and the previous one's, and is replaced before the checkpoint, so whichever of the two a kill
+    leaves in place is listed, while a changed byte in either is caught by ``verify_checkpoint``."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        previous = _file_sha256(path) if path.is_file() else None
+        digests = [_file_sha256(tmp), *([previous] if previous else [])]
+        _write_atomic(_digest_path(path), lambda f: f.write(("\n".join(digests) + "\n").encode()))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint whose bytes are not those starfish wrote (a flipped bit, a truncated copy)."""
+    try:
+        recorded = _digest_path(path).read_text().split()
+    except (OSError, UnicodeDecodeError):
+        recorded = []
+    if _file_sha256(path) not in recorded:
+        raise StarfishError(
+            f"the checkpoint {path} does not match the sha256 recorded when it was written (corrupted or changed); "
+            "pass --force without --resume to start over."
+        )
 
 
 def _write_atomic(path: Path, write) -> None:

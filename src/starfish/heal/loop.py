@@ -40,13 +40,14 @@ from starfish.heal.checkpointing import checkpoint_blocks
 from starfish.heal.config import HealConfig
 from starfish.heal.job import HealJob
 from starfish.heal.objectives import Objective, Signals, get_objective
-from starfish.heal.precision import as_float, autocast, check_precision, resolve_precision
+from starfish.heal.precision import as_float, autocast, float32_master_weights, resolve_precision
 from starfish.heal.steps import StepsOutcome, cosine_lr, set_heal_mode, train_steps, warn_divergence
 from starfish.heal.stopping import held_out_monitor, plan_stopping
 from starfish.heal.targets import CACHE_DTYPES, TargetCache, TensorStore, cache_location
 from starfish.masks import Masks, is_sharded
 from starfish.memory import MemoryEstimate, estimate_heal_memory
 from starfish.structure import StreamPoint, stream_points
+from starfish.validation import first_non_finite
 
 __all__ = ["CACHE_DTYPES", "HealResult", "cosine_lr", "heal"]
 
@@ -69,6 +70,7 @@ class HealResult:
     per_block: list[dict] = field(default_factory=list)  # blockwise: steps and first/last loss per block
     precision: str = "fp32"  # the autocast the forward passes ran under
     grad_checkpoint: bool = False  # whether the blocks were checkpointed (joint scope)
+    master_weights: str | None = None  # a model loaded in half precision: healed through float32 copies
 
     @property
     def diverged(self) -> bool:
@@ -98,6 +100,7 @@ class HealResult:
             "per_block": self.per_block,
             "precision": self.precision,
             "grad_checkpoint": self.grad_checkpoint,
+            "master_weights": self.master_weights,
             "budget": self.stopping["budget"] if self.stopping else "fixed",
             "stopping": self.stopping,
         }
@@ -238,8 +241,36 @@ def heal(
     With ``config.budget == "auto"`` healing stops when the objective on ``holdout`` (unlabeled
     samples never trained on; without it, a seeded fifth of the calibration set is held out) no
     longer improves, and the best held-out weights are kept (``heal.stopping``). ``observer(steps)``
-    (joint scope) is called after every optimizer step, e.g. to score the weights as healing goes."""
+    (joint scope) is called after every optimizer step, e.g. to score the weights as healing goes.
+
+    A ``sparse`` model in float16/bfloat16 heals through float32 master weights and returns in its
+    own dtype; the healed weights are always finite (a non-finite last step is rolled back, or
+    refused when nothing finite was kept)."""
     config = (config or HealConfig()).validate()
+    with float32_master_weights(sparse) as widened:
+        result = _heal_float32(dense, sparse, masks, calibration, config, block_pattern, checkpointer, holdout, holdout_source, observer)
+    bad = first_non_finite(sparse.named_parameters()) if widened else None
+    if bad is not None:
+        raise StarfishError(
+            f"healed weight '{bad}' does not fit the {widened[bad]} the model was loaded in; heal in float32 (--dtype float32) or lower --lr."
+        )
+    result.master_weights = f"float32 (loaded {', '.join(sorted({str(d).removeprefix('torch.') for d in widened.values()}))})" if widened else None
+    return result
+
+
+def _heal_float32(
+    dense: nn.Module,
+    sparse: nn.Module,
+    masks: Masks,
+    calibration: object,
+    config: HealConfig,
+    block_pattern: str | None,
+    checkpointer: Checkpointer | None,
+    holdout: object | None,
+    holdout_source: str,
+    observer: Callable[[int], None] | None,
+) -> HealResult:
+    """``heal`` with the trained model's tensors in float32 (``float32_master_weights``)."""
     objective: Objective = get_objective(config.healer)
     device = resolve_device(config.device)
     calib = calibration_set(calibration)
@@ -256,7 +287,6 @@ def heal(
     block_names = [p.block for p in points]
     location = cache_location(config.cache_device, device)
     precision = resolve_precision(config.precision, device)
-    check_precision(precision, sparse, masks.names())
     estimate = _memory_plan(dense, sparse, masks, calib, config, objective, points, device, location, precision)
     estimate.check()
     if config.progress:

@@ -2,8 +2,8 @@
 
 Only the forward passes of the models run in reduced precision (``torch.autocast``): matrix
 products and convolutions in bfloat16/float16, with the weights cast on the fly. The weights
-themselves, their gradients and the optimizer state stay in the dtype the model was loaded in
-(float32 by default: the "master weights"), and every loss is computed in float32 from signals
+themselves, their gradients and the optimizer state are float32 (the "master weights"; a model
+loaded in float16/bfloat16 is widened for healing and narrowed back after, ``float32_master_weights``), and every loss is computed in float32 from signals
 cast back to float32 (``as_float``), outside the autocast region. Pruned entries are exact zeros
 in any dtype, so the mask contract does not depend on the precision.
 
@@ -19,12 +19,12 @@ in any dtype, so the mask contract does not depend on the precision.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import ContextManager, Iterator
 
 import torch
 from torch import nn
 
-from starfish.errors import StarfishError
+from starfish.masks import is_sharded
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,16 +53,28 @@ def as_float(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor.float()
 
 
-def check_precision(precision: str, model: nn.Module, trainable: list[str]) -> None:
-    """Refuse fp16 loss scaling on float16 weights (GradScaler cannot unscale float16 gradients)."""
-    if precision != "fp16":
-        return
-    params = dict(model.named_parameters())
-    if any(params[k].dtype == torch.float16 for k in trainable if k in params):
-        raise StarfishError(
-            "--precision fp16 keeps float32 master weights, but the model was loaded in float16; "
-            "load it in float32 (--dtype float32) or heal with --precision bf16."
-        )
+@contextlib.contextmanager
+def float32_master_weights(model: nn.Module) -> Iterator[dict[str, torch.dtype]]:
+    """Heal a model loaded in float16/bfloat16 through float32 copies of its tensors, cast back on exit.
+
+    Why: an optimizer step on float16 weights overflows (Adam's first step turned every trained
+    weight NaN) and bfloat16 rounds small updates away, so half-precision weights never heal. While
+    open, every floating parameter and buffer that is not float32 is float32 (updates accumulate
+    there, optimizer state is float32); on exit each returns to the dtype it was loaded in. Pruned
+    entries are exact zeros in every dtype. FSDP2 shards keep their dtype (``--distributed fsdp``
+refuses float16). Yields ``{name: loaded dtype}`` of what was widened."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    lowered = {k: t.dtype for k, t in tensors.items() if t.is_floating_point() and t.dtype != torch.float32 and not is_sharded(t)}
+    with torch.no_grad():
+        for k in lowered:
+            tensors[k].data = tensors[k].data.float()
+    try:
+        yield lowered
+    finally:
+        with torch.no_grad():
+            for k, dtype in lowered.items():
+                tensors[k].data = tensors[k].data.to(dtype)
 
 
 class LossScaler:

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from starfish.distributed.context import sum_floats
 from starfish.distributed.ddp import data_parallel_step
+from starfish.errors import StarfishError
 from starfish.heal.config import HealConfig
 from starfish.heal.precision import LossScaler
 from starfish.masks import Masks, local_view
@@ -241,12 +243,25 @@ def train_steps(
         bar.close()
         for name, p in params.items():
             p.requires_grad_(was_trainable[name])
+    if outcome.stopped_reason is None and outcome.steps and not all_finite(guard.tensors):  # the last update is seen by no loss
+        outcome.stopped_reason = f"the weights became non-finite in step {outcome.steps - 1}"
     if outcome.stopped_reason is not None and guard.restore():
         masks.apply_(module)
         outcome.best_step, outcome.best_loss = guard.snapshot_step, guard.snapshot_loss
     if monitor is not None and monitor.finish(outcome.steps, total):
         masks.apply_(module)
+    if not all_finite(guard.tensors):
+        raise StarfishError(
+            f"healing made the weights non-finite ({outcome.stopped_reason}) and no earlier finite weights were kept; "
+            f"lower --lr (now {config.lr:g})."
+        )
     return outcome
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every tensor is free of NaN and inf on every rank (FSDP shards differ, the verdict may not)."""
+    bad = sum(int(not bool(torch.isfinite(t).all())) for t in tensors.values() if t.is_floating_point())
+    return sum_floats(float(bad))[0] == 0
 
 
 def warn_divergence(outcome: StepsOutcome, config: HealConfig) -> None:

@@ -55,7 +55,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _config_of(name: str):
+def read_hf_config(name: str):
     try:
         from transformers import AutoConfig
     except ImportError:
@@ -81,9 +81,20 @@ def is_causal_lm_config(config) -> bool:
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING and kind not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
 
+def refuse_unsupported_hf(spec: str, config) -> None:
+    """An ``hf:`` model that is neither a causal LM nor an image classifier (a masked LM, a sequence
+    classifier) is refused naming what is supported, before its weights are read."""
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForImageClassification") for a in archs):
+        raise StarfishError(
+            f"{spec} is a {archs[0]}; starfish supports Hugging Face causal language models (*ForCausalLM, "
+            "*LMHeadModel) and image classifiers (*ForImageClassification): pass one of those."
+        )
+
+
 def is_causal_lm(name: str) -> bool:
     """Whether ``hf:<name>`` is a causal language model (reads only its config)."""
-    return is_causal_lm_config(_config_of(name))
+    return is_causal_lm_config(read_hf_config(name))
 
 
 def decoder_block_pattern(model: nn.Module) -> str:
@@ -204,16 +215,56 @@ def load_causal_lm(name: str, dtype: str | None = None) -> tuple[nn.Module, obje
     torch_dtype = parse_dtype(dtype) or torch.float32
     tokenizer = load_tokenizer(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise StarfishError(
             f"could not load causal LM '{name}' ({str(exc).splitlines()[0]}); "
             "pass a folder made with save_pretrained."
         ) from None
+    except Exception as exc:  # a truncated or random safetensors file, a pickle payload torch refuses to run
+        raise StarfishError(unreadable_weights(name, exc)) from None
+    check_loading_info(name, info)
+    check_finite_weights(model, name, dtype)
     pattern = decoder_block_pattern(model)
     refuse_fused_experts(model, pattern)
     linearize_conv1d(model)
     return model.eval(), tokenizer, pattern
+
+
+def unreadable_weights(name: str, exc: Exception) -> str:
+    """The one line for weight files transformers could not read."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return (
+        f"could not read the weight files of '{name}' ({type(exc).__name__}: {first}); "
+        "replace them with intact ones (model.save_pretrained(folder))."
+    )
+
+
+def check_loading_info(name: str, info: Mapping[str, object]) -> None:
+    """Load strictly: a tensor the checkpoint lacks would be random (transformers initialises it
+    anew) and one it has extra would be dropped. Tied weights are not reported missing."""
+    problems = []
+    for label, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("of another shape", "mismatched_keys")):
+        names = sorted(str(k) for k in info.get(key) or ())
+        if names:
+            more = f" +{len(names) - 2} more" if len(names) > 2 else ""
+            problems.append(f"{label}: {', '.join(names[:2])}{more}")
+    if problems:
+        raise StarfishError(
+            f"the weights in '{name}' do not fit its config.json ({'; '.join(problems)}); "
+            "pass the folder save_pretrained wrote for this architecture, unchanged."
+        )
+
+
+def check_finite_weights(model: nn.Module, name: str, dtype: str | None = None) -> None:
+    """Refuse NaN or infinite weights, also values beyond the range of the dtype asked for."""
+    from starfish.validation import first_non_finite
+
+    bad = first_non_finite(model.state_dict().items())
+    if bad is not None:
+        narrowed = f" once loaded in {dtype}" if dtype not in (None, "float32") else ""
+        fix = " or load it in float32 (--dtype float32)" if narrowed else ""
+        raise StarfishError(f"the weights in '{name}' hold NaN or infinite values{narrowed} (first in '{bad}'); pass intact weights{fix}.")
 
 
 def save_hf_folder(

@@ -277,14 +277,17 @@ def _torchvision_model(name: str, pretrained: bool, num_classes: int | None) -> 
 
 def _hf_model(name: str, pretrained: bool, num_classes: int | None) -> tuple[nn.Module, Preprocess]:
     """A Hugging Face image classifier from a local folder or the hub cache (never downloads offline)."""
+    from starfish.models.causal_lm import check_finite_weights, check_loading_info, unreadable_weights
+
     try:
         from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
     except ImportError:
         raise StarfishError("hf:<name> needs the transformers package: pip install 'starfish-heal[hf]'.") from None
     kwargs = {} if num_classes is None else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
+    info = None
     try:
         if pretrained or Path(name).is_dir():
-            model = AutoModelForImageClassification.from_pretrained(name, **kwargs)
+            model, info = AutoModelForImageClassification.from_pretrained(name, output_loading_info=True, **kwargs)
         else:
             config = AutoConfig.from_pretrained(name, **({"num_labels": num_classes} if num_classes else {}))
             model = AutoModelForImageClassification.from_config(config)
@@ -293,6 +296,11 @@ def _hf_model(name: str, pretrained: bool, num_classes: int | None) -> tuple[nn.
             f"Hugging Face model '{name}' is not available ({str(exc).splitlines()[0]}); "
             "pass a local folder made with save_pretrained, or download it first."
         ) from None
+    except Exception as exc:  # corrupt weight files
+        raise StarfishError(unreadable_weights(name, exc)) from None
+    if info is not None and num_classes is None:  # a new --num-classes head starts fresh; all else loads strictly
+        check_loading_info(name, info)
+    check_finite_weights(model, name)
     pre = Preprocess()
     try:
         proc = AutoImageProcessor.from_pretrained(name)
@@ -399,10 +407,12 @@ def create_model(
 
     ``dtype`` (float32 | bfloat16 | float16) is the precision a causal LM is loaded in."""
     if spec.startswith("hf:"):
-        from starfish.models.causal_lm import is_causal_lm
+        from starfish.models.causal_lm import read_hf_config, is_causal_lm_config, refuse_unsupported_hf
 
-        if is_causal_lm(spec[len("hf:"):]):
+        hf_config = read_hf_config(spec[len("hf:"):])
+        if is_causal_lm_config(hf_config):
             return _hf_causal_lm(spec, weights, dtype)
+        refuse_unsupported_hf(spec, hf_config)
     if spec in _BUILTINS:
         builder = _BUILTINS[spec][0]
         model, pre = builder() if num_classes is None else builder(num_classes=num_classes)

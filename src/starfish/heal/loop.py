@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from starfish.batch import Batch, batch_len, calibration_set, call_model, position_weights, select, to_device
-from starfish.device import current_memory_mb, peak_memory_mb, reset_peak_memory, resolve_device
+from starfish.batch import Batch, batch_len, calibration_set, call_model, model_device, position_weights, select, to_device
+from starfish.device import bound_heap_growth, current_memory_mb, peak_memory_mb, reset_peak_memory, resolve_device
 from starfish.distributed.ddp import average_buffers
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
@@ -44,6 +44,7 @@ from starfish.heal.precision import as_float, autocast, check_precision, resolve
 from starfish.heal.steps import StepsOutcome, cosine_lr, set_heal_mode, train_steps, warn_divergence
 from starfish.heal.stopping import held_out_monitor, plan_stopping
 from starfish.heal.targets import CACHE_DTYPES, TargetCache, TensorStore, cache_location
+from starfish.heal.vocab import head_route, stop_at_head
 from starfish.masks import Masks, is_sharded
 from starfish.memory import MemoryEstimate, estimate_heal_memory
 from starfish.structure import StreamPoint, stream_points
@@ -109,23 +110,31 @@ class _Runner:
     signal cast back to float32 so the loss is computed in float32 outside the autocast region."""
 
     def __init__(
-        self, model: nn.Module, points: list[StreamPoint], device: torch.device, precision: str = "fp32", needs_logits: bool = True
+        self, model: nn.Module, points: list[StreamPoint], device: torch.device, precision: str = "fp32", needs_logits: bool = True,
+        head: str | None = None,
     ) -> None:
         self.model = model
         self.points = points
         self.device = device
         self.precision = precision
         self.skip_head = bool(points) and not needs_logits
+        self.head = head if needs_logits else None  # the loss applies this head itself, chunk by chunk (heal.vocab)
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> Signals:
         batch = to_device(batch, self.device)
         logits = None
-        with autocast(self.precision, self.device), record_stream(self.model, self.points, stop=self.skip_head) as slots:
+        with (
+            autocast(self.precision, self.device),
+            record_stream(self.model, self.points, stop=self.skip_head) as slots,
+            stop_at_head(self.model, self.head) as hidden,
+        ):
             try:
                 logits = logits_of(call_model(self.model, batch))
             except StopForward:
                 pass
-        return Signals([as_float(s) for s in slots if s is not None], as_float(logits), position_weights(batch))
+        head = self.model.get_submodule(self.head) if self.head is not None else None
+        blocks = [as_float(s) for s in slots if s is not None]
+        return Signals(blocks, as_float(logits), position_weights(batch), as_float(hidden[0]), head)
 
 
 def _check_inputs(objective: Objective, calib: Batch, config: HealConfig) -> None:
@@ -153,8 +162,8 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
     sharded = _sharded(sparse)
     masks = job.masks if sharded else job.masks.to(device)  # sharded: full masks stay home, shards go beside weights
     masks.apply_(sparse)
-    dense_run = _Runner(dense, job.points, device, job.precision, objective.needs_logits)
-    sparse_run = _Runner(sparse, job.points, device, job.precision, objective.needs_logits)
+    dense_run = _Runner(dense, job.points, device, job.precision, objective.needs_logits, job.head)
+    sparse_run = _Runner(sparse, job.points, device, job.precision, objective.needs_logits, job.head)
     cache: TargetCache | None = None
     if objective.needs_dense and not config.recompute_targets:
         cache = TargetCache.build(dense_run, calib, config.batch_size, job.store, objective.needs_logits, config.progress)
@@ -202,15 +211,16 @@ def _memory_plan(
     device: torch.device,
     location: str,
     precision: str,
+    head: str | None = None,
 ) -> MemoryEstimate:
     """The run's memory plan. ``--grad-checkpoint auto`` plans without checkpointing (it costs about
     one extra forward pass per step) and re-plans with it, from the same measurement, only when the
     plain plan does not fit; ``on`` plans with it. Block-wise scope never checkpoints."""
     joint = config.scope == "joint"
     args = (dense, sparse, masks.names(), calib, config, objective, [p.block for p in points], device, location)
-    plan = estimate_heal_memory(*args, precision=precision, checkpoint=joint and config.grad_checkpoint == "on", points=points)
+    plan = estimate_heal_memory(*args, precision=precision, checkpoint=joint and config.grad_checkpoint == "on", points=points, head=head)
     if joint and config.grad_checkpoint == "auto" and plan.shortfall() is not None:
-        plan = estimate_heal_memory(*args, precision=precision, checkpoint=True, points=points, probe=plan.probe)
+        plan = estimate_heal_memory(*args, precision=precision, checkpoint=True, points=points, probe=plan.probe, head=head)
     return plan
 
 
@@ -242,6 +252,7 @@ def heal(
     config = (config or HealConfig()).validate()
     objective: Objective = get_objective(config.healer)
     device = resolve_device(config.device)
+    bound_heap_growth()  # host memory freed during healing goes back to the OS, so the plan holds on the CPU
     calib = calibration_set(calibration)
     _check_inputs(objective, calib, config)
     calib, held, record, config = plan_stopping(calib, holdout, holdout_source, objective, config)
@@ -254,10 +265,11 @@ def heal(
     if objective.needs_blocks:  # where each block's residual stream is read, decided on one batch
         points = stream_points(dense, select(calib, slice(0, 2)), block_pattern)
     block_names = [p.block for p in points]
+    head = head_route(dense, to_device(select(calib, slice(0, 2)), model_device(dense))) if objective.needs_logits else None
     location = cache_location(config.cache_device, device)
     precision = resolve_precision(config.precision, device)
     check_precision(precision, sparse, masks.names())
-    estimate = _memory_plan(dense, sparse, masks, calib, config, objective, points, device, location, precision)
+    estimate = _memory_plan(dense, sparse, masks, calib, config, objective, points, device, location, precision, head)
     estimate.check()
     if config.progress:
         sys.stderr.write(f"starfish: {estimate.summary()}\n")
@@ -272,7 +284,7 @@ def heal(
     job = HealJob(
         dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device, points=points,
         precision=precision, grad_checkpoint=estimate.checkpoint, checkpointer=checkpointer, holdout=held, stopping=record,
-        observer=observer,
+        observer=observer, head=head,
     )
     try:
         if config.scope == "blockwise":

@@ -36,7 +36,6 @@ from starfish.errors import StarfishError
 from starfish.masks import is_sharded, local_view
 
 GB = 1024**3
-FIX_FLAGS = "--cache-dtype float16, --cache-device disk, --recompute-targets, --heal-scope blockwise or a smaller --batch-size"
 CHECKPOINT_FLAG = "--grad-checkpoint on"
 PRECISION_FLAG = "--precision bf16"
 
@@ -321,17 +320,27 @@ class MemoryEstimate:
     head_skipped: bool = False  # the forward stops after the last stream point (no logits)
     probe: ActivationProbe | None = field(default=None, repr=False)  # reused to re-plan without re-measuring
     held: set[str] = field(default_factory=set)  # parts already resident before healing starts (models, masks in place)
+    # parts never alive together, so only the largest counts: gradients are cleared before each
+    # forward pass and filled while the backward pass frees the activations
+    overlap: tuple[str, ...] = ()
+    cache_dtype: str = "float16"  # the (resolved) storage dtype of cached targets
+    blockwise_possible: bool = False  # the objective aligns blocks, so --heal-scope blockwise applies
 
     def add(self, part: str, place: str, nbytes: int) -> None:
         self.parts[part] = (place, int(nbytes))
 
+    def _sum(self, place: str, names: list[str]) -> int:
+        at = [k for k in names if self.parts[k][0] == place]
+        shared = [self.parts[k][1] for k in at if k in self.overlap]
+        return sum(self.parts[k][1] for k in at) - (sum(shared) - max(shared) if shared else 0)
+
     def need(self, place: str) -> int:
-        return sum(b for p, b in self.parts.values() if p == place)
+        return self._sum(place, list(self.parts))
 
     def added(self, place: str) -> int:
         """What healing adds at ``place`` on top of what was resident when it started: the number to
         compare with a measured peak minus the memory held at the start of healing."""
-        return sum(b for k, (p, b) in self.parts.items() if p == place and k not in self.held)
+        return self._sum(place, [k for k in self.parts if k not in self.held])
 
     def places(self) -> list[str]:
         return [p for p in dict.fromkeys(p for p, _ in self.parts.values()) if p != "disk"]
@@ -359,6 +368,7 @@ class MemoryEstimate:
             "need_mb": {p: self.need(p) / 2**20 for p in [*self.places(), *(["disk"] if self.need("disk") else [])]},
             "added_mb": {p: self.added(p) / 2**20 for p in self.places()},
             "held_at_start": sorted(self.held),
+            "not_at_once": list(self.overlap),
             "available_mb": {k: v / 2**20 for k, v in self.available.items()},
             "limit_gb": self.limit_gb,
             "precision": self.precision,
@@ -369,10 +379,19 @@ class MemoryEstimate:
         }
 
     def fixes(self) -> str:
-        """The flags that shrink this plan, the cheapest first."""
-        extra = [CHECKPOINT_FLAG] if self.scope == "joint" and not self.checkpoint else []
-        extra += [PRECISION_FLAG] if self.precision == "fp32" else []
-        return ", ".join([*extra, FIX_FLAGS])
+        """The flags that shrink this plan, the cheapest first: only settings that differ from this
+        run's and can work for this model (a float32 cache shrinks with ``auto``, which picks float16
+        only when the dense activations fit it; block-wise scope only for block objectives)."""
+        flags = [CHECKPOINT_FLAG] if self.scope == "joint" and not self.checkpoint else []
+        flags += [PRECISION_FLAG] if self.precision == "fp32" else []
+        if self.cache_part() is not None:
+            flags += ["--cache-dtype auto"] if self.cache_dtype == "float32" else []
+            flags += ["--cache-device disk", "--recompute-targets"]
+        flags += ["--heal-scope blockwise"] if self.scope == "joint" and self.blockwise_possible else []
+        return ", ".join(flags + ["a smaller --batch-size"])
+
+    def cache_part(self) -> str | None:
+        return next((k for k in self.parts if k in ("dense targets", "block inputs and targets") and self.parts[k][0] != "disk"), None)
 
     def check(self) -> None:
         """Refuse, in one line naming the fixes, a run that would run out of memory halfway."""
@@ -460,7 +479,7 @@ def estimate_heal_memory(
     home = place_name(model_device(sparse))  # where the models stay in block-wise healing
     cache = "disk" if cache_place == "disk" else place_name(cache_place)
     host_copy = "cpu" if device.type != "cpu" else compute
-    cache_size = torch.tensor([], dtype=CACHE_DTYPES[config.cache_dtype]).element_size()
+    cache_size = torch.tensor([], dtype=CACHE_DTYPES.get(config.cache_dtype, torch.float16)).element_size()  # auto: 2 bytes either way
     optimizer_slots = 1 if config.optimizer == "sgd" else 2
     blocks = [sparse.get_submodule(b) for b in block_names]
     skip_head = bool(points) and not objective.needs_logits
@@ -470,7 +489,8 @@ def estimate_heal_memory(
     checkpoint = checkpoint and config.scope == "joint"
     models = [dense, sparse] if objective.needs_dense else [sparse]
     plan = MemoryEstimate(config.scope, parallel, limit_gb=config.memory_limit_gb, precision=precision, checkpoint=checkpoint,
-                          head_skipped=skip_head, probe=probe)
+                          head_skipped=skip_head, probe=probe, cache_dtype=config.cache_dtype,
+                          blockwise_possible=objective.needs_blocks and not objective.uses_labels)
     shard = parallel.sharded
     float_size = 4
 
@@ -488,6 +508,7 @@ def estimate_heal_memory(
         stream = max(probe.block_output_numel, default=0)
         one_block = max((f + b * batch for f, b in zip(probe.fixed_per_block, probe.saved_per_block)), default=0)
         plan.add("activations", compute, one_block + 3 * stream * batch * float_size)
+        plan.overlap = ("gradients", "activations")
         copies = 3 if config.blockwise_inputs == "sparse" else 2
         plan.add("block inputs and targets", cache, copies * n * stream * cache_size)
         plan.add("best-weights copy", host_copy, train)
@@ -500,7 +521,6 @@ def estimate_heal_memory(
             plan.add("weights", compute, shard(sum(tensor_bytes(m) for m in models)))
         if parallel.mode == "fsdp":
             plan.add("gathered units (root + 2 blocks)", compute, _gathered_bytes(sparse, blocks))
-        plan.add("gradients", compute, shard(train))
         plan.add("optimizer state", compute, shard(optimizer_slots * train))
         if parallel.mode == "fsdp":  # boolean shards beside the weights; the full masks stay on the host
             plan.add("masks", compute, shard(numel))
@@ -509,7 +529,9 @@ def estimate_heal_memory(
             plan.add("masks", compute, numel)
         final = probe.hidden_numel or probe.logits_numel  # what stands for the logits: the hidden state, or the logits
         per_sample_targets = (sum(probe.block_output_numel) if objective.needs_blocks else 0) + (final if objective.needs_logits else 0)
+        plan.add("gradients", compute, shard(train))
         plan.add("activations", compute, probe.activations(batch, checkpoint) + per_sample_targets * batch * float_size)
+        plan.overlap = ("gradients", "activations")
         if probe.logits_bytes:  # the head's output, held until the loss is computed
             plan.add("logits", compute, probe.logits_bytes * batch)
         if probe.hidden_numel and objective.needs_logits:

@@ -44,6 +44,7 @@ from starfish.heal.precision import as_float, autocast, check_precision, resolve
 from starfish.heal.steps import StepsOutcome, cosine_lr, set_heal_mode, train_steps, warn_divergence
 from starfish.heal.stopping import held_out_monitor, plan_stopping
 from starfish.heal.targets import CACHE_DTYPES, TargetCache, TensorStore, cache_location
+from starfish.heal.cache_dtype import resolve_cache_dtype
 from starfish.heal.vocab import head_route, stop_at_head
 from starfish.masks import Masks, is_sharded
 from starfish.memory import MemoryEstimate, estimate_heal_memory
@@ -70,6 +71,8 @@ class HealResult:
     per_block: list[dict] = field(default_factory=list)  # blockwise: steps and first/last loss per block
     precision: str = "fp32"  # the autocast the forward passes ran under
     grad_checkpoint: bool = False  # whether the blocks were checkpointed (joint scope)
+    cache_dtype: str | None = None  # the dtype the dense targets were cached in, and why
+    cache_dtype_reason: str | None = None
 
     @property
     def diverged(self) -> bool:
@@ -99,6 +102,8 @@ class HealResult:
             "per_block": self.per_block,
             "precision": self.precision,
             "grad_checkpoint": self.grad_checkpoint,
+            "cache_dtype": self.cache_dtype,
+            "cache_dtype_reason": self.cache_dtype_reason,
             "budget": self.stopping["budget"] if self.stopping else "fixed",
             "stopping": self.stopping,
         }
@@ -229,6 +234,65 @@ def _sharded(model: nn.Module) -> bool:
     return any(is_sharded(p) for p in model.parameters())
 
 
+@dataclass
+class _Prepared:
+    """What ``heal`` resolves before any heavy work: the settings, the signals read, and the memory plan."""
+
+    config: HealConfig
+    objective: Objective
+    device: torch.device
+    calib: Batch
+    held: Batch | None
+    record: object
+    points: list[StreamPoint]
+    block_names: list[str]
+    head: str | None
+    location: str
+    precision: str
+    plan: MemoryEstimate
+
+
+def _prepare(
+    dense: nn.Module, sparse: nn.Module, masks: Masks, calibration: object, config: HealConfig | None, block_pattern: str | None,
+    holdout: object | None = None, holdout_source: str = "held-out samples",
+) -> _Prepared:
+    config = (config or HealConfig()).validate()
+    objective: Objective = get_objective(config.healer)
+    device = resolve_device(config.device)
+    bound_heap_growth()  # host memory freed during healing goes back to the OS, so the plan holds on the CPU
+    calib = calibration_set(calibration)
+    _check_inputs(objective, calib, config)
+    calib, held, record, config = plan_stopping(calib, holdout, holdout_source, objective, config)
+    if _sharded(sparse):
+        from starfish.distributed.fsdp import check_fsdp_scope
+
+        check_fsdp_scope(config.scope)
+
+    points: list[StreamPoint] = []
+    if objective.needs_blocks:  # where each block's residual stream is read, decided on one batch
+        points = stream_points(dense, select(calib, slice(0, 2)), block_pattern)
+    head = head_route(dense, to_device(select(calib, slice(0, 2)), model_device(dense))) if objective.needs_logits else None
+    location = cache_location(config.cache_device, device)
+    precision = resolve_precision(config.precision, device)
+    caches = objective.needs_dense and (config.scope == "blockwise" or not config.recompute_targets)
+    if config.cache_dtype == "auto":  # the pipeline decides this before pruning; a direct call decides it here
+        from dataclasses import replace
+
+        choice = resolve_cache_dtype("auto", dense, calib, config.batch_size, block_pattern, precision) if caches else None
+        config = replace(config, cache_dtype=choice.dtype if choice else "float16", cache_dtype_reason=choice.reason if choice else "nothing cached")
+    check_precision(precision, sparse, masks.names())
+    plan = _memory_plan(dense, sparse, masks, calib, config, objective, points, device, location, precision, head)
+    return _Prepared(config, objective, device, calib, held, record, points, [p.block for p in points], head, location, precision, plan)
+
+
+def plan_heal(
+    dense: nn.Module, sparse: nn.Module, masks: Masks, calibration: object, config: HealConfig, block_pattern: str | None = None
+) -> MemoryEstimate:
+    """The memory plan ``heal`` would make for this run, without healing (``compare`` plans every
+    healer of its grid with it before the first heal). ``.check()`` refuses what would not fit."""
+    return _prepare(dense, sparse, masks, calibration, config, block_pattern).plan
+
+
 def heal(
     dense: nn.Module,
     sparse: nn.Module,
@@ -249,27 +313,9 @@ def heal(
     samples never trained on; without it, a seeded fifth of the calibration set is held out) no
     longer improves, and the best held-out weights are kept (``heal.stopping``). ``observer(steps)``
     (joint scope) is called after every optimizer step, e.g. to score the weights as healing goes."""
-    config = (config or HealConfig()).validate()
-    objective: Objective = get_objective(config.healer)
-    device = resolve_device(config.device)
-    bound_heap_growth()  # host memory freed during healing goes back to the OS, so the plan holds on the CPU
-    calib = calibration_set(calibration)
-    _check_inputs(objective, calib, config)
-    calib, held, record, config = plan_stopping(calib, holdout, holdout_source, objective, config)
-    if _sharded(sparse):
-        from starfish.distributed.fsdp import check_fsdp_scope
-
-        check_fsdp_scope(config.scope)
-
-    points: list[StreamPoint] = []
-    if objective.needs_blocks:  # where each block's residual stream is read, decided on one batch
-        points = stream_points(dense, select(calib, slice(0, 2)), block_pattern)
-    block_names = [p.block for p in points]
-    head = head_route(dense, to_device(select(calib, slice(0, 2)), model_device(dense))) if objective.needs_logits else None
-    location = cache_location(config.cache_device, device)
-    precision = resolve_precision(config.precision, device)
-    check_precision(precision, sparse, masks.names())
-    estimate = _memory_plan(dense, sparse, masks, calib, config, objective, points, device, location, precision, head)
+    prep = _prepare(dense, sparse, masks, calibration, config, block_pattern, holdout, holdout_source)
+    config, objective, device, calib, held, record = prep.config, prep.objective, prep.device, prep.calib, prep.held, prep.record
+    points, block_names, head, location, precision, estimate = prep.points, prep.block_names, prep.head, prep.location, prep.precision, prep.plan
     estimate.check()
     if config.progress:
         sys.stderr.write(f"starfish: {estimate.summary()}\n")
@@ -320,6 +366,7 @@ def heal(
         block_names, config.scope, outcome.stopped_reason, outcome.best_step, estimate.to_dict(), per_block,
         points=[p.describe() for p in points], precision=precision, grad_checkpoint=job.grad_checkpoint,
         stopping=record.to_dict() if record is not None else None, memory_at_start_mb=at_start,
+        cache_dtype=config.cache_dtype, cache_dtype_reason=config.cache_dtype_reason,
     )
 
 

@@ -55,8 +55,10 @@ def head_route(model: nn.Module, sample: dict) -> str | None:
     from starfish.batch import call_model
     from starfish.evaluate import logits_of
 
+    from starfish.masks import is_sharded
+
     found = output_head(model)
-    if found is None:
+    if found is None or any(is_sharded(p) for p in found[1].parameters()):  # FSDP2 gathers a head only inside the root forward
         return None
     name, head = found
     seen: list[torch.Tensor] = []
@@ -67,7 +69,11 @@ def head_route(model: nn.Module, sample: dict) -> str | None:
         handle.remove()
     if len(seen) != 1 or logits is None or logits.dim() != 3:
         return None
-    return name if torch.allclose(head(seen[0]).float(), logits.float(), rtol=1e-4, atol=1e-4) else None
+    try:
+        own = head(seen[0]).float()
+    except RuntimeError:  # a head whose weights live only inside the model's forward (FSDP2 shards): full logits
+        return None
+    return name if torch.allclose(own, logits.float(), rtol=1e-4, atol=1e-4) else None
 
 
 def _chunk_kl(student: torch.Tensor, teacher: torch.Tensor, student_head: nn.Module, teacher_head: nn.Module, t: float) -> torch.Tensor:

@@ -177,10 +177,11 @@ def test_skipping_the_head_gives_the_same_loss_and_the_head_never_runs():
     head_batches.clear()
     heal(dense, sparse, masks, calib, _config(grad_checkpoint="on"), block_pattern=pattern)
     # neither the memory probe (1 and 2 samples), the target cache nor training (batch 4) ran a head;
-    # only the block discovery's order pass on 2 samples (structure.find_blocks) runs the whole model
-    assert head_batches == [2]
+    # only passes on 2 samples run the whole model: the block discovery's order pass (structure.find_blocks)
+    # and, for the cache dtype's range measurement, the check that the head is a plain linear map (heal.vocab)
+    assert head_batches and set(head_batches) == {2}
     heal(dense, copy.deepcopy(sparse), masks, calib, _config(healer="kd", max_steps=1), block_pattern=pattern)
-    assert 4 in head_batches  # kd reads the logits
+    assert 4 * 10 in head_batches  # kd reads the logits: the loss applies the head to the batch's 40 tokens (heal.vocab)
 
 
 def test_record_stream_stops_only_once_every_point_is_read():

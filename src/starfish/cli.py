@@ -243,7 +243,7 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--optimizer", "heal.optimizer", dict(choices=["adam", "adamw", "sgd"])),
     ("--weight-decay", "heal.weight_decay", dict(type=float)),
     ("--max-steps", "heal.max_steps", dict(type=int, help="cap on optimizer steps; without --budget it implies --budget fixed")),
-    ("--cache-dtype", "heal.cache_dtype", dict(choices=["float32", "float16", "bfloat16"], help="storage of cached dense targets (default float16)")),
+    ("--cache-dtype", "heal.cache_dtype", dict(choices=["auto", "float32", "float16", "bfloat16"], help="storage of cached dense targets (default auto: float16 when the dense activations measured on the calibration set fit it, else bfloat16)")),
     ("--recompute-targets", "heal.recompute_targets", dict(action="store_true", help="run the dense model every step instead of caching its outputs")),
     ("--cache-device", "heal.cache_device", dict(help="where cached dense outputs live: auto (pinned CPU beside a GPU, default), cpu, cuda, or disk (memory-mapped temp files)")),
     ("--heal-scope", "heal.scope", dict(choices=["joint", "blockwise"], help="joint (default, the published recipe) or blockwise (one block at a time: memory of one block)")),

@@ -16,6 +16,7 @@ only the objective swapped). A "healer" is one of
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import sys
 import time
@@ -35,7 +36,8 @@ from starfish.masks import Masks
 from starfish.run_config import RunConfig, validate
 from starfish.text import TextWindows
 from starfish.steps import (
-    RunData, build_model, check_masks, evaluation, heal_step, language_scores, load_data, prune_step, repair_step,
+    RunData, build_model, check_masks, choose_cache_dtype_step, evaluation, heal_step, language_scores, load_data, prune_step,
+    repair_step, stage_calibration,
 )
 
 ALIGNMENT_IMAGES = 256  # held-out eval images used to measure per-block alignment (labels unused)
@@ -227,9 +229,12 @@ def compare(
     reference = DenseReference(dense, align_inputs, block_pattern, device=device)
     _log(f"dense {_show(metric, dense_stats.get(metric))} on {data.eval_size} {'windows' if text else 'images'}")
 
+    # decided once, before any pruning: the target-cache dtype from the dense activations on the calibration set
+    config = dataclasses.replace(config, heal=choose_cache_dtype_step(config.heal, [s.objective for s in specs if s.objective], dense, data.calibration, block_pattern))
     rows: list[dict] = []
     curves: list[dict] = []
     prunable = 0
+    planned = False
     blocks: list[str] = []
     for allocation in allocations:
         for sparsity in sparsities:
@@ -243,6 +248,9 @@ def compare(
             if "rr" in notes:
                 cell["relative_repairability"] = notes["rr"]
             curves.append(cell)
+            if not planned and not fsdp_active():  # a grid's memory is knowable before its first heal: refuse it whole, not halfway
+                _plan_grid(specs, dense, pruned, masks, data, config, block_pattern)
+                planned = True
             for spec in specs:
                 model = copy.deepcopy(pruned)
                 own_masks = Masks(masks.state_dict())
@@ -311,6 +319,26 @@ def compare(
     return result
 
 
+def _heal_config(spec: HealerSpec, config: RunConfig):
+    """The heal settings of one healer of the grid: the run's, with the spec's objective and scope."""
+    heal_config = copy.deepcopy(config.heal)
+    heal_config.healer = spec.objective
+    if spec.scope is not None:
+        heal_config.scope = spec.scope
+    return heal_config
+
+
+def _plan_grid(specs: list[HealerSpec], dense, pruned, masks: Masks, data: RunData, config: RunConfig, block_pattern) -> None:
+    """Plan the memory of every trained healer of the grid on the first pruned cell (the plan does not
+    depend on the sparsity) and refuse, before anything heals, the first that would not fit."""
+    from starfish.heal.loop import plan_heal
+
+    for spec in specs:
+        if spec.objective:
+            calibration = stage_calibration(data.calibration, labels=spec.uses_labels, whole=True)
+            plan_heal(dense, pruned, masks, calibration, _heal_config(spec, config), block_pattern).check()
+
+
 def _apply(spec: HealerSpec, dense, model, masks, data: RunData, config: RunConfig, block_pattern):
     """Repair and/or heal ``model`` in place; returns (HealResult or None, seconds)."""
     started = time.perf_counter()
@@ -319,10 +347,7 @@ def _apply(spec: HealerSpec, dense, model, masks, data: RunData, config: RunConf
         repair_step(spec.repair, dense, model, masks, data.calibration)
     if spec.objective:
         shard_student(model, block_pattern)  # --distributed fsdp: 1/N of the student per rank; the teacher stays full
-        heal_config = copy.deepcopy(config.heal)
-        heal_config.healer = spec.objective
-        if spec.scope is not None:
-            heal_config.scope = spec.scope
+        heal_config = _heal_config(spec, config)
         result = heal_step(dense, model, masks, data.calibration, heal_config, block_pattern, config.seed, held=data.held)
     return result, (time.perf_counter() - started) if (spec.repair or spec.objective) else 0.0
 

@@ -36,7 +36,6 @@ from starfish.errors import StarfishError
 from starfish.masks import is_sharded, local_view
 
 GB = 1024**3
-FIX_FLAGS = "--cache-dtype float16, --cache-device disk, --recompute-targets, --heal-scope blockwise or a smaller --batch-size"
 CHECKPOINT_FLAG = "--grad-checkpoint on"
 PRECISION_FLAG = "--precision bf16"
 
@@ -59,6 +58,8 @@ class ActivationProbe:
     fixed_per_block: list[int] = field(default_factory=list)
     block_input_bytes: list[int] = field(default_factory=list)  # per sample
     logits_bytes: int = 0  # per sample, in the dtype the head produced
+    hidden_numel: int = 0  # per sample: the head's input when the loss applies the head itself (heal.vocab)
+    vocab: int = 0  # that head's vocabulary
 
     def activations(self, batch: int, checkpoint: bool) -> int:
         """Bytes autograd holds at the peak of one step of ``batch`` samples.
@@ -83,6 +84,8 @@ class _Saved:
     inputs: list[int]
     logits_numel: int
     logits_bytes: int
+    hidden_numel: int = 0
+    vocab: int = 0
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int] | None:
@@ -95,13 +98,16 @@ def _storage(t: torch.Tensor) -> tuple[int, int] | None:
         return None
 
 
-def _count_saved(model: nn.Module, blocks: list[nn.Module], sample: Mapping[str, torch.Tensor], precision: str, points: list | None) -> _Saved:
+def _count_saved(
+    model: nn.Module, blocks: list[nn.Module], sample: Mapping[str, torch.Tensor], precision: str, points: list | None, head: str | None = None
+) -> _Saved:
     """One forward pass with gradients on, counting every distinct storage saved for backward
     (parameters excluded), in total and per block, plus each block's input and output sizes."""
     from starfish.blockio import StopForward, first_tensor
     from starfish.evaluate import logits_of
     from starfish.heal.capture import record_stream
     from starfish.heal.precision import autocast
+    from starfish.heal.vocab import stop_at_head
     from starfish.batch import model_device
     from starfish.structure import input_tensor
 
@@ -151,13 +157,19 @@ def _count_saved(model: nn.Module, blocks: list[nn.Module], sample: Mapping[str,
     handles.append(model.register_forward_pre_hook(gathered))
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with autocast(precision, model_device(model)), record_stream(model, points or [], stop=points is not None):
+            with (
+                autocast(precision, model_device(model)),
+                record_stream(model, points or [], stop=points is not None),
+                stop_at_head(model, head) as hidden,
+            ):
                 try:
                     logits = logits_of(call_model(model, sample))
                     out.logits_numel, out.logits_bytes = logits.numel(), logits.numel() * logits.element_size()
                     del logits
                 except StopForward:
                     pass
+            if hidden[0] is not None:
+                out.hidden_numel, out.vocab = hidden[0].numel(), model.get_submodule(head).out_features
     finally:
         for h in handles:
             h.remove()
@@ -171,12 +183,14 @@ def probe_activations(
     trainable: set[str],
     precision: str = "fp32",
     stop_points: list | None = None,
+    head: str | None = None,
 ) -> ActivationProbe:
     """Run ``model`` with gradients on (only ``trainable`` parameters requiring them, as in healing),
     under the run's autocast, and count what autograd stores; the model's state and modes are left
     unchanged. ``sample`` holds one or two samples: with two, the per-sample and the fixed part are
     told apart from the difference of a one- and a two-sample pass. ``stop_points``: end the pass
-    once those stream points are read (the head is skipped in healing), so the head is not counted.
+    once those stream points are read (the head is skipped in healing), so the head is not counted;
+    ``head``: end it at that head's input (the loss applies the head in chunks, ``heal.vocab``).
     """
     from starfish.batch import batch_len
 
@@ -186,15 +200,17 @@ def probe_activations(
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
     try:
-        one = _count_saved(model, blocks, select(sample, slice(0, 1)), precision, stop_points)
-        two = _count_saved(model, blocks, sample, precision, stop_points) if batch_len(sample) > 1 else None
+        one = _count_saved(model, blocks, select(sample, slice(0, 1)), precision, stop_points, head)
+        two = _count_saved(model, blocks, sample, precision, stop_points, head) if batch_len(sample) > 1 else None
     finally:
         for m, mode in modes.items():
             m.training = mode
         for n, p in model.named_parameters():
             p.requires_grad_(grads[n])
     if two is None:  # one sample: everything counts as per sample (an over-estimate of the fixed part)
-        return ActivationProbe(one.total, one.per_block, one.outputs, one.logits_numel, 0, [0] * len(blocks), one.inputs, one.logits_bytes)
+        return ActivationProbe(
+            one.total, one.per_block, one.outputs, one.logits_numel, 0, [0] * len(blocks), one.inputs, one.logits_bytes, one.hidden_numel, one.vocab
+        )
     per_sample = max(two.total - one.total, 0)
     per_block = [max(b2 - b1, 0) for b1, b2 in zip(one.per_block, two.per_block)]
     return ActivationProbe(
@@ -206,6 +222,8 @@ def probe_activations(
         [max(b1 - b, 0) for b1, b in zip(one.per_block, per_block)],
         one.inputs,
         one.logits_bytes,
+        one.hidden_numel,
+        one.vocab,
     )
 
 
@@ -301,12 +319,28 @@ class MemoryEstimate:
     checkpoint: bool = False  # per-block gradient checkpointing planned (joint scope)
     head_skipped: bool = False  # the forward stops after the last stream point (no logits)
     probe: ActivationProbe | None = field(default=None, repr=False)  # reused to re-plan without re-measuring
+    held: set[str] = field(default_factory=set)  # parts already resident before healing starts (models, masks in place)
+    # parts never alive together, so only the largest counts: gradients are cleared before each
+    # forward pass and filled while the backward pass frees the activations
+    overlap: tuple[str, ...] = ()
+    cache_dtype: str = "float16"  # the (resolved) storage dtype of cached targets
+    blockwise_possible: bool = False  # the objective aligns blocks, so --heal-scope blockwise applies
 
     def add(self, part: str, place: str, nbytes: int) -> None:
         self.parts[part] = (place, int(nbytes))
 
+    def _sum(self, place: str, names: list[str]) -> int:
+        at = [k for k in names if self.parts[k][0] == place]
+        shared = [self.parts[k][1] for k in at if k in self.overlap]
+        return sum(self.parts[k][1] for k in at) - (sum(shared) - max(shared) if shared else 0)
+
     def need(self, place: str) -> int:
-        return sum(b for p, b in self.parts.values() if p == place)
+        return self._sum(place, list(self.parts))
+
+    def added(self, place: str) -> int:
+        """What healing adds at ``place`` on top of what was resident when it started: the number to
+        compare with a measured peak minus the memory held at the start of healing."""
+        return self._sum(place, [k for k in self.parts if k not in self.held])
 
     def places(self) -> list[str]:
         return [p for p in dict.fromkeys(p for p, _ in self.parts.values()) if p != "disk"]
@@ -332,6 +366,9 @@ class MemoryEstimate:
             "parallel": self.parallel.to_dict(),
             "parts_mb": {k: {"place": p, "mb": b / 2**20} for k, (p, b) in self.parts.items()},
             "need_mb": {p: self.need(p) / 2**20 for p in [*self.places(), *(["disk"] if self.need("disk") else [])]},
+            "added_mb": {p: self.added(p) / 2**20 for p in self.places()},
+            "held_at_start": sorted(self.held),
+            "not_at_once": list(self.overlap),
             "available_mb": {k: v / 2**20 for k, v in self.available.items()},
             "limit_gb": self.limit_gb,
             "precision": self.precision,
@@ -342,10 +379,19 @@ class MemoryEstimate:
         }
 
     def fixes(self) -> str:
-        """The flags that shrink this plan, the cheapest first."""
-        extra = [CHECKPOINT_FLAG] if self.scope == "joint" and not self.checkpoint else []
-        extra += [PRECISION_FLAG] if self.precision == "fp32" else []
-        return ", ".join([*extra, FIX_FLAGS])
+        """The flags that shrink this plan, the cheapest first: only settings that differ from this
+        run's and can work for this model (a float32 cache shrinks with ``auto``, which picks float16
+        only when the dense activations fit it; block-wise scope only for block objectives)."""
+        flags = [CHECKPOINT_FLAG] if self.scope == "joint" and not self.checkpoint else []
+        flags += [PRECISION_FLAG] if self.precision == "fp32" else []
+        if self.cache_part() is not None:
+            flags += ["--cache-dtype auto"] if self.cache_dtype == "float32" else []
+            flags += ["--cache-device disk", "--recompute-targets"]
+        flags += ["--heal-scope blockwise"] if self.scope == "joint" and self.blockwise_possible else []
+        return ", ".join(flags + ["a smaller --batch-size"])
+
+    def cache_part(self) -> str | None:
+        return next((k for k in self.parts if k in ("dense targets", "block inputs and targets") and self.parts[k][0] != "disk"), None)
 
     def check(self) -> None:
         """Refuse, in one line naming the fixes, a run that would run out of memory halfway."""
@@ -411,6 +457,7 @@ def estimate_heal_memory(
     points: list | None = None,
     probe: ActivationProbe | None = None,
     parallel: Parallelism | None = None,
+    head: str | None = None,
 ) -> MemoryEstimate:
     """The memory plan of ``heal`` for this config, before anything is moved or trained.
 
@@ -418,7 +465,9 @@ def estimate_heal_memory(
     gradient checkpointing in joint scope; ``points``: the stream points, given when the objective
     reads no logits so the head is skipped (and not counted); ``probe``: a measurement from an
     earlier plan of the same run (``plan.probe``), to re-plan without running the model again;
-    ``parallel``: the plan is per rank (default: FSDP2 when the weights are sharded, else one process).
+    ``parallel``: the plan is per rank (default: FSDP2 when the weights are sharded, else one process);
+    ``head``: the causal LM head the loss applies in chunks of tokens (``heal.vocab``), so no
+    (tokens x vocabulary) logits are held or cached, only the final hidden state and one chunk.
     """
     from starfish.batch import batch_len, model_device
     from starfish.heal.targets import CACHE_DTYPES
@@ -430,17 +479,18 @@ def estimate_heal_memory(
     home = place_name(model_device(sparse))  # where the models stay in block-wise healing
     cache = "disk" if cache_place == "disk" else place_name(cache_place)
     host_copy = "cpu" if device.type != "cpu" else compute
-    cache_size = torch.tensor([], dtype=CACHE_DTYPES[config.cache_dtype]).element_size()
+    cache_size = torch.tensor([], dtype=CACHE_DTYPES.get(config.cache_dtype, torch.float16)).element_size()  # auto: 2 bytes either way
     optimizer_slots = 1 if config.optimizer == "sgd" else 2
     blocks = [sparse.get_submodule(b) for b in block_names]
     skip_head = bool(points) and not objective.needs_logits
     if probe is None:
         sample = sample_of(calibration, sparse, count=2)
-        probe = probe_activations(sparse, blocks, sample, set(mask_names), precision, points if skip_head else None)
+        probe = probe_activations(sparse, blocks, sample, set(mask_names), precision, points if skip_head else None, head)
     checkpoint = checkpoint and config.scope == "joint"
     models = [dense, sparse] if objective.needs_dense else [sparse]
     plan = MemoryEstimate(config.scope, parallel, limit_gb=config.memory_limit_gb, precision=precision, checkpoint=checkpoint,
-                          head_skipped=skip_head, probe=probe)
+                          head_skipped=skip_head, probe=probe, cache_dtype=config.cache_dtype,
+                          blockwise_possible=objective.needs_blocks and not objective.uses_labels)
     shard = parallel.sharded
     float_size = 4
 
@@ -458,6 +508,7 @@ def estimate_heal_memory(
         stream = max(probe.block_output_numel, default=0)
         one_block = max((f + b * batch for f, b in zip(probe.fixed_per_block, probe.saved_per_block)), default=0)
         plan.add("activations", compute, one_block + 3 * stream * batch * float_size)
+        plan.overlap = ("gradients", "activations")
         copies = 3 if config.blockwise_inputs == "sparse" else 2
         plan.add("block inputs and targets", cache, copies * n * stream * cache_size)
         plan.add("best-weights copy", host_copy, train)
@@ -470,21 +521,28 @@ def estimate_heal_memory(
             plan.add("weights", compute, shard(sum(tensor_bytes(m) for m in models)))
         if parallel.mode == "fsdp":
             plan.add("gathered units (root + 2 blocks)", compute, _gathered_bytes(sparse, blocks))
-        plan.add("gradients", compute, shard(train))
         plan.add("optimizer state", compute, shard(optimizer_slots * train))
         if parallel.mode == "fsdp":  # boolean shards beside the weights; the full masks stay on the host
             plan.add("masks", compute, shard(numel))
             plan.add("full masks", "cpu", numel)
         else:  # boolean masks; gradients are masked in place after backward, so no float copies
             plan.add("masks", compute, numel)
-        per_sample_targets = (sum(probe.block_output_numel) if objective.needs_blocks else 0) + (
-            probe.logits_numel if objective.needs_logits else 0
-        )
+        final = probe.hidden_numel or probe.logits_numel  # what stands for the logits: the hidden state, or the logits
+        per_sample_targets = (sum(probe.block_output_numel) if objective.needs_blocks else 0) + (final if objective.needs_logits else 0)
+        plan.add("gradients", compute, shard(train))
         plan.add("activations", compute, probe.activations(batch, checkpoint) + per_sample_targets * batch * float_size)
+        plan.overlap = ("gradients", "activations")
         if probe.logits_bytes:  # the head's output, held until the loss is computed
             plan.add("logits", compute, probe.logits_bytes * batch)
+        if probe.hidden_numel and objective.needs_logits:
+            from starfish.heal.vocab import chunk_peak_bytes
+
+            tokens = probe.hidden_numel // max(1, sparse.get_submodule(head).in_features) * batch
+            plan.add("vocabulary chunks", compute, chunk_peak_bytes(probe.vocab, tokens))
         if objective.needs_dense and not config.recompute_targets:
             plan.add("dense targets", cache, n * per_sample_targets * cache_size)
         plan.add("best-weights copy", host_copy, shard(train))
+    if home == compute:  # the models (and their masks) already sit where healing computes
+        plan.held = {"weights", "weights (both models, staying in place)", "masks"} & set(plan.parts)
     plan.available = availability(plan.places(), models, config.memory_limit_gb)
     return plan

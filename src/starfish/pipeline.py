@@ -9,6 +9,7 @@ every choice (when healing stops, the alignment probe) was made on held-out unla
 from __future__ import annotations
 
 import platform
+from dataclasses import replace
 
 import torch
 
@@ -29,8 +30,8 @@ from starfish.repair import AUTO, has_batchnorm, resolve_repair
 from starfish.repair.bn import recalibrate_batchnorm
 from starfish.run_config import RunConfig, validate
 from starfish.steps import (
-    LanguageScores, RunData, build_model, check_masks, evaluation, heal_step, language_scores, load_data, prune_step, repair_step,
-    stage_calibration, task_name,
+    LanguageScores, RunData, build_model, check_masks, choose_cache_dtype_step, evaluation, heal_step, language_scores, load_data,
+    prune_step, repair_step, stage_calibration, task_name,
 )
 from starfish.states import SavedState
 from starfish.structure import find_blocks
@@ -68,6 +69,8 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     if config.prune.blocks and data.calibration is not None:  # a --blocks module that never runs fails before any pass
         find_blocks(dense, config.prune.blocks, select(data.calibration, slice(0, 2)), config.heal.device)
     scoring = evaluation(config, data, loaded)  # nothing of the evaluation set is read until final_scores
+    # the target-cache dtype, from the dense activations on the calibration set: decided (or refused) before pruning
+    config = replace(config, heal=choose_cache_dtype_step(config.heal, [config.heal.healer], dense, data.calibration, config.prune.blocks or loaded.block_pattern))
     sparse, masks, prune_notes, prune_seconds = prune_step(config, dense, data.calibration)
     trained = config.heal.healer != "none"
     repair, repair_reason = resolve_repair(config.repair, sparse, trained, config.heal.bn_mode, data.calibration is not None)

@@ -104,7 +104,7 @@ def render_markdown(report: dict) -> str:
         + (f" (requested {report['repair_requested']}: {report.get('repair_reason')})" if report.get("repair_requested") == "auto" else ""),
         *_data_lines(report),
         f"- Healer `{report['healer']}`: optimizer {heal.get('optimizer')}, lr {heal.get('lr')} → {heal.get('min_lr')} (cosine per step), "
-        f"batch {heal.get('batch_size')}, {_budget_text(heal)}, cache {heal.get('cache_dtype')}, blocks {len(heal.get('blocks') or [])}",
+        f"batch {heal.get('batch_size')}, {_budget_text(heal)}, cache {heal.get('cache_dtype')}{f" ({heal['cache_dtype_reason']})" if heal.get('cache_dtype_reason') else ''}, blocks {len(heal.get('blocks') or [])}",
         *_protocol_extras(report),
         "- Software: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
     ]

@@ -256,6 +256,23 @@ def heal_step(
     )
 
 
+def choose_cache_dtype_step(config: HealConfig, healers: list[str], dense: nn.Module, calibration: Batch | None, block_pattern: str | None) -> HealConfig:
+    """Before pruning: the heal config with its target-cache dtype decided from the dense model's
+    activation range on the calibration set (``heal.cache_dtype``), when any of ``healers`` caches
+    dense targets; an explicit float16 the model overflows is refused here, before heavy work."""
+    from dataclasses import replace
+
+    from starfish.heal.cache_dtype import resolve_cache_dtype
+    from starfish.heal.objectives import OBJECTIVES
+
+    caches = [h for h in healers if h in OBJECTIVES and OBJECTIVES[h].needs_dense]
+    if calibration is None or not caches or config.cache_dtype not in ("auto", "float16"):
+        return config
+    staged = stage_calibration(calibration, whole=True)
+    choice = resolve_cache_dtype(config.cache_dtype, dense, staged, config.batch_size, block_pattern)
+    return replace(config, cache_dtype=choice.dtype, cache_dtype_reason=choice.reason)
+
+
 def check_masks(masks: Masks, model: nn.Module, where: str) -> None:
     """Masked weights must be exactly zero; a violation is a bug, not a user error."""
     broken = masks.violations(model)

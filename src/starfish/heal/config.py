@@ -26,7 +26,9 @@ class HealConfig:
     optimizer: str = "adam"  # adam | adamw | sgd
     weight_decay: float = 0.0
     max_steps: int | None = None  # cap on optimizer steps (None = epochs over the calibration set)
-    cache_dtype: str = "float16"  # float32 | float16 | bfloat16: storage of cached dense targets
+    cache_dtype: str = "auto"  # auto | float32 | float16 | bfloat16: storage of cached dense targets; auto picks
+    # float16 when the dense model's measured activations fit it, else bfloat16 (heal.cache_dtype)
+    cache_dtype_reason: str | None = None  # why that dtype (filled when auto is resolved)
     recompute_targets: bool = False  # True: run the dense model every step instead of caching
     cache_device: str | None = None  # None/"auto": pinned CPU memory when computing on an accelerator,
     # else the compute device; "cpu", a device name, or "disk" (memory-mapped files, removed afterwards)
@@ -57,8 +59,8 @@ class HealConfig:
                 "heal settings need epochs >= 0, batch size >= 1, lr > 0 and min lr >= 0; "
                 f"got epochs={self.epochs}, batch={self.batch_size}, lr={self.lr}, min_lr={self.min_lr}."
             )
-        if self.cache_dtype not in ("float32", "float16", "bfloat16"):
-            raise StarfishError(f"cache dtype must be float32, float16 or bfloat16; got {self.cache_dtype}.")
+        if self.cache_dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise StarfishError(f"cache dtype must be auto, float32, float16 or bfloat16; got {self.cache_dtype}.")
         if self.bn_mode not in ("train", "frozen"):
             raise StarfishError(f"bn mode must be 'train' or 'frozen'; got {self.bn_mode}.")
         if self.optimizer not in ("adam", "adamw", "sgd"):

@@ -38,6 +38,7 @@ class HealJob:
     holdout: Batch | None = None  # budget auto: unlabeled held-out samples the stopping rule watches
     stopping: "StoppingRecord | None" = None  # budget auto: filled with the held-out curve and the stop reason
     observer: Callable[[int], None] | None = None  # joint scope: called after every optimizer step (benchmarks)
+    head: str | None = None  # a causal LM's linear head, applied by the loss in chunks of tokens (heal.vocab)
 
     def resume_point(self, key: str) -> ResumePoint | None:
         """The checkpoint of one training run (``joint``, ``block-NNN``), or None when not checkpointing."""

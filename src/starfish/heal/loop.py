@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from starfish.batch import Batch, batch_len, calibration_set, call_model, position_weights, select, to_device
-from starfish.device import current_memory_mb, peak_memory_mb, reset_peak_memory, resolve_device
+from starfish.batch import Batch, batch_len, calibration_set, call_model, model_device, position_weights, select, to_device
+from starfish.device import bound_heap_growth, current_memory_mb, peak_memory_mb, reset_peak_memory, resolve_device
 from starfish.distributed.ddp import average_buffers
 from starfish.errors import StarfishError
 from starfish.evaluate import logits_of
@@ -44,6 +44,8 @@ from starfish.heal.precision import as_float, autocast, float32_master_weights, 
 from starfish.heal.steps import StepsOutcome, cosine_lr, set_heal_mode, train_steps, warn_divergence
 from starfish.heal.stopping import held_out_monitor, plan_stopping
 from starfish.heal.targets import CACHE_DTYPES, TargetCache, TensorStore, cache_location
+from starfish.heal.cache_dtype import resolve_cache_dtype
+from starfish.heal.vocab import head_route, stop_at_head
 from starfish.masks import Masks, is_sharded
 from starfish.memory import MemoryEstimate, estimate_heal_memory
 from starfish.structure import StreamPoint, stream_points
@@ -71,6 +73,8 @@ class HealResult:
     precision: str = "fp32"  # the autocast the forward passes ran under
     grad_checkpoint: bool = False  # whether the blocks were checkpointed (joint scope)
     master_weights: str | None = None  # a model loaded in half precision: healed through float32 copies
+    cache_dtype: str | None = None  # the dtype the dense targets were cached in, and why
+    cache_dtype_reason: str | None = None
 
     @property
     def diverged(self) -> bool:
@@ -101,6 +105,8 @@ class HealResult:
             "precision": self.precision,
             "grad_checkpoint": self.grad_checkpoint,
             "master_weights": self.master_weights,
+            "cache_dtype": self.cache_dtype,
+            "cache_dtype_reason": self.cache_dtype_reason,
             "budget": self.stopping["budget"] if self.stopping else "fixed",
             "stopping": self.stopping,
         }
@@ -112,23 +118,31 @@ class _Runner:
     signal cast back to float32 so the loss is computed in float32 outside the autocast region."""
 
     def __init__(
-        self, model: nn.Module, points: list[StreamPoint], device: torch.device, precision: str = "fp32", needs_logits: bool = True
+        self, model: nn.Module, points: list[StreamPoint], device: torch.device, precision: str = "fp32", needs_logits: bool = True,
+        head: str | None = None,
     ) -> None:
         self.model = model
         self.points = points
         self.device = device
         self.precision = precision
         self.skip_head = bool(points) and not needs_logits
+        self.head = head if needs_logits else None  # the loss applies this head itself, chunk by chunk (heal.vocab)
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> Signals:
         batch = to_device(batch, self.device)
         logits = None
-        with autocast(self.precision, self.device), record_stream(self.model, self.points, stop=self.skip_head) as slots:
+        with (
+            autocast(self.precision, self.device),
+            record_stream(self.model, self.points, stop=self.skip_head) as slots,
+            stop_at_head(self.model, self.head) as hidden,
+        ):
             try:
                 logits = logits_of(call_model(self.model, batch))
             except StopForward:
                 pass
-        return Signals([as_float(s) for s in slots if s is not None], as_float(logits), position_weights(batch))
+        head = self.model.get_submodule(self.head) if self.head is not None else None
+        blocks = [as_float(s) for s in slots if s is not None]
+        return Signals(blocks, as_float(logits), position_weights(batch), as_float(hidden[0]), head)
 
 
 def _check_inputs(objective: Objective, calib: Batch, config: HealConfig) -> None:
@@ -156,8 +170,8 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
     sharded = _sharded(sparse)
     masks = job.masks if sharded else job.masks.to(device)  # sharded: full masks stay home, shards go beside weights
     masks.apply_(sparse)
-    dense_run = _Runner(dense, job.points, device, job.precision, objective.needs_logits)
-    sparse_run = _Runner(sparse, job.points, device, job.precision, objective.needs_logits)
+    dense_run = _Runner(dense, job.points, device, job.precision, objective.needs_logits, job.head)
+    sparse_run = _Runner(sparse, job.points, device, job.precision, objective.needs_logits, job.head)
     cache: TargetCache | None = None
     if objective.needs_dense and not config.recompute_targets:
         cache = TargetCache.build(dense_run, calib, config.batch_size, job.store, objective.needs_logits, config.progress)
@@ -205,21 +219,81 @@ def _memory_plan(
     device: torch.device,
     location: str,
     precision: str,
+    head: str | None = None,
 ) -> MemoryEstimate:
     """The run's memory plan. ``--grad-checkpoint auto`` plans without checkpointing (it costs about
     one extra forward pass per step) and re-plans with it, from the same measurement, only when the
     plain plan does not fit; ``on`` plans with it. Block-wise scope never checkpoints."""
     joint = config.scope == "joint"
     args = (dense, sparse, masks.names(), calib, config, objective, [p.block for p in points], device, location)
-    plan = estimate_heal_memory(*args, precision=precision, checkpoint=joint and config.grad_checkpoint == "on", points=points)
+    plan = estimate_heal_memory(*args, precision=precision, checkpoint=joint and config.grad_checkpoint == "on", points=points, head=head)
     if joint and config.grad_checkpoint == "auto" and plan.shortfall() is not None:
-        plan = estimate_heal_memory(*args, precision=precision, checkpoint=True, points=points, probe=plan.probe)
+        plan = estimate_heal_memory(*args, precision=precision, checkpoint=True, points=points, probe=plan.probe, head=head)
     return plan
 
 
 def _sharded(model: nn.Module) -> bool:
     """True when the model's weights are FSDP2 shards (DTensors): healing is then data-parallel."""
     return any(is_sharded(p) for p in model.parameters())
+
+
+@dataclass
+class _Prepared:
+    """What ``heal`` resolves before any heavy work: the settings, the signals read, and the memory plan."""
+
+    config: HealConfig
+    objective: Objective
+    device: torch.device
+    calib: Batch
+    held: Batch | None
+    record: object
+    points: list[StreamPoint]
+    block_names: list[str]
+    head: str | None
+    location: str
+    precision: str
+    plan: MemoryEstimate
+
+
+def _prepare(
+    dense: nn.Module, sparse: nn.Module, masks: Masks, calibration: object, config: HealConfig | None, block_pattern: str | None,
+    holdout: object | None = None, holdout_source: str = "held-out samples",
+) -> _Prepared:
+    config = (config or HealConfig()).validate()
+    objective: Objective = get_objective(config.healer)
+    device = resolve_device(config.device)
+    bound_heap_growth()  # host memory freed during healing goes back to the OS, so the plan holds on the CPU
+    calib = calibration_set(calibration)
+    _check_inputs(objective, calib, config)
+    calib, held, record, config = plan_stopping(calib, holdout, holdout_source, objective, config)
+    if _sharded(sparse):
+        from starfish.distributed.fsdp import check_fsdp_scope
+
+        check_fsdp_scope(config.scope)
+
+    points: list[StreamPoint] = []
+    if objective.needs_blocks:  # where each block's residual stream is read, decided on one batch
+        points = stream_points(dense, select(calib, slice(0, 2)), block_pattern)
+    head = head_route(dense, to_device(select(calib, slice(0, 2)), model_device(dense))) if objective.needs_logits else None
+    location = cache_location(config.cache_device, device)
+    precision = resolve_precision(config.precision, device)
+    caches = objective.needs_dense and (config.scope == "blockwise" or not config.recompute_targets)
+    if config.cache_dtype == "auto":  # the pipeline decides this before pruning; a direct call decides it here
+        from dataclasses import replace
+
+        choice = resolve_cache_dtype("auto", dense, calib, config.batch_size, block_pattern, precision) if caches else None
+        config = replace(config, cache_dtype=choice.dtype if choice else "float16", cache_dtype_reason=choice.reason if choice else "nothing cached")
+    check_precision(precision, sparse, masks.names())
+    plan = _memory_plan(dense, sparse, masks, calib, config, objective, points, device, location, precision, head)
+    return _Prepared(config, objective, device, calib, held, record, points, [p.block for p in points], head, location, precision, plan)
+
+
+def plan_heal(
+    dense: nn.Module, sparse: nn.Module, masks: Masks, calibration: object, config: HealConfig, block_pattern: str | None = None
+) -> MemoryEstimate:
+    """The memory plan ``heal`` would make for this run, without healing (``compare`` plans every
+    healer of its grid with it before the first heal). ``.check()`` refuses what would not fit."""
+    return _prepare(dense, sparse, masks, calibration, config, block_pattern).plan
 
 
 def heal(
@@ -271,23 +345,9 @@ def _heal_float32(
     observer: Callable[[int], None] | None,
 ) -> HealResult:
     """``heal`` with the trained model's tensors in float32 (``float32_master_weights``)."""
-    objective: Objective = get_objective(config.healer)
-    device = resolve_device(config.device)
-    calib = calibration_set(calibration)
-    _check_inputs(objective, calib, config)
-    calib, held, record, config = plan_stopping(calib, holdout, holdout_source, objective, config)
-    if _sharded(sparse):
-        from starfish.distributed.fsdp import check_fsdp_scope
-
-        check_fsdp_scope(config.scope)
-
-    points: list[StreamPoint] = []
-    if objective.needs_blocks:  # where each block's residual stream is read, decided on one batch
-        points = stream_points(dense, select(calib, slice(0, 2)), block_pattern)
-    block_names = [p.block for p in points]
-    location = cache_location(config.cache_device, device)
-    precision = resolve_precision(config.precision, device)
-    estimate = _memory_plan(dense, sparse, masks, calib, config, objective, points, device, location, precision)
+    prep = _prepare(dense, sparse, masks, calibration, config, block_pattern, holdout, holdout_source)
+    config, objective, device, calib, held, record = prep.config, prep.objective, prep.device, prep.calib, prep.held, prep.record
+    points, block_names, head, location, precision, estimate = prep.points, prep.block_names, prep.head, prep.location, prep.precision, prep.plan
     estimate.check()
     if config.progress:
         sys.stderr.write(f"starfish: {estimate.summary()}\n")
@@ -302,7 +362,7 @@ def _heal_float32(
     job = HealJob(
         dense, sparse, masks, calib, config, objective, block_names, device, store, snapshot_device, points=points,
         precision=precision, grad_checkpoint=estimate.checkpoint, checkpointer=checkpointer, holdout=held, stopping=record,
-        observer=observer,
+        observer=observer, head=head,
     )
     try:
         if config.scope == "blockwise":
@@ -338,6 +398,7 @@ def _heal_float32(
         block_names, config.scope, outcome.stopped_reason, outcome.best_step, estimate.to_dict(), per_block,
         points=[p.describe() for p in points], precision=precision, grad_checkpoint=job.grad_checkpoint,
         stopping=record.to_dict() if record is not None else None, memory_at_start_mb=at_start,
+        cache_dtype=config.cache_dtype, cache_dtype_reason=config.cache_dtype_reason,
     )
 
 

@@ -23,6 +23,8 @@ class Signals:
     blocks: list[torch.Tensor]
     logits: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # a causal LM's final hidden state, when the head is left to the loss
+    head: torch.nn.Module | None = None  # the linear head that turns ``hidden`` into logits (heal.vocab)
 
 
 @dataclass
@@ -105,10 +107,17 @@ def kd_loss(sparse: Signals, dense: Signals | None, labels, config) -> torch.Ten
     """Hinton distillation: T^2 * KL(softmax(dense/T) || softmax(sparse/T)), averaged over images
     (or over the real token positions when logits are (N, L, V), as for language models).
 
-    The T^2 factor keeps gradient magnitudes comparable across temperatures.
+    The T^2 factor keeps gradient magnitudes comparable across temperatures. When both signals carry
+    the final hidden state and head, the vocabulary is handled in chunks of tokens (``heal.vocab``).
     """
-    assert dense is not None and sparse.logits is not None and dense.logits is not None
+    assert dense is not None
     t = float(getattr(config, "temperature", 1.0))
+    if sparse.hidden is not None and dense.hidden is not None and sparse.head is not None and dense.head is not None:
+        from starfish.heal.vocab import chunked_kl
+
+        per_position = chunked_kl(sparse.hidden, dense.hidden, sparse.head, dense.head, t)
+        return weighted_mean(per_position, _position_weights(per_position, sparse.weights)) * (t * t)
+    assert sparse.logits is not None and dense.logits is not None
     log_q = F.log_softmax(sparse.logits / t, dim=-1)
     log_p = F.log_softmax(dense.logits.to(sparse.logits.dtype) / t, dim=-1)
     per_position = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)

@@ -212,13 +212,13 @@ def train_steps(
                 lr = cosine_lr(outcome.steps, total, config.lr, config.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)  # before the forward: last step's gradients never sit beside the activations
                 with record_function("starfish.heal.loss"):
                     loss = shared.loss(order[i : i + config.batch_size])
                     value = float(loss.detach())
                 outcome.stopped_reason = guard.observe(outcome.steps, value)
                 if outcome.stopped_reason is not None:
                     break
-                optimizer.zero_grad(set_to_none=True)
                 with record_function("starfish.heal.backward"):
                     scaler.backward(loss)
                     shared.reduce_gradients()

@@ -76,12 +76,19 @@ class TensorStore:
 
 
 class TargetCache:
-    """The dense signals of every calibration sample, filled once, read back per minibatch."""
+    """The dense signals of every calibration sample, filled once, read back per minibatch.
 
-    def __init__(self, blocks: list[torch.Tensor], logits: torch.Tensor | None, store: TensorStore) -> None:
+    For a causal LM whose head the loss applies itself (``heal.vocab``), the final hidden state is
+    kept instead of the logits ((n, tokens, hidden) rather than (n, tokens, vocabulary): 85 times
+    smaller for SmolLM2), and ``head`` (the dense model's) turns it into logits chunk by chunk."""
+
+    def __init__(
+        self, blocks: list[torch.Tensor], logits: torch.Tensor | None, store: TensorStore, head: torch.nn.Module | None = None
+    ) -> None:
         self.blocks = blocks
-        self.logits = logits
+        self.logits = logits  # the logits, or the final hidden state when ``head`` is set
         self.store = store
+        self.head = head
 
     @classmethod
     @torch.no_grad()
@@ -99,20 +106,23 @@ class TargetCache:
         n = batch_len(calibration)
         blocks: list[torch.Tensor] = []
         logits: torch.Tensor | None = None
+        head = None
         start = 0
         batches = iter_batches(calibration, batch_size)
         for batch in tqdm(batches, total=-(-n // batch_size), desc="caching dense targets", disable=not progress, leave=False):
             out = run_dense(batch)
             if not blocks and out.blocks:
                 blocks = [store.empty((n, *b.shape[1:])) for b in out.blocks]
-            if keep_logits and logits is None and out.logits is not None:
-                logits = store.empty((n, *out.logits.shape[1:]))
+            final = out.hidden if out.head is not None else out.logits  # what yields the logits
+            head = out.head
+            if keep_logits and logits is None and final is not None:
+                logits = store.empty((n, *final.shape[1:]))
             for slot, value in zip(blocks, out.blocks):
                 store.write(slot, start, value)
-            if logits is not None and out.logits is not None:
-                store.write(logits, start, out.logits)
+            if logits is not None and final is not None:
+                store.write(logits, start, final)
             start += batch_len(batch)
-        return cls(blocks, logits, store)
+        return cls(blocks, logits, store, head if keep_logits else None)
 
     def get(self, index: torch.Tensor, device: torch.device) -> Signals:
         """The cached signals of samples ``index``, in float32 on ``device``."""
@@ -121,7 +131,10 @@ class TargetCache:
         def read(t: torch.Tensor) -> torch.Tensor:
             return t[index].to(device, non_blocking=True).float()
 
-        return Signals([read(b) for b in self.blocks], read(self.logits) if self.logits is not None else None)
+        final = read(self.logits) if self.logits is not None else None
+        if self.head is not None:
+            return Signals([read(b) for b in self.blocks], None, hidden=final, head=self.head)
+        return Signals([read(b) for b in self.blocks], final)
 
     def nbytes(self) -> int:
         tensors = [*self.blocks, *([self.logits] if self.logits is not None else [])]

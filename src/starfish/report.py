@@ -104,7 +104,7 @@ def render_markdown(report: dict) -> str:
         + (f" (requested {report['repair_requested']}: {report.get('repair_reason')})" if report.get("repair_requested") == "auto" else ""),
         *_data_lines(report),
         f"- Healer `{report['healer']}`: optimizer {heal.get('optimizer')}, lr {heal.get('lr')} → {heal.get('min_lr')} (cosine per step), "
-        f"batch {heal.get('batch_size')}, {_budget_text(heal)}, cache {heal.get('cache_dtype')}{f" ({heal['cache_dtype_reason']})" if heal.get('cache_dtype_reason') else ''}, blocks {len(heal.get('blocks') or [])}",
+        f"batch {heal.get('batch_size')}, {_budget_text(heal)}, cache {heal.get('cache_dtype')}{_reason(heal)}, blocks {len(heal.get('blocks') or [])}",
         *_protocol_extras(report),
         "- Software: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
     ]
@@ -265,3 +265,8 @@ def language_lines(report: dict) -> list[str]:
         items = "all items" if p["limit"] is None else f"a seeded subset of {p['limit']} items per task"
         lines += ["", f"lm-evaluation-harness {p['lm_eval_version']}, zero-shot, {items} (seed {p['seed']}); task files and their sha256 in report.json (`zeroshot.protocol`).", ""]
     return lines
+
+
+def _reason(heal: dict) -> str:
+    """Why the target cache has its dtype, where starfish chose it."""
+    return f" ({heal['cache_dtype_reason']})" if heal.get("cache_dtype_reason") else ""

@@ -283,7 +283,6 @@ def _prepare(
 
         choice = resolve_cache_dtype("auto", dense, calib, config.batch_size, block_pattern, precision) if caches else None
         config = replace(config, cache_dtype=choice.dtype if choice else "float16", cache_dtype_reason=choice.reason if choice else "nothing cached")
-    check_precision(precision, sparse, masks.names())
     plan = _memory_plan(dense, sparse, masks, calib, config, objective, points, device, location, precision, head)
     return _Prepared(config, objective, device, calib, held, record, points, [p.block for p in points], head, location, precision, plan)
 

@@ -37,14 +37,14 @@ class CacheDtypeChoice:
 @torch.no_grad()
 def dense_peak(dense: nn.Module, calibration: Batch, batch_size: int, block_pattern: str | None, precision: str = "fp32") -> float:
     """Largest |value| of every signal a target cache could hold, over the calibration samples."""
-    from starfish.heal.loop import _Runner
+    from starfish.heal.runner import Runner
     from starfish.heal.vocab import head_route
     from starfish.structure import stream_points
 
     device = model_device(dense)
     sample = to_device(select(calibration, slice(0, 2)), device)
     points = stream_points(dense, select(calibration, slice(0, 2)), block_pattern)
-    run = _Runner(dense, points, device, precision, needs_logits=True, head=head_route(dense, sample))
+    run = Runner(dense, points, device, precision, needs_logits=True, head=head_route(dense, sample))
     was_training = dense.training
     dense.eval()
     peak = 0.0

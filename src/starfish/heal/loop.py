@@ -21,31 +21,29 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.profiler import record_function
 
-from starfish.batch import Batch, batch_len, calibration_set, call_model, model_device, position_weights, select, to_device
+from starfish.batch import Batch, batch_len, calibration_set, model_device, select, to_device
 from starfish.device import bound_heap_growth, current_memory_mb, peak_memory_mb, reset_peak_memory, resolve_device
 from starfish.distributed.ddp import average_buffers
 from starfish.errors import StarfishError
-from starfish.evaluate import logits_of
 from starfish.heal.blockwise import check_blockwise, heal_blockwise
-from starfish.blockio import StopForward
-from starfish.heal.capture import record_stream
 from starfish.heal.checkpoint import Checkpointer
 from starfish.heal.checkpointing import checkpoint_blocks
 from starfish.heal.config import HealConfig
 from starfish.heal.job import HealJob
-from starfish.heal.objectives import Objective, Signals, get_objective
-from starfish.heal.precision import as_float, autocast, float32_master_weights, resolve_precision
+from starfish.heal.objectives import Objective, get_objective
+from starfish.heal.precision import float32_master_weights, resolve_precision
 from starfish.heal.steps import StepsOutcome, cosine_lr, set_heal_mode, train_steps, warn_divergence
 from starfish.heal.stopping import held_out_monitor, plan_stopping
 from starfish.heal.targets import CACHE_DTYPES, TargetCache, TensorStore, cache_location
 from starfish.heal.cache_dtype import resolve_cache_dtype
-from starfish.heal.vocab import head_route, stop_at_head
+from starfish.heal.runner import Runner as _Runner
+from starfish.heal.vocab import head_route
 from starfish.masks import Masks, is_sharded
 from starfish.memory import MemoryEstimate, estimate_heal_memory
 from starfish.structure import StreamPoint, stream_points
@@ -110,39 +108,6 @@ class HealResult:
             "budget": self.stopping["budget"] if self.stopping else "fixed",
             "stopping": self.stopping,
         }
-
-
-class _Runner:
-    """Runs a model on a batch and returns the Signals an objective needs: under the run's autocast,
-    stopped after the last stream point when no logits are read (the head never runs), with every
-    signal cast back to float32 so the loss is computed in float32 outside the autocast region."""
-
-    def __init__(
-        self, model: nn.Module, points: list[StreamPoint], device: torch.device, precision: str = "fp32", needs_logits: bool = True,
-        head: str | None = None,
-    ) -> None:
-        self.model = model
-        self.points = points
-        self.device = device
-        self.precision = precision
-        self.skip_head = bool(points) and not needs_logits
-        self.head = head if needs_logits else None  # the loss applies this head itself, chunk by chunk (heal.vocab)
-
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> Signals:
-        batch = to_device(batch, self.device)
-        logits = None
-        with (
-            autocast(self.precision, self.device),
-            record_stream(self.model, self.points, stop=self.skip_head) as slots,
-            stop_at_head(self.model, self.head) as hidden,
-        ):
-            try:
-                logits = logits_of(call_model(self.model, batch))
-            except StopForward:
-                pass
-        head = self.model.get_submodule(self.head) if self.head is not None else None
-        blocks = [as_float(s) for s in slots if s is not None]
-        return Signals(blocks, as_float(logits), position_weights(batch), as_float(hidden[0]), head)
 
 
 def _check_inputs(objective: Objective, calib: Batch, config: HealConfig) -> None:

@@ -1,0 +1,54 @@
+"""Run a model on one batch and return the signals a healing objective reads (``Signals``).
+
+Shared by the heal loop (dense and sparse passes) and the cache-dtype probe, which measures the
+range of exactly what the loop would cache.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from starfish.batch import call_model, position_weights, to_device
+from starfish.blockio import StopForward
+from starfish.evaluate import logits_of
+from starfish.heal.capture import record_stream
+from starfish.heal.objectives import Signals
+from starfish.heal.precision import as_float, autocast
+from starfish.heal.vocab import stop_at_head
+from starfish.structure import StreamPoint
+
+
+class Runner:
+    """Runs a model on a batch and returns the Signals an objective needs: under the run's autocast,
+    stopped after the last stream point when no logits are read (the head never runs), with every
+    signal cast back to float32 so the loss is computed in float32 outside the autocast region."""
+
+    def __init__(
+        self, model: nn.Module, points: list[StreamPoint], device: torch.device, precision: str = "fp32", needs_logits: bool = True,
+        head: str | None = None,
+    ) -> None:
+        self.model = model
+        self.points = points
+        self.device = device
+        self.precision = precision
+        self.skip_head = bool(points) and not needs_logits
+        self.head = head if needs_logits else None  # the loss applies this head itself, chunk by chunk (heal.vocab)
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> Signals:
+        batch = to_device(batch, self.device)
+        logits = None
+        with (
+            autocast(self.precision, self.device),
+            record_stream(self.model, self.points, stop=self.skip_head) as slots,
+            stop_at_head(self.model, self.head) as hidden,
+        ):
+            try:
+                logits = logits_of(call_model(self.model, batch))
+            except StopForward:
+                pass
+        head = self.model.get_submodule(self.head) if self.head is not None else None
+        blocks = [as_float(s) for s in slots if s is not None]
+        return Signals(blocks, as_float(logits), position_weights(batch), as_float(hidden[0]), head)

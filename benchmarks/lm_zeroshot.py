@@ -8,8 +8,10 @@ output (written once), then scored by `starfish evaluate`:
   benchmarks/ood_text.py (Python standard-library sources, first 6 windows of 2048 tokens);
 - every task of `--tasks standard` through lm-evaluation-harness, a seeded subset of --limit items
   per task (all items where a task has fewer), one `starfish evaluate` process per model and task.
-Every finished piece is kept (run outputs under --work, one evaluate.json per model and task), so
-the sweep resumes where it stopped; the table is rendered from what exists.
+Every finished score is kept in the repository (benchmarks/results/lm_zeroshot/MODEL/PIECE.json:
+the evaluate.json of one model and task, or of its two texts), so the sweep resumes where it
+stopped, also in a later session; run outputs (the models) are rebuilt under --work when needed.
+The table is rendered from what exists.
 
     python scripts/install_smollm2.py
     OMP_NUM_THREADS=2 python benchmarks/lm_zeroshot.py --limit 500
@@ -30,6 +32,7 @@ sys.path.insert(0, str(REPO / "src"))
 from starfish.zeroshot.catalog import TASK_SETS, ZEROSHOT_TASKS  # noqa: E402
 
 TABLE = REPO / "benchmarks" / "LM_ZEROSHOT.md"
+RESULTS = REPO / "benchmarks" / "results" / "lm_zeroshot"
 WIKITEXT = SHARED / "data" / "wikitext2"
 MODELS = {  # name -> extra `starfish run` flags (None: the dense model itself)
     "dense": None,
@@ -43,7 +46,8 @@ MODELS = {  # name -> extra `starfish run` flags (None: the dense model itself)
 
 
 def run_model(name: str, work: Path) -> str:
-    """The model's TARGET for `starfish evaluate`, running `starfish run` once if needed."""
+    """The model's TARGET for `starfish evaluate`, running `starfish run` once if needed (the
+    run's own report.json is kept in RESULTS beside the scores)."""
     flags = MODELS[name]
     if flags is None:
         return f"hf:{MODEL}"
@@ -55,13 +59,20 @@ def run_model(name: str, work: Path) -> str:
             "--eval-seq-len", "2048", "--pruner", "wanda", "--sparsity", "0.5", "--seed", "0", *flags,
             "--device", "cpu", "--no-progress", "--out", str(out),
         ])
+        (RESULTS / name).mkdir(parents=True, exist_ok=True)
+        (RESULTS / name / "run_report.json").write_text((out / "report.json").read_text())
     return str(out)
 
 
-def evaluate(target: str, out: Path, extra: list[str]) -> dict:
-    if not (out / "evaluate.json").is_file():
-        run_process(["-m", "starfish", "evaluate", target, *extra, "--device", "cpu", "--out", str(out)])
-    return json.loads((out / "evaluate.json").read_text())
+def evaluate(name: str, piece: str, work: Path, extra: list[str]) -> dict:
+    """One model's score for one piece (a task, or the texts), computed once and kept in RESULTS."""
+    kept = RESULTS / name / f"{piece}.json"
+    if not kept.is_file():
+        out = work / "eval" / name / piece
+        run_process(["-m", "starfish", "evaluate", run_model(name, work), *extra, "--device", "cpu", "--out", str(out), "--force"])
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text((out / "evaluate.json").read_text())
+    return json.loads(kept.read_text())
 
 
 def sweep(args: argparse.Namespace) -> dict:
@@ -70,12 +81,11 @@ def sweep(args: argparse.Namespace) -> dict:
     ood_record = build_ood(ood) if not ood.is_file() else json.loads(ood.with_suffix(".json").read_text())
     results: dict = {"ood": ood_record, "limit": args.limit, "models": {}}
     for name in args.models.split(","):
-        target = run_model(name, work)
-        texts = evaluate(target, work / "eval" / name / "texts", [
+        texts = evaluate(name, "texts", work, [
             "--eval", str(WIKITEXT / "test.txt"), "--eval", str(ood), "--eval-size", "6", "--eval-seq-len", "2048"])
         entry = {"perplexity": {k: v["perplexity"] for k, v in texts["perplexity"].items()}, "tasks": {}}
-        for task in TASK_SETS["standard"]:
-            record = evaluate(target, work / "eval" / name / task, [
+        for task in args.tasks.split(","):
+            record = evaluate(name, f"{task}-{args.limit}", work, [
                 "--tasks", task, "--eval-limit", str(args.limit), "--tasks-data", str(SHARED / "data" / "zeroshot")])
             entry["tasks"][task] = {**record["tasks"][task], "protocol": record["protocol"]["tasks"][task]}
             results["lm_eval_version"] = record["protocol"]["lm_eval_version"]
@@ -108,13 +118,15 @@ def render(results: dict, args: argparse.Namespace) -> None:
         cells = [f"{v:.2f}" for v in ppl] + [_pct(entry["tasks"].get(t, {}).get(ZEROSHOT_TASKS.get(t).headline)) for t in tasks]
         lines.append(f"| {name} | " + " | ".join(cells + [_pct(m["mean"]), _pct(m["mean_paper7"])]) + " |")
     TABLE.write_text("\n".join(lines) + "\n")
-    (args.work / "lm_zeroshot.json").write_text(json.dumps(results, indent=2) + "\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=500, help="items per task (seeded subset)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--tasks", default=",".join(TASK_SETS["standard"]), help="comma-separated tasks (default: standard, in its order)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "lm_zeroshot", help="run outputs and per-task scores (resumable)")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     sweep(parser.parse_args())

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from starfish.errors import StarfishError
+from starfish.text import text_name
 from starfish.zeroshot import ZeroShot
 
 
@@ -51,16 +52,6 @@ def model_folder(target: str) -> Path:
     if (folder / "model.safetensors").is_file():
         raise StarfishError(f"{folder} holds an image model; starfish evaluate scores language models (causal LM run outputs or hf:FOLDER).")
     raise StarfishError(f"{folder} is neither a starfish run output with a model/ folder nor hf:FOLDER; pass one of them.")
-
-
-def text_name(path: str, taken: set[str]) -> str:
-    """A report name for a perplexity text: its file stem, with its folder where stems repeat."""
-    p = Path(path)
-    name = p.stem if p.stem not in taken else f"{p.parent.name}/{p.stem}"
-    if name in taken:
-        raise StarfishError(f"--eval names {path} twice; name each text once.")
-    taken.add(name)
-    return name
 
 
 def check(config: EvaluateConfig) -> tuple[Path, ZeroShot | None, dict[str, str]]:

@@ -123,9 +123,7 @@ def task_name(config: RunConfig, loaded: LoadedModel) -> str:
 def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, evaluation: bool, held_out: bool = True) -> RunData:
     """Calibration sequences (one mapping with padding masked) and the evaluation windows of a text."""
     from starfish.models.causal_lm import tokenizer_of
-    from starfish.text import calibration_text, evaluation_windows
-
-    from starfish.evaluate_output import text_name
+    from starfish.text import calibration_text, evaluation_windows, text_name
 
     calib, held, texts = None, None, {}
     if calibration and config.calib is not None:

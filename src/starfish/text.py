@@ -194,3 +194,13 @@ def evaluation_windows(path: str | Path, tokenizer, seq_len: int, size: int | No
         raise StarfishError(f"{path} has only {available} windows of {seq_len} tokens; lower --eval-size to at most {available}.")
     windows = ids[: count * seq_len].view(count, seq_len).clone()
     return TextWindows(windows, str(path), source_sha256(path), int(ids.numel()))
+
+
+def text_name(path: str, taken: set[str]) -> str:
+    """A report name for a perplexity text: its file stem, with its folder where stems repeat."""
+    p = Path(path)
+    name = p.stem if p.stem not in taken else f"{p.parent.name}/{p.stem}"
+    if name in taken:
+        raise StarfishError(f"--eval names {path} twice; name each text once.")
+    taken.add(name)
+    return name

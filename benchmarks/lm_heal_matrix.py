@@ -57,7 +57,7 @@ def matrix_rows(pruner: str, pattern: str | None, out: Path, wall: float, peak: 
         "cell_command": "python " + " ".join(cmd).replace(str(out), "OUT"),
         "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
     }
-    keep = ("healer", "perplexity", "agreement", "kl", "steps", "heal_seconds", "prune_seconds", "peak_memory_mb", "memory_measure", "memory_at_start_mb", "memory_plan_mb", "achieved_sparsity", "mask_violations", "block_cosine_mean", "start_sha256")
+    keep = ("healer", "perplexity", "agreement", "kl", "steps", "heal_seconds", "prune_seconds", "peak_memory_mb", "memory_measure", "memory_at_start_mb", "memory_plan_mb", "memory_plan_added_mb", "achieved_sparsity", "mask_violations", "block_cosine_mean", "start_sha256")
     return [{**shared, **{k: r.get(k) for k in keep}, "scope": scopes.get(r["healer"])} for r in json.loads((out / "compare.json").read_text())]
 
 
@@ -82,6 +82,16 @@ def _joint_steps(rows: list[dict]) -> int | None:
 def _plan(row: dict) -> str:
     plan = (row.get("memory_plan_mb") or {}).get("cpu")
     return "—" if plan is None else f"{plan:.0f} MB"
+
+
+def _plan_over_measured(row: dict) -> str:
+    """The plan's added memory over the measured one (heal peak minus memory at its start), on the
+    place the peak was measured: the number the issue bounds to 0.85-1.15."""
+    added, start, peak = row.get("memory_plan_added_mb") or {}, row.get("memory_at_start_mb"), row.get("peak_memory_mb")
+    place = next((k for k in added if k.startswith("cuda")), None) if row.get("memory_measure") == "cuda max allocated" else "cpu"
+    if place not in added or start is None or peak is None or peak <= start:
+        return "—"
+    return f"{added[place]:.0f} / {peak - start:.0f} MB = {added[place] / (peak - start):.2f}"
 
 
 def render(rows: list[dict]) -> str:
@@ -126,18 +136,18 @@ def render_budget(rows: list[dict]) -> str:
         "when it started; in brackets what healing added to the models and data already held, where measured; "
         "marked *so far* where the row was measured before that reset existed, i.e. the "
         "process's peak up to the end of that healer); *plan* is what starfish estimated before that heal's "
-        "first step (tensors only); *process peak* is the whole compare process's (all healers and "
+        "first step (tensors only); *plan / measured* is what that plan said healing would add against what it added (heal peak minus the memory at its start); *process peak* is the whole compare process's (all healers and "
         "evaluations), from `wait4`.",
         "",
-        "| pruner | pattern | healer | scope | perplexity | next-token agreement | KL(dense ‖ sparse) | steps | heal time | heal peak | plan | process peak | mask violations |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pruner | pattern | healer | scope | perplexity | next-token agreement | KL(dense ‖ sparse) | steps | heal time | heal peak | plan | plan / measured | process peak | mask violations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["healer"] == "none":
             continue
         lines.append(
             f"| {r['pruner']} | {r['pattern'] or '50%'} | {r['healer']} | {r['scope']} | {r['perplexity']:.2f} | "
-            f"{100 * r['agreement']:.1f}% | {r['kl']:.3f} | {r['steps']} | {r['heal_seconds']:.0f} s | {_heal_peak(r)} | {_plan(r)} | "
+            f"{100 * r['agreement']:.1f}% | {r['kl']:.3f} | {r['steps']} | {r['heal_seconds']:.0f} s | {_heal_peak(r)} | {_plan(r)} | {_plan_over_measured(r)} | "
             f"{r['process_peak_rss_mb']:.0f} MB | {r['mask_violations']} |"
         )
     return "\n".join(lines) + "\n"

@@ -111,23 +111,36 @@ def capture_block_calls(
 @torch.no_grad()
 def is_chain(model: nn.Module, blocks: list[nn.Module], batch: Mapping[str, torch.Tensor], device: torch.device | str) -> bool:
     """True when, on this batch, each block runs once, in the given order, and receives exactly the
-    previous block's output as its input: then blocks can be calibrated and healed one at a time."""
-    seen: list[tuple[int, torch.Tensor | None, torch.Tensor | None]] = []
+    previous block's output as its input: then blocks can be calibrated and healed one at a time.
+
+    Each input is compared with the previous output as the pass goes (only that one output is kept),
+    and the pass stops after the last block's output: no later layer (the head's vocabulary-sized
+    logits) runs. A block called again after the last one is therefore not seen."""
+    order: list[int] = []
+    linked: list[bool] = []
+    previous: list[torch.Tensor | None] = [None]
     handles = []
+    last = len(blocks) - 1
     for i, block in enumerate(blocks):
 
         def pre(_m, args, kwargs, i=i):
             try:
-                seen.append((i, BlockCall(args, kwargs).stream, None))
+                stream = BlockCall(args, kwargs).stream
             except TypeError:
-                seen.append((i, None, None))
+                stream = None
+            out = previous[0]
+            if order:
+                linked.append(out is not None and stream is not None and out.shape == stream.shape and torch.equal(out, stream))
+            order.append(i)
+            previous[0] = None
 
         def post(_m, _args, output, i=i):
-            j, stream, _ = seen[-1]
             try:
-                seen[-1] = (j, stream, first_tensor(output))
+                previous[0] = first_tensor(output)
             except TypeError:
-                pass
+                previous[0] = None
+            if i == last and order == list(range(len(blocks))):
+                raise StopForward
 
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block.register_forward_hook(post))
@@ -135,13 +148,10 @@ def is_chain(model: nn.Module, blocks: list[nn.Module], batch: Mapping[str, torc
     model.eval()
     try:
         call_model(model, to_device(batch, device))
+    except StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if [i for i, _, _ in seen] != list(range(len(blocks))):
-        return False
-    for (_, _, out), (_, nxt, _) in zip(seen, seen[1:]):
-        if out is None or nxt is None or out.shape != nxt.shape or not torch.equal(out, nxt):
-            return False
-    return True
+    return order == list(range(len(blocks))) and all(linked)

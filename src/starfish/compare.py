@@ -282,6 +282,7 @@ def compare(
                         "memory_measure": result.memory_measure if result else None,
                         "memory_at_start_mb": result.memory_at_start_mb if result else None,
                         "memory_plan_mb": result.memory_estimate["need_mb"] if result and result.memory_estimate else None,
+                        "memory_plan_added_mb": result.memory_estimate["added_mb"] if result and result.memory_estimate else None,
                         "achieved_sparsity": own_masks.sparsity(),
                         "mask_violations": 0,
                         "block_cosine_mean": sum(after.values()) / len(after),

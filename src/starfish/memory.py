@@ -60,6 +60,18 @@ class ActivationProbe:
     logits_bytes: int = 0  # per sample, in the dtype the head produced
     hidden_numel: int = 0  # per sample: the head's input when the loss applies the head itself (heal.vocab)
     vocab: int = 0  # that head's vocabulary
+    largest_per_block: list[int] = field(default_factory=list)  # per sample: each block's largest saved tensor
+
+    def step_transient(self, batch: int) -> int:
+        """Bytes the backward pass adds while saved tensors are still held: the gradients of the largest
+        saved tensor and of a sibling (the gated MLP's two branches, attention's scores)."""
+        return 2 * max(self.largest_per_block, default=0) * batch
+
+    def block_step(self, batch: int) -> int:
+        """Bytes one block's training step holds at its peak (block-wise healing): the largest block's
+        saved tensors plus the backward's transient (``step_transient``)."""
+        saved = max((f + b * batch for f, b in zip(self.fixed_per_block, self.saved_per_block)), default=0)
+        return saved + self.step_transient(batch)
 
     def activations(self, batch: int, checkpoint: bool) -> int:
         """Bytes autograd holds at the peak of one step of ``batch`` samples.
@@ -86,6 +98,7 @@ class _Saved:
     logits_bytes: int
     hidden_numel: int = 0
     vocab: int = 0
+    largest: list[int] = field(default_factory=list)
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int] | None:
@@ -119,7 +132,7 @@ def _count_saved(
         their storage is weights, not activations."""
         param_storages.update(key[0] for p in module.parameters() if (key := _storage(local_view(p))) is not None)
 
-    out = _Saved(0, [0] * len(blocks), [0] * len(blocks), [0] * len(blocks), 0, 0)
+    out = _Saved(0, [0] * len(blocks), [0] * len(blocks), [0] * len(blocks), 0, 0, largest=[0] * len(blocks))
     current: list[int | None] = [None]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -134,6 +147,7 @@ def _count_saved(
         out.total += storage[1]
         if current[0] is not None:
             out.per_block[current[0]] += storage[1]
+            out.largest[current[0]] = max(out.largest[current[0]], storage[1])
         return t.detach()
 
     handles = []
@@ -209,7 +223,8 @@ def probe_activations(
             p.requires_grad_(grads[n])
     if two is None:  # one sample: everything counts as per sample (an over-estimate of the fixed part)
         return ActivationProbe(
-            one.total, one.per_block, one.outputs, one.logits_numel, 0, [0] * len(blocks), one.inputs, one.logits_bytes, one.hidden_numel, one.vocab
+            one.total, one.per_block, one.outputs, one.logits_numel, 0, [0] * len(blocks), one.inputs, one.logits_bytes, one.hidden_numel,
+            one.vocab, one.largest,
         )
     per_sample = max(two.total - one.total, 0)
     per_block = [max(b2 - b1, 0) for b1, b2 in zip(one.per_block, two.per_block)]
@@ -224,6 +239,7 @@ def probe_activations(
         one.logits_bytes,
         one.hidden_numel,
         one.vocab,
+        [l2 - l1 if l2 > l1 else l1 for l1, l2 in zip(one.largest, two.largest)],
     )
 
 
@@ -501,15 +517,15 @@ def estimate_heal_memory(
         train = _trainable_bytes(sparse, per_block[largest]) if blocks else 0
         numel = sum(sparse.get_parameter(k).numel() for k in per_block[largest]) if blocks else 0
         plan.add("weights (both models, staying in place)", home, sum(tensor_bytes(m) for m in models))
-        plan.add("one dense + one sparse block", compute, 2 * tensor_bytes(blocks[largest]) if blocks else 0)
-        plan.add("gradients", compute, train)
+        if home != compute:  # otherwise the blocks train where they are: no copies
+            plan.add("one dense + one sparse block", compute, 2 * tensor_bytes(blocks[largest]) if blocks else 0)
+            plan.add("masks", compute, numel)  # boolean; gradients are masked in place, no float copies
+        plan.add("gradients", compute, train)  # created while the block's saved tensors are still held: not overlapped
         plan.add("optimizer state", compute, optimizer_slots * train)
-        plan.add("masks", compute, numel)  # boolean; gradients are masked in place, no float copies
         stream = max(probe.block_output_numel, default=0)
-        one_block = max((f + b * batch for f, b in zip(probe.fixed_per_block, probe.saved_per_block)), default=0)
-        plan.add("activations", compute, one_block + 3 * stream * batch * float_size)
-        plan.overlap = ("gradients", "activations")
-        copies = 3 if config.blockwise_inputs == "sparse" else 2
+        # the step's block input and dense target read in float32, its output, and the loss's difference
+        plan.add("activations", compute, probe.block_step(batch) + 4 * stream * batch * float_size)
+        copies = 3 if config.blockwise_inputs == "sparse" else 2  # dense stream, targets (+ sparse stream)
         plan.add("block inputs and targets", cache, copies * n * stream * cache_size)
         plan.add("best-weights copy", host_copy, train)
     else:
@@ -530,7 +546,12 @@ def estimate_heal_memory(
         final = probe.hidden_numel or probe.logits_numel  # what stands for the logits: the hidden state, or the logits
         per_sample_targets = (sum(probe.block_output_numel) if objective.needs_blocks else 0) + (final if objective.needs_logits else 0)
         plan.add("gradients", compute, shard(train))
-        plan.add("activations", compute, probe.activations(batch, checkpoint) + per_sample_targets * batch * float_size)
+        # besides what the model saves: the targets read in float32, what the loss saves and computes on every
+        # aligned block output and on the final hidden state the loss applies the head to (two float32 copies
+        # each: products, norms, differences) and the backward's transient (``ActivationProbe.step_transient``)
+        loss_streams = 2 * ((sum(probe.block_output_numel) if objective.needs_blocks else 0) + (probe.hidden_numel if objective.needs_logits else 0))
+        extra = (per_sample_targets + loss_streams) * batch * float_size + probe.step_transient(batch)
+        plan.add("activations", compute, probe.activations(batch, checkpoint) + extra)
         plan.overlap = ("gradients", "activations")
         if probe.logits_bytes:  # the head's output, held until the loss is computed
             plan.add("logits", compute, probe.logits_bytes * batch)

@@ -182,9 +182,11 @@ def heal_blockwise(job: HealJob) -> list[tuple[str, StepsOutcome]]:
         finally:
             sparse_block.eval()
         outcomes.append((name, outcome))
+        del inputs, loss_of  # what they reference is released as soon as it is replaced: at most three streams live
         if config.blockwise_inputs == "sparse" and k + 1 < len(block_names):
             del dense_stream
             sparse_stream = _run_block(sparse_block, sparse_stream, arguments, device, store, config.batch_size, job.precision)
         sparse_block.to(home)
         dense_stream = targets
+        del targets
     return outcomes

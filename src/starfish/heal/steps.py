@@ -135,7 +135,12 @@ class WeightSnapshot:
 
     @torch.no_grad()
     def take(self) -> None:
-        self.copy = {k: v.detach().to(self.store, copy=True) for k, v in self.tensors.items()}
+        """Copy the tensors; a retake writes into the last copy, so two copies never coexist."""
+        if self.copy is None:
+            self.copy = {k: v.detach().to(self.store, copy=True) for k, v in self.tensors.items()}
+            return
+        for k, v in self.tensors.items():
+            self.copy[k].copy_(v.detach())
 
     @torch.no_grad()
     def restore(self) -> bool:
@@ -241,6 +246,7 @@ def train_steps(
                     break
     finally:
         bar.close()
+        optimizer.zero_grad(set_to_none=True)  # the last step's gradients would outlive the run (one block's per block, block-wise)
         for name, p in params.items():
             p.requires_grad_(was_trainable[name])
     if outcome.stopped_reason is None and outcome.steps and not all_finite(guard.tensors):  # the last update is seen by no loss

@@ -1,0 +1,55 @@
+"""The memory plan against the measured peak, on a tiny Llama built here (CPU resident set).
+
+Each case heals three steps (so Adam's state and a retaken best-weights copy coexist with the
+activations, as in any real run) and compares the plan's ``added_mb`` (what healing adds to what is
+resident when it starts) with the measured peak minus the memory at start. Tolerance: the issue's
++-15%. On this model the plan sits 5-12% below the measurement: about 10 MB of the peak is not in any
+planned part (allocator and runtime overhead, a fixed amount that is lost in the noise on a
+SmolLM2-shaped model, where plan/measured was 1.03 starfish joint, 1.00 kd joint, 1.05 block-wise).
+Sizes put every measured peak at tens of MB, well above the resident set's page-level noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from starfish.device import peak_memory_mb, reset_peak_memory  # noqa: E402
+from starfish.heal import HealConfig, heal  # noqa: E402
+from starfish.masks import Masks  # noqa: E402
+from starfish.pruning import PruneConfig, prune  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU peak window needs /proc/self/clear_refs (Linux)")
+
+
+def _models():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(config).eval()
+    sparse = copy.deepcopy(dense)
+    masks: Masks = prune(sparse, PruneConfig(sparsity=0.5, pruner="magnitude"))
+    calibration = {"input_ids": torch.randint(0, config.vocab_size, (24, 256))}
+    return dense, sparse, masks, calibration
+
+
+@pytest.mark.parametrize("healer,scope", [("starfish", "joint"), ("kd", "joint"), ("starfish", "blockwise")])
+def test_plan_is_within_bounds_of_the_measured_peak(healer, scope):
+    assert reset_peak_memory(torch.device("cpu")) and peak_memory_mb(torch.device("cpu"), since_reset=True)[0] > 0
+    dense, sparse, masks, calibration = _models()
+    config = HealConfig(healer=healer, scope=scope, batch_size=8, epochs=1, max_steps=3, device="cpu", progress=False,
+                        cache_dtype="float16", grad_checkpoint="off")
+    result = heal(dense, sparse, masks, calibration, config)
+    measured = result.peak_memory_mb - result.memory_at_start_mb
+    planned = result.memory_estimate["added_mb"]["cpu"]
+    assert result.memory_measure == "process peak RSS during healing"
+    assert measured > 20, measured  # well above the resident set's noise
+    assert 0.85 * measured <= planned <= 1.15 * measured, (healer, scope, planned, measured, {k: round(v["mb"], 1) for k, v in result.memory_estimate["parts_mb"].items()})
+    assert sum(masks.violations(sparse).values()) == 0 and masks.sparsity() == pytest.approx(0.5, abs=0.01)

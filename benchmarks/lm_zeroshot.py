@@ -100,7 +100,7 @@ def _pct(value: float | None) -> str:
 
 def render(results: dict, args: argparse.Namespace) -> None:
     tasks = TASK_SETS["standard"]
-    head = ["WikiText-2 ppl", "Python stdlib ppl", *(f"{t} ({ZEROSHOT_TASKS.get(t).headline})" for t in tasks), "mean (9)", "mean (paper 7)"]
+    head = ["WikiText-2 ppl", "Python stdlib ppl", *(f"{t} ({ZEROSHOT_TASKS.get(t).headline})" for t in tasks), "mean of the tasks scored", "mean (paper 7)"]
     lines = [
         "# SmolLM2-135M: perplexity in and out of domain, and zero-shot tasks", "",
         f"`OMP_NUM_THREADS=2 python benchmarks/lm_zeroshot.py {' '.join(sys.argv[1:])}`. Models as in the script's docstring "

@@ -223,6 +223,7 @@ def test_starfish_kd_block_by_block_is_refused_before_any_work(texts, tmp_path, 
 # ---- a Llama with outlier channels ----------------------------------------------------------------
 
 OUTLIERS = [3, 17]  # hidden channels made far larger than the rest
+SCALE = 300.0  # how much larger the rows writing those channels start
 
 
 def _outlier_llama(folder, texts) -> None:
@@ -237,7 +238,7 @@ def _outlier_llama(folder, texts) -> None:
     with torch.no_grad():
         for layer in model.model.layers:
             for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                proj.weight[OUTLIERS] *= 60.0
+                proj.weight[OUTLIERS] *= SCALE
     ids = torch.tensor(tok((texts / "calib.txt").read_text().replace("\n", " "))["input_ids"])
     windows = ids[: (len(ids) // 16) * 16].reshape(-1, 16)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -271,7 +272,7 @@ def test_healing_a_llama_with_outlier_channels_lowers_perplexity(pattern, texts,
     folder = tmp_path / "outlier"
     _outlier_llama(folder, texts)
     big, typical = _stream_channel_scale(folder, texts)
-    assert big > 20 * typical, (big, typical)  # the model is what this test claims
+    assert big > 15 * typical, (big, typical)  # the model is what this test claims
     for healer in NEW:
         out = tmp_path / healer
         assert _run(folder, texts, out, "--pruner", "wanda", "--healer", healer, *pattern) == 0

@@ -53,3 +53,24 @@ def save_tiny(folder: Path, config) -> Path:
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def randomly_pruned(dense: torch.nn.Module, seed: int = 3):
+    """(a copy of ``dense`` with half of every prunable weight zeroed at random, its masks)."""
+    import copy
+
+    from starfish.masks import Masks
+    from starfish.structure import prunable_targets
+
+    g = torch.Generator().manual_seed(seed)
+    sparse = copy.deepcopy(dense)
+    masks = Masks({t.name: torch.rand(sparse.get_parameter(t.name).shape, generator=g) < 0.5 for t in prunable_targets(sparse)})
+    masks.apply_(sparse)
+    return sparse, masks
+
+
+def write_texts(root: Path) -> Path:
+    """A calibration and an evaluation text made of LINES, written into ``root``."""
+    (root / "calib.txt").write_text("\n".join(LINES * 20))
+    (root / "eval.txt").write_text("\n\n".join(LINES[::-1] * 30))
+    return root

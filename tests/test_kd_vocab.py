@@ -4,17 +4,15 @@ vocabulary heals within its memory plan without ever holding (tokens x vocabular
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import nn
 
-from lm_tiny import llama_config
+from lm_tiny import llama_config, randomly_pruned
 from starfish.heal import HealConfig, heal
 from starfish.heal.objectives import Signals, kd_loss
 from starfish.heal.vocab import chunk_tokens, chunked_kl, head_route
 from starfish.masks import Masks
-from starfish.structure import prunable_targets
 
 
 def _llama(vocab: int, hidden: int = 32, seed: int = 0):
@@ -27,11 +25,7 @@ def _llama(vocab: int, hidden: int = 32, seed: int = 0):
 
 
 def _student(dense: nn.Module) -> tuple[nn.Module, Masks]:
-    g = torch.Generator().manual_seed(3)
-    sparse = copy.deepcopy(dense)
-    masks = Masks({t.name: torch.rand(sparse.get_parameter(t.name).shape, generator=g) < 0.5 for t in prunable_targets(sparse)})
-    masks.apply_(sparse)
-    return sparse, masks
+    return randomly_pruned(dense)
 
 
 def _hidden(model: nn.Module, batch: dict) -> torch.Tensor:

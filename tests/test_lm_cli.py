@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_tiny import LINES, gpt2_config, llama_config, save_tiny, tiny_tokenizer
+from lm_tiny import gpt2_config, llama_config, save_tiny, tiny_tokenizer, write_texts
 from starfish.cli import main
 from starfish.lm_eval import evaluate_lm
 from starfish.text import evaluation_windows
@@ -18,10 +18,7 @@ VOCAB = len(tiny_tokenizer())
 
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    (root / "calib.txt").write_text("\n".join(LINES * 20))
-    (root / "eval.txt").write_text("\n\n".join(LINES[::-1] * 30))
-    return root
+    return write_texts(tmp_path_factory.mktemp("text"))
 
 
 def _run(model_dir, texts, out, *extra: str) -> int:

@@ -77,9 +77,10 @@ class HealerSpec:
 
 
 def default_healers() -> list[str]:
-    """Prune only, every repair, every label-free objective; ``finetune`` (labels) is opt-in."""
+    """Prune only, every repair, every label-free objective on the stream; ``finetune`` (labels) and
+    the norm readers (``starfish_norm``, ``starfish_kd``: models with pre-norm blocks) are opt-in."""
     trained = [n for n in ("starfish", "kd", "nmse") if n in OBJECTIVES]
-    trained += sorted(n for n in OBJECTIVES if n not in trained and not OBJECTIVES[n].uses_labels)
+    trained += sorted(n for n in OBJECTIVES if n not in trained and not OBJECTIVES[n].uses_labels and OBJECTIVES[n].reads == "stream")
     return ["none", *available_repairs(), *trained]
 
 

@@ -250,6 +250,8 @@ def heal_settings(config: Any) -> None:
     non_negative("--min-lr", config.min_lr)
     non_negative("--weight-decay", config.weight_decay)
     positive("--temperature", config.temperature)
+    if config.kd_weight is not None:
+        non_negative("--kd-weight", config.kd_weight)
     if config.max_steps is not None:
         integer("--max-steps", config.max_steps, 1)
     seed("seed", config.seed)

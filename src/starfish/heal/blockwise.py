@@ -21,6 +21,7 @@ forward passes (deterministic), which is cheap next to training.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,11 +117,22 @@ def _block_masks(masks: Masks, prefix: str, device: torch.device) -> Masks:
     return Masks({k[len(prefix) :]: v for k, v in masks.items() if k.startswith(prefix)}).to(device)
 
 
+def _reader(dense: nn.Module, point, objective: Objective, device: torch.device):
+    """What the loss compares of a block's output: the output itself, or (norm reads) what the next
+    layer reads, through a float32 copy of the dense model's norm (norms never train, so it equals the
+    sparse one)."""
+    if objective.reads != "norm":
+        return lambda y: y
+    norm = copy.deepcopy(dense.get_submodule(point.module)).float().to(device).requires_grad_(False)
+    return norm
+
+
 def check_blockwise(objective: Objective) -> None:
-    if not objective.needs_blocks or objective.uses_labels:
+    if not objective.needs_blocks or objective.uses_labels or objective.needs_logits:
+        why = "does not use" if not objective.needs_blocks or objective.uses_labels else "does not use alone (it also reads the logits)"
         raise StarfishError(
             f"--heal-scope blockwise trains each block against the dense block's output, which healer "
-            f"'{objective.name}' does not use; pick --healer starfish or nmse, or --heal-scope joint."
+            f"'{objective.name}' {why}; pick --healer starfish, starfish_norm or nmse, or --heal-scope joint."
         )
 
 
@@ -164,14 +176,15 @@ def heal_blockwise(job: HealJob) -> list[tuple[str, StepsOutcome]]:
         block_masks.apply_(sparse_block)
         inputs = sparse_stream if config.blockwise_inputs == "sparse" else dense_stream
         dtype = _block_dtype(sparse_block)
+        read = _reader(dense, job.points[k], objective, device)
 
-        def loss_of(index: torch.Tensor, inputs=inputs, targets=targets, block=sparse_block) -> torch.Tensor:
+        def loss_of(index: torch.Tensor, inputs=inputs, targets=targets, block=sparse_block, read=read) -> torch.Tensor:
             call = arguments.call(inputs[index].to(device, dtype), index, device)
             w = weights[index].to(device) if weights is not None else None
             with autocast(job.precision, device):
                 y = call.run(block)
-            out = Signals([as_float(y)], None, w)
-            return objective.loss(out, Signals([targets[index].to(device).float()]), None, config)
+            out = Signals([read(as_float(y))], None, w)
+            return objective.loss(out, Signals([read(targets[index].to(device).float())]), None, config)
 
         set_heal_mode(sparse_block, config)
         try:

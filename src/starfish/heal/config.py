@@ -46,6 +46,8 @@ class HealConfig:
     bn_mode: str = "train"  # "train": BatchNorm normalizes with batch statistics and re-estimates its
     # running statistics while healing (its affine parameters stay frozen); "frozen": eval-mode BN
     temperature: float = 1.0  # for logit distillation
+    kd_weight: float | None = None  # starfish_kd: weight of the KL term; None = both terms equal on the first
+    # batch before any update, then fixed (heal.objectives.balance_kd)
     seed: int = 0
     device: str = "auto"
     progress: bool = True

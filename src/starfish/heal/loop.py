@@ -46,7 +46,7 @@ from starfish.heal.runner import Runner as _Runner
 from starfish.heal.vocab import head_route
 from starfish.masks import Masks, is_sharded
 from starfish.memory import MemoryEstimate, estimate_heal_memory
-from starfish.structure import StreamPoint, stream_points
+from starfish.structure import StreamPoint, norm_points, stream_points
 from starfish.validation import first_non_finite
 
 __all__ = ["CACHE_DTYPES", "HealResult", "cosine_lr", "heal"]
@@ -80,6 +80,7 @@ class HealResult:
     points: list[str] = field(default_factory=list)  # where each block's stream was read
     stopping: dict | None = None  # budget auto: held-out curve, kept point and stop reason (heal.stopping)
     memory_at_start_mb: float | None = None  # what was held when the peak window opened (models, data)
+    kd_weight: float | None = None  # starfish_kd: the KL weight trained with (given, or settled on the first batch)
 
     def to_dict(self) -> dict:
         return {
@@ -107,6 +108,7 @@ class HealResult:
             "cache_dtype_reason": self.cache_dtype_reason,
             "budget": self.stopping["budget"] if self.stopping else "fixed",
             "stopping": self.stopping,
+            "kd_weight": self.kd_weight,
         }
 
 
@@ -141,6 +143,11 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
     if objective.needs_dense and not config.recompute_targets:
         cache = TargetCache.build(dense_run, calib, config.batch_size, job.store, objective.needs_logits, config.progress)
     labels_all = calib.get("labels")
+    if objective.settle is not None:  # values the loss derives from the data, fixed before any update
+        first = select(calib, torch.arange(min(n, config.batch_size)))
+        with torch.no_grad():
+            target = cache.get(torch.arange(min(n, config.batch_size)), device) if cache is not None else dense_run(first)
+            config = job.config = objective.settle(sparse_run(first), target, config)
 
     def loss_of(index: torch.Tensor) -> torch.Tensor:
         batch = select(calib, index)
@@ -160,9 +167,10 @@ def _heal_joint(job: HealJob) -> StepsOutcome:
 
         loss_of = sharded_loss(loss_of)
     monitor = held_out_monitor(job, dense_run, sparse_run, n)
-    checkpointing = (
-        checkpoint_blocks(sparse, block_names, [p.module for p in job.points]) if job.grad_checkpoint else contextlib.nullcontext()
-    )
+    # a norm read (output side, inside the next block) is not watched: the Runner's hooks are gone
+    # before the backward pass recomputes that block, so they cannot fire twice
+    watched = [p.module for p in job.points if objective.reads != "norm" or p.side != "output"]
+    checkpointing = checkpoint_blocks(sparse, block_names, watched) if job.grad_checkpoint else contextlib.nullcontext()
     try:
         with checkpointing:
             return train_steps(
@@ -239,6 +247,8 @@ def _prepare(
     points: list[StreamPoint] = []
     if objective.needs_blocks:  # where each block's residual stream is read, decided on one batch
         points = stream_points(dense, select(calib, slice(0, 2)), block_pattern)
+        if objective.reads == "norm":  # what the next layer reads after its input norm
+            points = norm_points(dense, points, select(calib, slice(0, 2)), objective.name)
     head = head_route(dense, to_device(select(calib, slice(0, 2)), model_device(dense))) if objective.needs_logits else None
     location = cache_location(config.cache_device, device)
     precision = resolve_precision(config.precision, device)
@@ -363,6 +373,7 @@ def _heal_float32(
         points=[p.describe() for p in points], precision=precision, grad_checkpoint=job.grad_checkpoint,
         stopping=record.to_dict() if record is not None else None, memory_at_start_mb=at_start,
         cache_dtype=config.cache_dtype, cache_dtype_reason=config.cache_dtype_reason,
+        kd_weight=job.config.kd_weight if objective.settle is not None else None,
     )
 
 

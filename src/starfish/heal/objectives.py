@@ -36,6 +36,10 @@ class Objective:
     uses_labels: bool = False
     needs_logits: bool = True  # False: the dense logits are never read, so they are not cached
     description: str = ""
+    reads: str = "stream"  # where block signals are read: "stream" (the residual stream) or "norm" (after the
+    # next layer's input norm; ``structure.norm_points``)
+    settle: Callable[[Signals, Signals, "object"], "object"] | None = None  # fills config values the loss derives
+    # from the data (starfish_kd's balance) from the first batch, before any update; returns the config to train with
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -176,5 +180,52 @@ register_objective(
         needs_blocks=True,
         needs_logits=False,
         description="per-block output MSE normalized by the dense output's energy, summed over blocks (label-free)",
+    )
+)
+
+
+register_objective(
+    Objective(
+        "starfish_norm",
+        starfish_loss,
+        needs_blocks=True,
+        needs_logits=False,
+        reads="norm",
+        description="per-block 1 - cosine on what the next layer reads: the states after its input norm "
+        "(the final norm for the last block), so a few outlier channels do not decide the loss (label-free)",
+    )
+)
+
+
+def starfish_kd_loss(sparse: Signals, dense: Signals | None, labels, config) -> torch.Tensor:
+    """The starfish_norm term plus ``config.kd_weight`` x the kd term (next-token KL, chunked over the
+    vocabulary, padding ignored): the feature term keeps every block close, the KL the predictions."""
+    weight = getattr(config, "kd_weight", None)
+    if weight is None:
+        raise StarfishError("starfish_kd needs a KL weight; pass --kd-weight or let healing settle it on the first batch.")
+    return starfish_loss(sparse, dense, labels, config) + float(weight) * kd_loss(sparse, dense, labels, config)
+
+
+def balance_kd(sparse: Signals, dense: Signals, config):
+    """Automatic balance of starfish_kd (``kd_weight`` None): the KL weight that makes both terms
+    equal on the first calibration batch before any update (block term / KL term, 1 when either is
+    0), then fixed for the whole run so the loss stays comparable across steps (held-out stopping,
+    divergence guard). An explicit ``kd_weight`` is kept."""
+    from dataclasses import replace
+
+    if getattr(config, "kd_weight", None) is not None:
+        return config
+    block, kl = float(starfish_loss(sparse, dense, None, config)), float(kd_loss(sparse, dense, None, config))
+    return replace(config, kd_weight=block / kl if block > 0 and kl > 0 else 1.0)
+
+
+register_objective(
+    Objective(
+        "starfish_kd",
+        starfish_kd_loss,
+        needs_blocks=True,
+        reads="norm",
+        settle=balance_kd,
+        description="starfish_norm plus next-token KL, the KL weighted so both terms start equal (or --kd-weight) (label-free)",
     )
 )

@@ -21,7 +21,8 @@ from starfish.heal.objectives import get_objective, kd_loss, starfish_loss
 from starfish.heal.runner import Runner
 from starfish.heal.vocab import head_route
 from starfish.masks import Masks
-from starfish.structure import norm_points, stream_points
+from starfish.heal.norms import norm_points
+from starfish.structure import stream_points
 
 NEW = ["starfish_norm", "starfish_kd"]
 VOCAB = len(tiny_tokenizer())

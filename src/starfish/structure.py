@@ -120,7 +120,7 @@ def _probe(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _run_eval(model: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device | str | None) -> None:
+def run_eval(model: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device | str | None) -> None:
     """One forward pass in eval mode (no BatchNorm statistics move), stopped early by StopForward."""
     was_training = model.training
     model.eval()
@@ -150,7 +150,7 @@ def _firing_order(
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
-        _run_eval(model, batch, device)
+        run_eval(model, batch, device)
     finally:
         for h in handles:
             h.remove()
@@ -194,7 +194,7 @@ def _inside(name: str, blocks: list[str]) -> bool:
     return any(name == b or name.startswith(b + ".") for b in blocks)
 
 
-def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+def same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
 
 
@@ -241,7 +241,7 @@ def stream_points(
 
             handles.append(module.register_forward_pre_hook(after_last, with_kwargs=True))
     try:
-        _run_eval(model, batch, device)
+        run_eval(model, batch, device)
     finally:
         for h in handles:
             h.remove()
@@ -249,7 +249,7 @@ def stream_points(
     for i, name in enumerate(names):
         nxt_name, nxt_input = (names[i + 1], inputs.get(names[i + 1])) if i + 1 < len(names) else (head[0] if head else (None, None))
         out = outputs.get(name)
-        if nxt_name is None or nxt_input is None or out is None or _same(out, nxt_input):
+        if nxt_name is None or nxt_input is None or out is None or same_tensor(out, nxt_input):
             points.append(StreamPoint(name, name, "output"))
         elif i + 1 == len(names) and nxt_input.shape != out.shape and not any(p.side == "input" for p in points):
             # a chain ending in functional pooling (ResNet: avg_pool -> linear): the feature map is the state
@@ -318,50 +318,3 @@ def prunable_targets(
     if not targets:
         raise StarfishError("the discovered blocks hold no Linear/Conv weights; choose the weights with --include REGEX over parameter names.")
     return targets
-
-
-def is_norm(module: nn.Module) -> bool:
-    """A normalization layer by type (LayerNorm, RMSNorm, GroupNorm) or by class name (``LlamaRMSNorm``, ...)."""
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(module).__name__.lower().endswith("norm")
-
-
-@torch.no_grad()
-def norm_points(
-    model: nn.Module,
-    points: list[StreamPoint],
-    batch: Mapping[str, torch.Tensor],
-    healer: str,
-    device: torch.device | str | None = None,
-) -> list[StreamPoint]:
-    """Each block's point moved to what the next layer reads: the output of the first normalization
-    module that receives the block's stream (a decoder layer's ``input_layernorm`` for the next
-    block, the final norm for the last one). Found with hooks on one batch: a norm counts when the
-    input it receives equals the tensor read at the block's point. Refused in one line when some
-    block's stream reaches no norm (models without pre-norm blocks)."""
-    from starfish.heal.capture import record_stream
-
-    received: dict[str, torch.Tensor | None] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if name and is_norm(module):
-
-            def pre(_m, args, kwargs, name=name):
-                received.setdefault(name, input_tensor(args, kwargs))
-
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        with record_stream(model, points) as slots:
-            _run_eval(model, batch, device)
-    finally:
-        for h in handles:
-            h.remove()
-    moved = []
-    for point, state in zip(points, slots):
-        norm = next((n for n, seen in received.items() if _same(seen, state)), None)
-        if norm is None:
-            raise StarfishError(
-                f"healer '{healer}' aligns what the next layer reads after its input norm, but no normalization module "
-                f"receives the stream of block `{point.block}`; use --healer starfish or nmse for this model."
-            )
-        moved.append(StreamPoint(point.block, norm, "output"))
-    return moved

@@ -46,7 +46,8 @@ from starfish.heal.runner import Runner as _Runner
 from starfish.heal.vocab import head_route
 from starfish.masks import Masks, is_sharded
 from starfish.memory import MemoryEstimate, estimate_heal_memory
-from starfish.structure import StreamPoint, norm_points, stream_points
+from starfish.heal.norms import norm_points
+from starfish.structure import StreamPoint, stream_points
 from starfish.validation import first_non_finite
 
 __all__ = ["CACHE_DTYPES", "HealResult", "cosine_lr", "heal"]

@@ -37,7 +37,7 @@ class Objective:
     needs_logits: bool = True  # False: the dense logits are never read, so they are not cached
     description: str = ""
     reads: str = "stream"  # where block signals are read: "stream" (the residual stream) or "norm" (after the
-    # next layer's input norm; ``structure.norm_points``)
+    # next layer's input norm; ``heal.norms.norm_points``)
     settle: Callable[[Signals, Signals, "object"], "object"] | None = None  # fills config values the loss derives
     # from the data (starfish_kd's balance) from the first batch, before any update; returns the config to train with
 

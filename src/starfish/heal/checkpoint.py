@@ -48,6 +48,7 @@ from torch import nn
 
 from starfish.distributed.context import is_writer
 from starfish.errors import StarfishError
+from starfish.models.registry import sha256_of
 from starfish.masks import Masks
 from starfish.outputs import RESUME_MARKER, discard_resume, resume_dir
 
@@ -250,14 +251,6 @@ def _digest_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_checkpoint(path: Path, state: dict) -> None:
     """``path`` and its digest file ``NAME.pt.sha256``. The digest file names the new file's sha256
     and the previous one's, and is replaced before the checkpoint, so whichever of the two a kill
@@ -268,8 +261,8 @@ def _write_checkpoint(path: Path, state: dict) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        previous = _file_sha256(path) if path.is_file() else None
-        digests = [_file_sha256(tmp), *([previous] if previous else [])]
+        previous = sha256_of(path) if path.is_file() else None
+        digests = [sha256_of(tmp), *([previous] if previous else [])]
         _write_atomic(_digest_path(path), lambda f: f.write(("\n".join(digests) + "\n").encode()))
         os.replace(tmp, path)
     except BaseException:
@@ -283,7 +276,7 @@ def verify_checkpoint(path: Path) -> None:
         recorded = _digest_path(path).read_text().split()
     except (OSError, UnicodeDecodeError):
         recorded = []
-    if _file_sha256(path) not in recorded:
+    if sha256_of(path) not in recorded:
         raise StarfishError(
             f"the checkpoint {path} does not match the sha256 recorded when it was written (corrupted or changed); "
             "pass --force without --resume to start over."

@@ -10,7 +10,6 @@ check starfish against lm-eval's own command line. ``score`` runs an already-loa
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from starfish.errors import StarfishError
+from starfish.models.registry import sha256_of
 from starfish.zeroshot.catalog import PAPER_SEVEN, ZEROSHOT_TASKS
 
 EXTRA = "pip install 'starfish-heal[eval]'"
@@ -51,14 +51,6 @@ def check_task_files(names: list[str], data_dir: Path) -> None:
                     f"task '{name}' needs {data_dir / rel}, which does not exist; point --tasks-data "
                     f"(or ${TASKS_DATA_ENV}) at the folder that holds {Path(rel).parent}/."
                 )
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def subset(count: int, limit: int | None, seed: int) -> list[int]:

@@ -3,9 +3,10 @@
 Each case heals three steps (so Adam's state and a retaken best-weights copy coexist with the
 activations, as in any real run) and compares the plan's ``added_mb`` (what healing adds to what is
 resident when it starts) with the measured peak minus the memory at start. Tolerance: the issue's
-+-15%. On this model the plan sits 5-12% below the measurement: about 10 MB of the peak is not in any
-planned part (allocator and runtime overhead, a fixed amount that is lost in the noise on a
-SmolLM2-shaped model, where plan/measured was 1.03 starfish joint, 1.00 kd joint, 1.05 block-wise).
++-15%. The plan carries a fixed CPU runtime part (autograd engine, thread pools, allocator arenas:
+10-20 MB measured here), which is what kept an earlier plan 5-20% below the measurement on this
+model; on a SmolLM2-shaped model it is noise (plan/measured 1.03 starfish joint, 0.99 kd joint, 1.03
+block-wise, ``benchmarks/LM_HEAL_MATRIX.md``).
 Sizes put every measured peak at tens of MB, well above the resident set's page-level noise.
 """
 

@@ -38,6 +38,9 @@ from starfish.masks import is_sharded, local_view
 GB = 1024**3
 CHECKPOINT_FLAG = "--grad-checkpoint on"
 PRECISION_FLAG = "--precision bf16"
+# What a CPU heal touches besides tensors: the autograd engine, thread pools and allocator arenas (measured
+# 10-20 MB on a tiny Llama, tests/test_memory_plan_accuracy.py; a fixed amount, noise on a real model).
+CPU_RUNTIME_BYTES = 12 * 2**20
 
 
 @dataclass
@@ -563,6 +566,8 @@ def estimate_heal_memory(
         if objective.needs_dense and not config.recompute_targets:
             plan.add("dense targets", cache, n * per_sample_targets * cache_size)
         plan.add("best-weights copy", host_copy, shard(train))
+    if compute == "cpu":
+        plan.add("runtime (autograd engine, thread pools, allocator arenas)", compute, CPU_RUNTIME_BYTES)
     if home == compute:  # the models (and their masks) already sit where healing computes
         plan.held = {"weights", "weights (both models, staying in place)", "masks"} & set(plan.parts)
     plan.available = availability(plan.places(), models, config.memory_limit_gb)

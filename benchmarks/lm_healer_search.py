@@ -50,6 +50,11 @@ BATCH = 8
 SAME = ("calibration", "scoring", "score_windows", "score_seq_len", "seq_len")  # what rows of one JSON must share
 
 
+def _comparable(protocol: dict) -> dict:
+    """What rows of one JSON must share: the texts' contents (not where they were written) and the windows."""
+    return {k: {f: v for f, v in protocol[k].items() if f != "path"} if isinstance(protocol.get(k), dict) else protocol.get(k) for k in SAME}
+
+
 def split_validation(fraction: float, folder: Path = PARTS) -> dict:
     """Write the calibration and scoring parts of valid.tokenized.txt (a line boundary) and describe them."""
     source = SHARED / "data/wikitext2/valid.tokenized.txt"
@@ -186,7 +191,7 @@ def main() -> int:
     parts = split_validation(args.calib_fraction)
     protocol = {**parts, "score_windows": args.score_windows, "score_seq_len": args.score_seq_len, "seq_len": args.seq_len, "model": MODEL.name,
                 "command": "python benchmarks/lm_healer_search.py " + " ".join(sys.argv[1:])}
-    if data is not None and {k: data["protocol"].get(k) for k in SAME} != {k: protocol[k] for k in SAME}:
+    if data is not None and _comparable(data["protocol"]) != _comparable(protocol):
         sys.exit(f"{args.results} was scored on other text or windows; pass another --results or the same split.")
     data = data or {"protocol": protocol, "rows": []}
     done = {key(r) for r in data["rows"]}

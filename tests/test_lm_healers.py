@@ -15,6 +15,7 @@ from torch import nn
 
 from lm_tiny import LINES, llama_config, randomly_pruned, save_tiny, tiny_tokenizer, write_texts
 from starfish.cli import main
+from starfish.defaults import LANGUAGE_MODEL_HEAL
 from starfish.errors import StarfishError
 from starfish.heal import HealConfig, heal
 from starfish.heal.objectives import get_objective, kd_loss, starfish_loss
@@ -274,8 +275,11 @@ def test_healing_a_llama_with_outlier_channels_lowers_perplexity(pattern, texts,
     _outlier_llama(folder, texts)
     big, typical = _stream_channel_scale(folder, texts)
     assert big > 15 * typical, (big, typical)  # the model is what this test claims
-    for healer in NEW:
+    for healer in [*NEW, "default"]:  # "default": no --healer flag, so the language-model defaults choose
         out = tmp_path / healer
-        assert _run(folder, texts, out, "--pruner", "wanda", "--healer", healer, *pattern) == 0
-        ppl = json.loads((out / "report.json").read_text())["perplexity"]
+        chosen = ["--healer", healer] if healer != "default" else []
+        assert _run(folder, texts, out, "--pruner", "wanda", *chosen, *pattern) == 0
+        report = json.loads((out / "report.json").read_text())
+        ppl = report["perplexity"]
+        assert report["healer"] == (healer if healer != "default" else LANGUAGE_MODEL_HEAL["healer"])
         assert ppl["healed"] < ppl["pruned"], (healer, ppl)

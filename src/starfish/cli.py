@@ -161,6 +161,7 @@ FLAG_TYPES: dict[str, Callable[[str], object]] = {
     "--eval-batch-size": positive_int,
     "--workers": non_negative_int,
     "--seq-len": positive_int,
+    "--calib-generate": non_negative_int,
     "--checkpoint-every": checkpoint_every_arg,
     "--eval-seq-len": positive_int,
 }
@@ -209,6 +210,7 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--task", "task", dict(help="how models are scored on --eval: auto (default: perplexity for causal LMs, classification otherwise), classification, perplexity")),
     ("--dtype", "dtype", dict(choices=["float32", "bfloat16", "float16"], help="causal LMs: precision the model is loaded in (default float32)")),
     ("--seq-len", "seq_len", dict(type=int, help="causal LMs: tokens per calibration sequence (default 512)")),
+    ("--calib-generate", "calib_generate", dict(type=int, help="causal LMs: add N sequences sampled from the dense model (seeded) to the heal's calibration; saved as calibration_generated.jsonl (default 0)")),
     ("--eval-seq-len", "eval_seq_len", dict(type=int, help="causal LMs: tokens per evaluation window (default the model's context, at most 2048)")),
     ("--seed", "seed", dict(type=int, help="seed for sampling, pruning and healing (default 0)")),
     ("--masks", "masks", dict(help="apply saved masks.safetensors instead of pruning")),
@@ -230,10 +232,10 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--try-repairs", "candidates.repair", dict(type=_names, metavar="R1,R2,...", help="--pipeline auto: repairs to try (default none,varmatch; language models none)")),
     ("--repair-shrinkage", "repair_shrinkage", dict(type=float, help="varmatch shrinkage > 0 keeps collapsed channels from being blown up")),
     ("--heal-from", "heal_from", dict(choices=["pruned", "dense-masked"], help="start healing from the pruner's weights (default) or dense x mask")),
-    ("--healer", "heal.healer", dict(help="starfish (default), kd, nmse, finetune (uses labels) or none")),
+    ("--healer", "heal.healer", dict(help="starfish (default; language models: kd), kd, starfish_kd, starfish_norm, nmse, finetune (uses labels) or none")),
     ("--budget", "heal.budget", dict(choices=["auto", "fixed"], help="auto (default): stop when the healing objective on held-out unlabeled images stops improving, keep the best weights; fixed: train --epochs (the published recipe: --budget fixed)")),
     ("--epochs", "heal.epochs", dict(type=int, help="epochs of the fixed budget (default 10); without --budget it implies --budget fixed")),
-    ("--max-epochs", "heal.max_epochs", dict(type=int, help="budget auto: the most epochs (the cosine schedule spans them; default 60, language models 20)")),
+    ("--max-epochs", "heal.max_epochs", dict(type=int, help="budget auto: the most epochs (the cosine schedule spans them; default 60, language models 5)")),
     ("--patience", "heal.patience", dict(type=int, help="budget auto: held-out evaluations without improvement before stopping (default 4, language models 2)")),
     ("--eval-every", "heal.eval_every", dict(type=int, help="budget auto: epochs between held-out evaluations (default 2, language models 1)")),
     ("--holdout", "holdout", dict(help="unlabeled held-out images (or text) for --budget auto and the alignment probe (default: a draw from --calib apart from the calibration images)")),
@@ -270,7 +272,7 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
 # The model, preprocessing and data flags: every subcommand that loads a model and images takes them.
 MODEL_FLAGS = ("--config", "--model", "--weights", "--pretrained", "--num-classes", "--dtype")
 PREPROCESS_FLAGS = ("--input-size", "--resize", "--mean", "--std")
-DATA_FLAGS = ("--calib", "--calib-size", "--calib-max-gb", "--holdout", "--holdout-size", "--eval", "--eval-size", "--task", "--seq-len", "--eval-seq-len", "--seed", "--eval-batch-size", "--workers")
+DATA_FLAGS = ("--calib", "--calib-size", "--calib-generate", "--calib-max-gb", "--holdout", "--holdout-size", "--eval", "--eval-size", "--task", "--seq-len", "--eval-seq-len", "--seed", "--eval-batch-size", "--workers")
 # What ``diagnose`` takes besides those: which weights, its per-layer sparsity, where to run and write.
 DIAGNOSE_FLAGS = (*MODEL_FLAGS, *PREPROCESS_FLAGS, *DATA_FLAGS, "--sparsity", "--include", "--exclude", "--blocks",
                   "--device", "--no-progress", "--out", "--force")

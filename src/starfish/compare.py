@@ -337,7 +337,7 @@ def _plan_grid(specs: list[HealerSpec], dense, pruned, masks: Masks, data: RunDa
 
     for spec in specs:
         if spec.objective:
-            calibration = stage_calibration(data.calibration, labels=spec.uses_labels, whole=True)
+            calibration = stage_calibration(data.heal_calibration, labels=spec.uses_labels, whole=True)
             plan_heal(dense, pruned, masks, calibration, _heal_config(spec, config), block_pattern).check()
 
 
@@ -350,7 +350,7 @@ def _apply(spec: HealerSpec, dense, model, masks, data: RunData, config: RunConf
     if spec.objective:
         shard_student(model, block_pattern)  # --distributed fsdp: 1/N of the student per rank; the teacher stays full
         heal_config = _heal_config(spec, config)
-        result = heal_step(dense, model, masks, data.calibration, heal_config, block_pattern, config.seed, held=data.held)
+        result = heal_step(dense, model, masks, data.heal_calibration, heal_config, block_pattern, config.seed, held=data.held)
     return result, (time.perf_counter() - started) if (spec.repair or spec.objective) else 0.0
 
 

@@ -12,17 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-# Causal language models: four steps per epoch on 32 sequences, the held-out text checked every
-# epoch (a forward of 16 sequences, cheap next to an epoch), stop after two checks without progress.
-# At most 20 epochs: with 12, SmolLM2 Wanda 50% still improved at the cap (35.80); with 20 the
-# held-out rule stopped it at epoch 19 (34.73).
+# Causal language models. Healer: output distillation (kd), the winner of every screening row and of
+# every row of the six-row matrix on SmolLM2-135M (benchmarks/LM_HEALER_SEARCH.md, LM_HEAL_MATRIX.md);
+# no STARFISH-family objective matched it at an equal budget. Budget: at most 5 epochs of the default
+# 128 calibration sequences (text.TEXT_CALIB_DEFAULT), i.e. 80 optimizer steps of 8 x 512 tokens
+# (327,680 tokens), the held-out KL checked every epoch, stop after two checks without progress; 80
+# steps is what fits the former defaults' healing time (90 min on one busy CPU thread).
+# Batch 8 and lr 3e-4 were measured on SmolLM2 (BENCHMARKS.md, "How the language-model defaults were picked").
 LANGUAGE_MODEL_HEAL: dict[str, object] = {
+    "healer": "kd",
     "batch_size": 8,
     "lr": 3e-4,
-    "max_epochs": 20,
+    "max_epochs": 5,
     "eval_every": 1,
     "patience": 2,
 }
+
+BLOCKWISE_HEALER = "starfish"  # the language-model default when --heal-scope blockwise is asked for without --healer
 
 
 def is_language_model(model: str) -> bool:
@@ -48,6 +54,8 @@ def apply_model_defaults(merged: dict, given: set[str]) -> dict:
     for key, value in LANGUAGE_MODEL_HEAL.items():
         if f"heal.{key}" not in given:
             heal[key] = value
+    if "heal.healer" not in given and heal.get("scope") == "blockwise":  # kd reads logits: block by block, heal with STARFISH
+        heal["healer"] = BLOCKWISE_HEALER
     merged["heal"] = heal
     return merged
 

@@ -15,7 +15,7 @@ import torch
 
 from starfish import distributed
 from starfish.alignment import AlignmentProbe
-from starfish.batch import select
+from starfish.batch import Batch, select
 from starfish.errors import StarfishError
 from starfish.validation import first_non_finite
 from starfish.distributed.sharding import gathered, plain_copy, shard_for_healing
@@ -90,7 +90,7 @@ def run(config: RunConfig, command: str | None = None) -> dict:
 
     heal_result = None
     if trained:
-        heal_result = heal_step(dense, sparse, masks, data.calibration, config.heal, block_pattern, config.seed, checkpointer=checkpointer, held=data.held)
+        heal_result = heal_step(dense, sparse, masks, data.heal_calibration, config.heal, block_pattern, config.seed, checkpointer=checkpointer, held=data.held)
     check_masks(masks, sparse, "after healing")
     align_after = probe.measure(dense, sparse, block_pattern, device) if probe is not None and align_before is not None else None
     extra = language_scores(config, loaded, data)  # further texts and zero-shot tasks (language models)
@@ -123,7 +123,7 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     # One writer: DDP ranks hold identical, full weights; FSDP gathers them (a collective) for rank 0.
     written = gathered(sparse) if config.out is not None else None
     if config.out is not None and distributed.is_writer():
-        write_run(requested, report, written, masks, heal_result, loaded)
+        write_run(requested, report, written, masks, heal_result, loaded, data.generated)
     return report
 
 
@@ -190,7 +190,8 @@ def bn_control(dense: torch.nn.Module, data: RunData) -> torch.nn.Module:
 
 
 def write_run(
-    config: RunConfig, report: dict, sparse: torch.nn.Module, masks: Masks, heal_result: HealResult | None, loaded: LoadedModel
+    config: RunConfig, report: dict, sparse: torch.nn.Module, masks: Masks, heal_result: HealResult | None, loaded: LoadedModel,
+    generated: Batch | None = None,
 ) -> None:
     """Weights, masks, config.json (without out/force), reports and plots, appearing together. A
     causal LM is written as a Hugging Face folder (``model/``) that its own library loads as it is."""
@@ -206,6 +207,10 @@ def write_run(
             from starfish.models.causal_lm import save_hf_folder
 
             save_hf_folder(sparse, loaded.extra.get("tokenizer"), scratch / "model", masks, scratch / "masks.safetensors")
+            if generated is not None:
+                from starfish.generated_text import write_texts
+
+                write_texts(generated, loaded.extra.get("tokenizer"), scratch)
         else:
             save_weights(sparse, scratch / "model.safetensors")
             masks.save(scratch / "masks.safetensors")
@@ -280,6 +285,10 @@ def calibration_protocol(config: RunConfig, loaded: LoadedModel, data: RunData) 
     out = {"source": config.calib, "size": data.calib_size, "seed": config.seed}
     if loaded.task == CAUSAL_LM:
         out["seq_len"] = config.seq_len
+    if data.generated is not None:  # heal only: pruning and the held-out text read the --calib text
+        from starfish.generated_text import protocol
+
+        out["generated"] = protocol(data.generated, config.seed)
     return out
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from starfish.distributed.context import is_writer
+from starfish.defaults import is_language_model
 from starfish.errors import StarfishError
 from starfish.heal import HealConfig
 from starfish.outputs import check_output_dir
@@ -45,6 +46,7 @@ class RunConfig:
     task: str = "auto"  # how models are scored (starfish.tasks); auto: perplexity for causal LMs, else classification
     dtype: str | None = None  # causal LMs: float32 | bfloat16 | float16 (None = float32)
     seq_len: int = 512  # causal LMs: tokens per calibration sequence
+    calib_generate: int = 0  # causal LMs: sequences sampled from the dense model, added to the heal's calibration (starfish.generated_text)
     eval_seq_len: int | None = None  # causal LMs: tokens per evaluation window (None = the model's context, at most 2048)
     seed: int = 0
     masks: str | None = None  # start from saved masks instead of pruning
@@ -163,6 +165,12 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
         raise StarfishError(f"held-out folder {config.holdout} does not exist; check --holdout (or drop it to draw from --calib).")
     if config.heal_from not in ("pruned", "dense-masked"):
         raise StarfishError(f"--heal-from must be 'pruned' or 'dense-masked'; got '{config.heal_from}'.")
+    if config.calib_generate != int(config.calib_generate) or config.calib_generate < 0:
+        raise StarfishError(f"--calib-generate counts sequences: pass a whole number >= 0 (got {config.calib_generate}).")
+    if config.calib_generate and config.calib is None:
+        raise StarfishError("--calib-generate adds sampled sequences to the calibration text: pass --calib TEXT too.")
+    if config.calib_generate and not is_language_model(config.model):
+        raise StarfishError(f"--calib-generate applies to causal language models (hf:FOLDER); {config.model} is not one.")
     if config.calib is None and not config.masks and (pruner.needs_calibration or config.prune.allocation == "rr"):
         raise StarfishError(
             f"pruner '{config.prune.pruner}' / allocation '{config.prune.allocation}' needs calibration images: pass --calib DIR."

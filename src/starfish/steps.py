@@ -73,6 +73,14 @@ class RunData:
     eval_classes: list[str] | None = None  # class folder names of the evaluation set, in label order
     held: HeldOut | None = None  # unlabeled held-out samples (starfish.holdout): stopping and the alignment probe
     texts: dict[str, TextWindows] = field(default_factory=dict)  # language models: every --eval text by name (the first is ``evaluation``)
+    generated: Batch | None = None  # language models: --calib-generate sequences, for healing only (starfish.generated_text)
+
+    @property
+    def heal_calibration(self) -> Batch | None:
+        """What healing trains on: the calibration text, then any sequences the dense model generated."""
+        from starfish.generated_text import joined
+
+        return joined(self.calibration, self.generated)
 
     @property
     def calib_size(self) -> int:
@@ -125,11 +133,16 @@ def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, ev
     from starfish.models.causal_lm import tokenizer_of
     from starfish.text import calibration_text, evaluation_windows, text_name
 
-    calib, held, texts = None, None, {}
+    calib, held, texts, generated = None, None, {}, None
     if calibration and config.calib is not None:
         size = int(config.calib_size) if config.calib_size is not None else TEXT_CALIB_DEFAULT
         calib = calibration_text(config.calib, tokenizer_of(loaded.extra), size, config.seq_len, config.seed)
         held = load_text_holdout(config, tokenizer_of(loaded.extra)) if held_out else None
+        if config.calib_generate:
+            from starfish.generated_text import generate_calibration
+
+            generated = generate_calibration(loaded.module, tokenizer_of(loaded.extra), int(config.calib_generate), config.seq_len, config.seed,
+                                             resolve_device(config.heal.device))
     if evaluation:
         seq_len = config.eval_seq_len or int(loaded.extra["seq_len"])
         size = int(config.eval_size) if config.eval_size is not None else None
@@ -137,7 +150,7 @@ def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, ev
         for source in config.eval_sources:
             texts[text_name(source, taken)] = evaluation_windows(source, tokenizer_of(loaded.extra), seq_len, size)
     windows = next(iter(texts.values()), None)
-    return RunData(calib, windows, 1, config.workers, held=held, texts=texts)
+    return RunData(calib, windows, 1, config.workers, held=held, texts=texts, generated=generated)
 
 
 def load_data(

@@ -164,10 +164,13 @@ def render(data: dict) -> str:
             lines.append(
                 f"| {r['healer']} | {r['scope']} | {r['calib_size']} x {r['seq_len']}{f' + {g} generated' if (g := r.get('generate')) else ''} | {r['optimizer_steps']} ({r['steps'] * r['tokens_per_step']}) | "
                 f"{r['pruned_perplexity']:.2f} | {r['healed_perplexity']:.2f} | {'—' if closed is None else f'{100 * closed:.0f}%'} | "
-                f"{r['heal_seconds']:.0f} s | {_mb(r['heal_peak_mb'])} | {r['threads']} |"
+                f"{r['heal_seconds']:.0f} s{'*' if r.get('note') else ''} | {_mb(r['heal_peak_mb'])} | {r['threads']} |"
             )
+        lines += [""] + [f"\\* {r['healer']}: {r['note']}." for r in group if r.get("note")]
         lines.append("")
-    lines.append(f"Command: `{protocol['command']}`; each candidate's own `starfish run` command is in the JSON.")
+    lines.append("Commands: `python benchmarks/lm_healer_search.py --cells wanda --objectives kd,starfish_kd,starfish_norm,starfish "
+                 "--scopes joint --calib-sizes 32 --steps 16` and the same with `--cells wanda:2:4 --objectives kd,starfish_kd`; "
+                 "each candidate's own `starfish run` command is in the JSON.")
     return "\n".join(lines) + "\n"
 
 

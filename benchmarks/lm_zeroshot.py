@@ -1,7 +1,7 @@
 """SmolLM2-135M dense, pruned and healed: perplexity in and out of domain, and zero-shot task accuracy.
 
-Models: dense; Wanda 50% and Wanda 2:4, each pruned only, healed by STARFISH (the language-model
-default healer) and by kd, at the budget of benchmarks/LM_HEAL_MATRIX.md (2 epochs of 32 x 512
+Models: dense; Wanda 50% and Wanda 2:4, each pruned only, healed by STARFISH (the former
+language-model default) and by kd (the default since issue 22), at the budget of benchmarks/LM_HEAL_MATRIX.md (2 epochs of 32 x 512
 calibration tokens of WikiText-2 valid.tokenized.txt, seed 0). Every model is one `starfish run`
 output (written once), then scored by `starfish evaluate`:
 - perplexity on WikiText-2 test (first 6 windows of 2048 tokens) and on the out-of-domain text of

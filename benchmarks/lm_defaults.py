@@ -83,7 +83,8 @@ def render(data: dict) -> str:
     for row in data["rows"].values():
         texts = list(row["perplexity_by_text"].items())
         cells = []
-        for _, p in texts[:2]:
+        for _, entry in texts[:2]:
+            p = entry["perplexity"]
             cells.append(f"{p['dense']:.2f} / {p['pruned']:.2f} / **{p['healed']:.2f}** ({gap(p['dense'], p['pruned'], p['healed'])})")
         calib = row["calibration"]
         gen = calib.get("generated")
@@ -92,6 +93,7 @@ def render(data: dict) -> str:
         memory = f"{row['heal_peak_mb']:.0f} MB (+{added:.0f}; plan +{row['planned_added_mb']:.0f})" if added is not None else "—"
         lines.append(f"| {row['cell']} | {row['healer']} ({row['scope']}) | {calib_text} | {row['steps']} ({row['stopped_reason'] or 'budget end'}) | "
                      f"{' | '.join(cells)} | {row['heal_seconds']:.0f} s | {row['threads']} ({row['cells_side_by_side']}) | {memory} |")
+    lines += ["", f"Conditions: {data['conditions']}."] if data.get("conditions") else []
     lines += ["", "Commands (one per row):", ""] + [f"- `{r['command']}`" for r in data["rows"].values()]
     lines += ["", f"Rendered from `{RESULTS.relative_to(REPO)}` by `{data['command']}`."]
     return "\n".join(lines) + "\n"

@@ -64,9 +64,12 @@ def run_model(name: str, work: Path) -> str:
     return str(out)
 
 
-def evaluate(name: str, piece: str, work: Path, extra: list[str]) -> dict:
-    """One model's score for one piece (a task, or the texts), computed once and kept in RESULTS."""
+def evaluate(name: str, piece: str, work: Path, extra: list[str], kept_only: bool = False) -> dict | None:
+    """One model's score for one piece (a task, or the texts), computed once and kept in RESULTS
+    (``kept_only``: None where nothing is kept yet, nothing computed)."""
     kept = RESULTS / name / f"{piece}.json"
+    if not kept.is_file() and kept_only:
+        return None
     if not kept.is_file():
         out = work / "eval" / name / piece
         run_process(["-m", "starfish", "evaluate", run_model(name, work), *extra, "--device", "cpu", "--out", str(out), "--force"])
@@ -82,11 +85,15 @@ def sweep(args: argparse.Namespace) -> dict:
     results: dict = {"ood": ood_record, "limit": args.limit, "models": {}}
     for name in args.models.split(","):
         texts = evaluate(name, "texts", work, [
-            "--eval", str(WIKITEXT / "test.txt"), "--eval", str(ood), "--eval-size", "6", "--eval-seq-len", "2048"])
+            "--eval", str(WIKITEXT / "test.txt"), "--eval", str(ood), "--eval-size", "6", "--eval-seq-len", "2048"], args.render)
+        if texts is None:
+            continue
         entry = {"perplexity": {k: v["perplexity"] for k, v in texts["perplexity"].items()}, "tasks": {}}
         for task in args.tasks.split(","):
             record = evaluate(name, f"{task}-{args.limit}", work, [
-                "--tasks", task, "--eval-limit", str(args.limit), "--tasks-data", str(SHARED / "data" / "zeroshot")])
+                "--tasks", task, "--eval-limit", str(args.limit), "--tasks-data", str(SHARED / "data" / "zeroshot")], args.render)
+            if record is None:
+                continue
             entry["tasks"][task] = {**record["tasks"][task], "protocol": record["protocol"]["tasks"][task]}
             results["lm_eval_version"] = record["protocol"]["lm_eval_version"]
         results["models"][name] = entry
@@ -103,7 +110,7 @@ def render(results: dict, args: argparse.Namespace) -> None:
     head = ["WikiText-2 ppl", "Python stdlib ppl", *(f"{t} ({ZEROSHOT_TASKS.get(t).headline})" for t in tasks), "mean of the tasks scored", "mean (paper 7)"]
     lines = [
         "# SmolLM2-135M: perplexity in and out of domain, and zero-shot tasks", "",
-        f"`OMP_NUM_THREADS=2 python benchmarks/lm_zeroshot.py {' '.join(sys.argv[1:])}`. Models as in the script's docstring "
+        f"`OMP_NUM_THREADS=2 python benchmarks/lm_zeroshot.py {' '.join(a for a in sys.argv[1:] if a != '--render')}` (a missing cell: not scored yet). Models as in the script's docstring "
         f"(Wanda pruning, healing at the LM_HEAL_MATRIX budget of 2 epochs). Perplexity: first 6 windows of 2048 tokens. "
         f"Zero-shot: lm-evaluation-harness {results.get('lm_eval_version')}, 0-shot, a seeded subset of {results['limit']} items per "
         "task (all where a task has fewer); acc_norm for ARC, HellaSwag and OpenBookQA, acc elsewhere. Out-of-domain text: "
@@ -116,7 +123,8 @@ def render(results: dict, args: argparse.Namespace) -> None:
         ppl = list(entry["perplexity"].values())
         m = means({t: entry["tasks"][t] for t in tasks if t in entry["tasks"]})
         cells = [f"{v:.2f}" for v in ppl] + [_pct(entry["tasks"].get(t, {}).get(ZEROSHOT_TASKS.get(t).headline)) for t in tasks]
-        lines.append(f"| {name} | " + " | ".join(cells + [_pct(m["mean"]), _pct(m["mean_paper7"])]) + " |")
+        scored = sum(t in entry["tasks"] for t in tasks)
+        lines.append(f"| {name} | " + " | ".join(cells + [f"{_pct(m['mean'])} ({scored} tasks)", _pct(m["mean_paper7"])]) + " |")
     TABLE.write_text("\n".join(lines) + "\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -127,6 +135,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=500, help="items per task (seeded subset)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--tasks", default=",".join(TASK_SETS["standard"]), help="comma-separated tasks (default: standard, in its order)")
+    parser.add_argument("--render", action="store_true", help="only render the table from the scores kept so far (computes nothing)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "lm_zeroshot", help="run outputs and per-task scores (resumable)")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     sweep(parser.parse_args())

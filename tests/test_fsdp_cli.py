@@ -27,7 +27,7 @@ def _args(model: Path, texts: Path) -> list[str]:
         "--device", "cpu", "--model", f"hf:{model}", "--calib", str(texts / "calib.txt"), "--calib-size", "12",
         "--seq-len", "16", "--eval", str(texts / "eval.txt"), "--eval-size", "5", "--eval-seq-len", "32",
         "--sparsity", "0.5", "--pruner", "wanda", "--seed", "0", "--epochs", "2", "--batch-size", "5", "--lr", "1e-2",
-        "--no-progress",
+        "--no-progress", "--healer", "starfish",  # named: the language-model default is kd (its own test below)
     ]
 
 
@@ -73,6 +73,30 @@ def test_fsdp_report_and_scores_match_one_process(runs) -> None:
         assert report["perplexity"][label] == pytest.approx(report_one["perplexity"][label], rel=1e-4), label
     assert report["metrics"]["healed"]["kl_from_reference"] == pytest.approx(report_one["metrics"]["healed"]["kl_from_reference"], rel=1e-3)
     assert report["heal"]["memory_estimate"]["parallel"] == {"mode": "fsdp", "ranks": 2}
+
+
+def test_fsdp_heals_with_kd_like_one_process(runs) -> None:
+    """kd (the language-model default) under FSDP against one process. Its numbers agree to about
+    5e-5 relative, not the 1e-6 STARFISH reaches: the first loss already differs by that much, before
+    any update, so some float path of kd (targets, head) differs under sharding; not located yet.
+    Tolerances sit above that and far below what a wrong share weight or a lost gradient would give."""
+    model, one, _, _ = runs
+    root = one.parent
+    args = [a if a != "starfish" else "kd" for a in _args(model, root)]
+    assert main(["run", *args, "--out", str(root / "kd-one")]) == 0
+    two = torchrun("run", "--distributed", "fsdp", *args, "--out", str(root / "kd-fsdp"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    report_one, report = (json.loads((root / d / "report.json").read_text()) for d in ("kd-one", "kd-fsdp"))
+    assert report["healer"] == report_one["healer"] == "kd"
+    assert report["heal"]["loss_first"] == pytest.approx(report_one["heal"]["loss_first"], rel=2e-4)
+    assert report["heal"]["loss_last"] == pytest.approx(report_one["heal"]["loss_last"], rel=2e-4)
+    assert report["perplexity"]["healed"] == pytest.approx(report_one["perplexity"]["healed"], rel=2e-4)
+    weights_one, weights = (load_file(str(root / d / "model" / "model.safetensors")) for d in ("kd-one", "kd-fsdp"))
+    masks = load_file(str(root / "kd-fsdp" / "masks.safetensors"))
+    for name, value in weights_one.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-3, atol=2e-3, msg=name)
+    for name, keep in masks.items():
+        assert torch.count_nonzero(weights[name][~keep]) == 0, name
 
 
 def test_padding_batches_are_run_but_not_counted(monkeypatch) -> None:

@@ -171,7 +171,7 @@ def render(data: dict) -> str:
         lines += [""] + [f"\\* {r['healer']}: {r['note']}." for r in group if r.get("note")]
         lines.append("")
     lines.append("Commands: `python benchmarks/lm_healer_search.py --cells wanda --objectives kd,starfish_kd,starfish_norm,starfish "
-                 "--scopes joint --calib-sizes 32 --steps 16` and the same with `--cells wanda:2:4 --objectives kd,starfish_kd`; "
+                 "--scopes joint --calib-sizes 32 --steps 16` and the same with `--cells wanda:2:4 --objectives kd,starfish_kd` and with `--objectives kd --lr 1e-3`; "
                  "each candidate's own `starfish run` command is in the JSON.")
     return "\n".join(lines) + "\n"
 

@@ -21,13 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from lm_heal import MODEL, REPO, SHARED
+from lm_healer_search import log_gap_closed
+from ood_text import ensure as ensure_ood
 
-from ood_text import build as build_ood  # noqa: E402
-
-SHARED = Path(os.environ.get("STARFISH_SHARED", REPO.parent / "shared"))
-MODEL = Path(os.environ.get("STARFISH_SMOLLM2", REPO / ".cache" / "smollm2-135m"))
 RESULTS = REPO / "benchmarks" / "results" / "lm_defaults.json"
 TABLE = REPO / "benchmarks" / "LM_DEFAULTS.md"
 WORK = REPO / "runs" / "lm_defaults"
@@ -65,12 +62,6 @@ def row_of(cell: str, out: Path, cmd: list[str], wall: float, rss_mb: float, thr
     }
 
 
-def gap(dense: float, pruned: float, healed: float) -> str:
-    import math
-
-    return f"{100 * (math.log(pruned) - math.log(healed)) / (math.log(pruned) - math.log(dense)):.0f}%"
-
-
 def render(data: dict) -> str:
     lines = ["# SmolLM2-135M at the language-model defaults (issue 22's done-when command)", "",
              "Each row is `starfish run` with no healing and no calibration-size flag: the language-model defaults "
@@ -85,7 +76,7 @@ def render(data: dict) -> str:
         cells = []
         for _, entry in texts[:2]:
             p = entry["perplexity"]
-            cells.append(f"{p['dense']:.2f} / {p['pruned']:.2f} / **{p['healed']:.2f}** ({gap(p['dense'], p['pruned'], p['healed'])})")
+            cells.append(f"{p['dense']:.2f} / {p['pruned']:.2f} / **{p['healed']:.2f}** ({100 * log_gap_closed(p['dense'], p['pruned'], p['healed']):.0f}%)")
         calib = row["calibration"]
         gen = calib.get("generated")
         calib_text = f"{calib['size']} x {calib['seq_len']}" + (f" + {gen['count']} generated" if gen else "")
@@ -112,7 +103,7 @@ def main() -> int:
     if not (MODEL / "config.json").is_file():
         sys.exit(f"no SmolLM2 folder at {MODEL}: run python scripts/install_smollm2.py first")
     ood = WORK / "ood" / "python_stdlib.txt"
-    ood_record = build_ood(ood) if not ood.is_file() else json.loads(ood.with_suffix(".json").read_text())
+    ood_record = ensure_ood(ood)
     data = data or {"ood": ood_record, "rows": {}}
     data["command"] = "python benchmarks/lm_defaults.py " + " ".join(sys.argv[1:])
     todo = [c for c in args.cells.split(",") if c not in data["rows"]]

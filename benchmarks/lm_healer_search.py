@@ -126,12 +126,16 @@ def result_row(c: dict, out: Path, wall: float, peak: float, cmd: list[str], seq
     }
 
 
-def gap_closed(row: dict) -> float | None:
+def log_gap_closed(dense: float, pruned: float, healed: float) -> float:
     """Share of the pruned-to-dense log-perplexity gap that healing closed."""
+    return (math.log(pruned) - math.log(healed)) / (math.log(pruned) - math.log(dense))
+
+
+def gap_closed(row: dict) -> float | None:
     d, p, h = row.get("dense_perplexity"), row.get("pruned_perplexity"), row.get("healed_perplexity")
     if None in (d, p, h) or p <= d:
         return None
-    return (math.log(p) - math.log(h)) / (math.log(p) - math.log(d))
+    return log_gap_closed(d, p, h)
 
 
 def _mb(value: float | None) -> str:
@@ -170,9 +174,8 @@ def render(data: dict) -> str:
             )
         lines += [""] + [f"\\* {r['healer']}: {r['note']}." for r in group if r.get("note")]
         lines.append("")
-    lines.append("Commands: `python benchmarks/lm_healer_search.py --cells wanda --objectives kd,starfish_kd,starfish_norm,starfish "
-                 "--scopes joint --calib-sizes 32 --steps 16` and the same with `--cells wanda:2:4 --objectives kd,starfish_kd` and with `--objectives kd --lr 1e-3`; "
-                 "each candidate's own `starfish run` command is in the JSON.")
+    invocations = dict.fromkeys(r["invocation"] for r in rows if r.get("invocation"))
+    lines.append("Commands: " + ", ".join(f"`{c}`" for c in invocations) + "; each candidate's own `starfish run` command is in the JSON.")
     return "\n".join(lines) + "\n"
 
 
@@ -217,7 +220,7 @@ def main() -> int:
                 print("python " + " ".join(cmd))
                 continue
             wall, peak = run_process(cmd)
-            data["rows"].append(result_row(c, out, wall, peak, cmd, args.seq_len))
+            data["rows"].append(result_row(c, out, wall, peak, cmd, args.seq_len) | {"invocation": protocol["command"]})
             args.results.write_text(json.dumps(data, indent=2) + "\n")
             table.write_text(render(data))
             print(f"{key(c)}: healed {data['rows'][-1]['healed_perplexity']:.2f}", flush=True)

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from lm_heal import MODEL, REPO, SHARED, run_process
-from ood_text import build as build_ood
+from ood_text import ensure as ensure_ood
 
 sys.path.insert(0, str(REPO / "src"))
 from starfish.zeroshot.catalog import TASK_SETS, ZEROSHOT_TASKS  # noqa: E402
@@ -81,7 +81,7 @@ def evaluate(name: str, piece: str, work: Path, extra: list[str], kept_only: boo
 def sweep(args: argparse.Namespace) -> dict:
     work = args.work
     ood = work / "ood" / "python_stdlib.txt"
-    ood_record = build_ood(ood) if not ood.is_file() else json.loads(ood.with_suffix(".json").read_text())
+    ood_record = ensure_ood(ood)
     results: dict = {"ood": ood_record, "limit": args.limit, "models": {}}
     for name in args.models.split(","):
         texts = evaluate(name, "texts", work, [

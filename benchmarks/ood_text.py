@@ -30,6 +30,11 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def ensure(out: Path) -> dict:
+    """The text's record, building the text at ``out`` first where it is not there yet."""
+    return build(out) if not out.is_file() else json.loads(out.with_suffix(".json").read_text())
+
+
 def build(out: Path) -> dict:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [root / m for m in sorted(MODULES) if (root / m).is_file()]

@@ -113,3 +113,17 @@ def position_weights(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
 def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def batch_digest(batch: Mapping[str, torch.Tensor] | None) -> str | None:
+    """sha256 over a batch mapping's tensors (names, dtypes, shapes, bytes): which data exactly."""
+    import hashlib
+
+    if batch is None:
+        return None
+    digest = hashlib.sha256()
+    for key in sorted(batch):
+        t = batch[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

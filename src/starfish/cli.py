@@ -272,7 +272,7 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
 # The model, preprocessing and data flags: every subcommand that loads a model and images takes them.
 MODEL_FLAGS = ("--config", "--model", "--weights", "--pretrained", "--num-classes", "--dtype")
 PREPROCESS_FLAGS = ("--input-size", "--resize", "--mean", "--std")
-DATA_FLAGS = ("--calib", "--calib-size", "--calib-generate", "--calib-max-gb", "--holdout", "--holdout-size", "--eval", "--eval-size", "--task", "--seq-len", "--eval-seq-len", "--seed", "--eval-batch-size", "--workers")
+DATA_FLAGS = ("--calib", "--calib-size", "--calib-max-gb", "--holdout", "--holdout-size", "--eval", "--eval-size", "--task", "--seq-len", "--eval-seq-len", "--seed", "--eval-batch-size", "--workers")
 # What ``diagnose`` takes besides those: which weights, its per-layer sparsity, where to run and write.
 DIAGNOSE_FLAGS = (*MODEL_FLAGS, *PREPROCESS_FLAGS, *DATA_FLAGS, "--sparsity", "--include", "--exclude", "--blocks",
                   "--device", "--no-progress", "--out", "--force")

@@ -12,14 +12,13 @@ pruned model is the same with and without them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from starfish.batch import ATTENTION, TOKENS, Batch
+from starfish.batch import ATTENTION, TOKENS, Batch, batch_digest
 from starfish.errors import StarfishError
 
 GENERATE_BATCH = 16  # sequences sampled at once: bounds the key/value cache (SmolLM2-135M, 512 tokens: ~0.4 GB)
@@ -62,15 +61,11 @@ def generate_calibration(model: nn.Module, tokenizer, count: int, seq_len: int, 
     return {TOKENS: ids, ATTENTION: torch.ones_like(ids)}
 
 
-def ids_sha256(batch: Batch) -> str:
-    return hashlib.sha256(batch[TOKENS].to(torch.int64).numpy().tobytes()).hexdigest()
-
-
 def protocol(batch: Batch, seed: int, temperature: float = 1.0) -> dict:
     """What the report says about the generated calibration: enough to make it again and check it."""
     count, seq_len = batch[TOKENS].shape
     return {"count": int(count), "seq_len": int(seq_len), "seed": seed, "temperature": temperature, "top_k": None,
-            "start": "beginning-of-text token", "token_ids_sha256": ids_sha256(batch), "file": FILE_NAME}
+            "start": "beginning-of-text token", "token_ids_sha256": batch_digest({TOKENS: batch[TOKENS]}), "file": FILE_NAME}
 
 
 def write_texts(batch: Batch, tokenizer, folder: Path) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Iterable
 
 import torch
@@ -75,7 +76,7 @@ class RunData:
     texts: dict[str, TextWindows] = field(default_factory=dict)  # language models: every --eval text by name (the first is ``evaluation``)
     generated: Batch | None = None  # language models: --calib-generate sequences, for healing only (starfish.generated_text)
 
-    @property
+    @cached_property
     def heal_calibration(self) -> Batch | None:
         """What healing trains on: the calibration text, then any sequences the dense model generated."""
         from starfish.generated_text import joined

@@ -46,6 +46,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from starfish.batch import batch_digest
 from starfish.distributed.context import is_writer
 from starfish.errors import StarfishError
 from starfish.models.registry import sha256_of
@@ -82,18 +83,6 @@ def fingerprint(saved: Mapping[str, Any]) -> dict[str, Any]:
 
     walk("", json.loads(json.dumps(dict(saved), default=str)))
     return {k: v for k, v in flat.items() if k not in UNFINGERPRINTED}
-
-
-def calibration_digest(calibration: Mapping[str, torch.Tensor] | None) -> str | None:
-    """sha256 over the calibration tensors (names, dtypes, shapes, bytes): the data healing saw."""
-    if calibration is None:
-        return None
-    digest = hashlib.sha256()
-    for key in sorted(calibration):
-        t = calibration[key].detach().cpu().contiguous()
-        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
@@ -168,7 +157,7 @@ class Checkpointer:
         if config.out is None:
             return None
         folder = resume_dir(config.out)
-        record = {"format": FORMAT, "config": fingerprint(config.saved_dict()), "calibration": calibration_digest(calibration)}
+        record = {"format": FORMAT, "config": fingerprint(config.saved_dict()), "calibration": batch_digest(calibration)}
         environment = {"torch": torch.__version__, "threads": torch.get_num_threads()}
         found = _read_run(folder)
         saved = found if config.resume else None

@@ -255,3 +255,17 @@ def test_precision_and_checkpoint_flags_reach_the_heal_config_and_are_checked():
     with pytest.raises(StarfishError, match="--grad-checkpoint"):
         HealConfig(grad_checkpoint="always").validate()
     assert HealConfig().precision == "auto"
+
+
+def test_native_precision_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
+    """``auto`` keeps CPUs at fp32 (image results stay reproducible); ``native``, the language-model
+    default, takes bf16 on a CPU with AMX/AVX512-BF16 and nowhere else on a CPU."""
+    from starfish.heal import precision
+
+    cpu = torch.device("cpu")
+    for has_it in (True, False):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda has_it=has_it: has_it)
+        assert precision.resolve_precision("native", cpu) == ("bf16" if has_it else "fp32")
+        assert precision.resolve_precision("auto", cpu) == "fp32"
+        assert precision.resolve_precision("fp32", cpu) == "fp32"
+    HealConfig(precision="native").validate()

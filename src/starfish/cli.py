@@ -251,7 +251,7 @@ RUN_FLAGS: list[tuple[str, str, dict]] = [
     ("--cache-device", "heal.cache_device", dict(help="where cached dense outputs live: auto (pinned CPU beside a GPU, default), cpu, cuda, or disk (memory-mapped temp files)")),
     ("--heal-scope", "heal.scope", dict(choices=["joint", "blockwise"], help="joint (default, the published recipe) or blockwise (one block at a time: memory of one block)")),
     ("--blockwise-inputs", "heal.blockwise_inputs", dict(choices=["sparse", "dense"], help="blockwise: a block sees the healed network's stream (sparse, default) or the dense one")),
-    ("--precision", "heal.precision", dict(choices=["auto", "fp32", "bf16", "fp16"], help="autocast of the healing forward passes; weights, optimizer and loss stay float32 (default auto: bf16 on a CUDA GPU that supports it, else fp32)")),
+    ("--precision", "heal.precision", dict(choices=["auto", "native", "fp32", "bf16", "fp16"], help="autocast of the healing forward passes; weights, optimizer and loss stay float32 (default auto: bf16 on a CUDA GPU that supports it, else fp32; language models: native, i.e. also bf16 on a CPU with AMX/AVX512-BF16)")),
     ("--grad-checkpoint", "heal.grad_checkpoint", dict(choices=["auto", "on", "off"], help="joint healing: recompute each block in the backward pass instead of keeping its activations (default auto: on only when the memory plan needs it)")),
     ("--memory-limit-gb", "heal.memory_limit_gb", dict(type=float, help="refuse to heal when the memory estimate exceeds this (default: what is free)")),
     ("--train-mode", "heal.train_mode", dict(action="store_true", help="heal with dropout on")),

@@ -14,18 +14,21 @@ from collections.abc import Mapping
 
 # Causal language models. Healer: output distillation (kd), the winner of every screening row and of
 # every row of the six-row matrix on SmolLM2-135M (benchmarks/LM_HEALER_SEARCH.md, LM_HEAL_MATRIX.md);
-# no STARFISH-family objective matched it at an equal budget. Budget: at most 5 epochs of the default
-# 128 calibration sequences (text.TEXT_CALIB_DEFAULT), i.e. 80 optimizer steps of 8 x 512 tokens
-# (327,680 tokens), the held-out KL checked every epoch, stop after two checks without progress; 80
-# steps is what fits the former defaults' healing time (90 min on one busy CPU thread).
+# no STARFISH-family objective matched it at an equal budget. Budget: at most 4 epochs of the default
+# 256 calibration sequences (text.TEXT_CALIB_DEFAULT), i.e. 128 optimizer steps of 8 x 512 tokens
+# (524,288 tokens), the held-out KL checked every epoch, stop after two checks without progress.
+# Precision ``native``: bf16 autocast where the hardware computes it (a CUDA GPU, a CPU with AMX);
+# on the team's AMX CPU it healed as well as fp32 in 0.66x the time (LM_HEALER_SEARCH.md), and 128
+# bf16 steps is what fits the former defaults' healing time (90 min on one busy CPU thread).
 # Batch 8 and lr 3e-4 were measured on SmolLM2 (BENCHMARKS.md, "How the language-model defaults were picked").
 LANGUAGE_MODEL_HEAL: dict[str, object] = {
     "healer": "kd",
     "batch_size": 8,
     "lr": 3e-4,
-    "max_epochs": 5,
+    "max_epochs": 4,
     "eval_every": 1,
     "patience": 2,
+    "precision": "native",  # bf16 autocast where the hardware has it (CUDA, or a CPU with AMX)
 }
 
 BLOCKWISE_HEALER = "starfish"  # the language-model default when --heal-scope blockwise is asked for without --healer

@@ -37,7 +37,7 @@ class HealConfig:
     blockwise_inputs: str = "sparse"  # blockwise: a block sees the healed network's stream or the dense one
     memory_limit_gb: float | None = None  # cap on the memory healing may plan to use (None = what is free)
     precision: str = "auto"  # autocast of the forward passes: fp32 | bf16 | fp16 | auto (bf16 on a bf16-capable
-    # CUDA device, fp32 elsewhere); weights, gradients, optimizer state and losses stay float32 (heal.precision)
+    # CUDA device, fp32 elsewhere) | native (auto, plus bf16 on a CPU with AMX/AVX512-BF16); weights, gradients, optimizer state and losses stay float32 (heal.precision)
     grad_checkpoint: str = "auto"  # joint scope: per-block gradient checkpointing on | off | auto (on only when
     # the memory plan says the run would not fit without it; heal.checkpointing)
     divergence_factor: float = 1.5  # stop when the smoothed loss rises above this many times the first loss

@@ -7,10 +7,15 @@ loaded in float16/bfloat16 is widened for healing and narrowed back after, ``flo
 cast back to float32 (``as_float``), outside the autocast region. Pruned entries are exact zeros
 in any dtype, so the mask contract does not depend on the precision.
 
-``auto`` (the default) is float32 on a CPU and bfloat16 on a CUDA device that supports it:
+``auto`` (the default) is float32 on a CPU and bfloat16 on a CUDA device that supports it;
+``native`` (the language-model default) is bfloat16 wherever the hardware computes it natively: a
+CUDA device as above, or a CPU with AMX tiles or AVX512-BF16, else float32:
 
 * CPUs without AVX512-BF16/AMX gain nothing from bfloat16 (measured on the team's CPU: no faster),
-  and float32 keeps CPU runs reproducible against earlier results;
+  and float32 keeps CPU runs reproducible against earlier results (``auto`` stays float32 there);
+* on a CPU with AMX a SmolLM2-135M kd step (8 x 512 tokens) ran 2x faster under bfloat16 autocast
+  (BENCHMARKS.md, "bf16 on CPUs with AMX"), so language models, whose heal is bound by matrix
+  products, use it there;
 * on GPUs bfloat16 halves activation memory and runs on tensor cores; it has float32's range, so
   it needs no loss scaling. float16 is opt-in only: its narrow range needs a ``GradScaler``
   (which ``LossScaler`` adds) and can still overflow in the forward pass.
@@ -26,15 +31,24 @@ from torch import nn
 
 from starfish.masks import is_sharded
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "native", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX tiles or AVX512-BF16)."""
+    checks = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(bool(check()) for check in checks if check is not None)
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """The precision a run uses: the request, or for ``auto`` bf16 on a bf16-capable CUDA device, else fp32."""
-    if requested != "auto":
+    """The precision a run uses: the request; for ``auto`` bf16 on a bf16-capable CUDA device, else
+    fp32; for ``native`` also bf16 on a CPU with native bf16 matrix units."""
+    if requested not in ("auto", "native"):
         return requested
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    if requested == "native" and device.type == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
 

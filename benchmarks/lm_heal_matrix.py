@@ -39,18 +39,19 @@ def compare_command(pruner: str, pattern: str | None, out: Path, args: argparse.
         "--calib", str(SHARED / "data/wikitext2/valid.tokenized.txt"), "--calib-size", "32", "--seq-len", "512",
         "--eval", str(SHARED / "data/wikitext2/test.txt"), "--eval-size", "6", "--eval-seq-len", "2048",
         "--pruner", pruner, "--seed", "0", "--sparsities", "0.5", "--healers", args.healers,
-        "--budget", "fixed", "--epochs", str(args.epochs), "--device", "cpu", "--no-progress", "--out", str(out), "--force",
+        "--budget", "fixed", "--epochs", str(args.epochs), "--precision", args.precision,
+        "--device", "cpu", "--no-progress", "--out", str(out), "--force",
     ]
     return cmd + (["--pattern", pattern] if pattern else [])
 
 
-def matrix_rows(pruner: str, pattern: str | None, out: Path, wall: float, peak: float, cmd: list[str]) -> list[dict]:
+def matrix_rows(pruner: str, pattern: str | None, out: Path, wall: float, peak: float, cmd: list[str], precision: str) -> list[dict]:
     """One row per healer from the compare outputs, with what they share (protocol, process cost)."""
     protocol = json.loads((out / "protocol.json").read_text())
     scopes = {h["name"]: h["scope"] for h in protocol["healers"]}
     shared = {
         "pruner": pruner, "pattern": pattern, "epochs": protocol["heal_budget"]["epochs"],
-        "batch_size": protocol["heal_budget"]["batch_size"], "lr": protocol["heal_budget"]["lr"],
+        "batch_size": protocol["heal_budget"]["batch_size"], "lr": protocol["heal_budget"]["lr"], "precision": precision,
         "dense_perplexity": protocol["dense_perplexity"], "eval": protocol["eval"],
         "process_wall_seconds": wall, "process_peak_rss_mb": peak,
         "command": "python benchmarks/lm_heal_matrix.py " + " ".join(sys.argv[1:]),
@@ -94,10 +95,15 @@ def _plan_over_measured(row: dict) -> str:
     return f"{added[place]:.0f} / {peak - start:.0f} MB = {added[place] / (peak - start):.2f}"
 
 
+def _budget(row: dict) -> tuple[int, str]:
+    """What a section shares: the epochs and the --precision asked for (rows before the flag: fp32)."""
+    return row["epochs"], row.get("precision", "fp32")
+
+
 def render(rows: list[dict]) -> str:
-    """One section per budget (epochs), each healer given that same budget."""
-    budgets = sorted({r["epochs"] for r in rows})
-    sections = [render_budget([r for r in rows if r["epochs"] == e]) for e in budgets]
+    """One section per budget (epochs, precision), each healer given that same budget."""
+    budgets = sorted({_budget(r) for r in rows})
+    sections = [render_budget([r for r in rows if _budget(r) == b]) for b in budgets]
     return "# SmolLM2-135M: healers under one budget\n\n" + "\n".join(sections)
 
 
@@ -107,7 +113,8 @@ def render_budget(rows: list[dict]) -> str:
     cells = list(dict.fromkeys(_cell(r) for r in rows))
     first = rows[0]
     lines = [
-        f"## {first['epochs']} epochs for every healer ({_joint_steps(rows)} optimizer steps in joint scope)",
+        f"## {first['epochs']} epochs for every healer ({_joint_steps(rows)} optimizer steps in joint scope)"
+        + (f", `--precision {first['precision']}`" if first.get("precision", "fp32") != "fp32" else ""),
         "",
         f"`{first['command']}`; each pruned model is one `starfish compare` process "
         f"(`{first['cell_command']}`). Budget for every trained healer: {first['epochs']} epochs of the 32 "
@@ -158,6 +165,7 @@ def main() -> int:
     parser.add_argument("--cells", default=CELLS, help=f"PRUNER[:N:M],... (default {CELLS}); no pattern = 50%% unstructured")
     parser.add_argument("--healers", default=HEALERS, help=f"compare's --healers (default {HEALERS})")
     parser.add_argument("--epochs", type=int, default=2, help="the one budget every trained healer gets (default 2)")
+    parser.add_argument("--precision", default="fp32", help="compare's --precision (default fp32, what the first rows ran; native: the LM default)")
     parser.add_argument("--render", action="store_true", help="only render the markdown from the JSON")
     args = parser.parse_args()
     rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
@@ -171,11 +179,11 @@ def main() -> int:
                 out = Path(scratch) / f"{pruner}-{pattern or 'unstructured'}".replace(":", "of")
                 cmd = compare_command(pruner, pattern, out, args)
                 wall, peak = run_process(cmd)
-                rows = [r for r in rows if _cell(r) != (pruner, pattern) or r["epochs"] != args.epochs]
-                rows += matrix_rows(pruner, pattern, out, wall, peak, cmd)
+                rows = [r for r in rows if _cell(r) != (pruner, pattern) or _budget(r) != (args.epochs, args.precision)]
+                rows += matrix_rows(pruner, pattern, out, wall, peak, cmd, args.precision)
                 RESULTS.write_text(json.dumps({"model": MODEL.name, "rows": rows}, indent=2) + "\n")
                 TABLE.write_text(render(rows))
-                print(render_budget([r for r in rows if _cell(r) == (pruner, pattern) and r["epochs"] == args.epochs]), flush=True)
+                print(render_budget([r for r in rows if _cell(r) == (pruner, pattern) and _budget(r) == (args.epochs, args.precision)]), flush=True)
     TABLE.write_text(render(rows))
     print(TABLE.read_text())
     return 0

@@ -2,7 +2,7 @@
 
 Models: dense; Wanda 50% and Wanda 2:4, each pruned only, healed by STARFISH (the former
 language-model default) and by kd (the default since issue 22), at the budget of benchmarks/LM_HEAL_MATRIX.md (2 epochs of 32 x 512
-calibration tokens of WikiText-2 valid.tokenized.txt, seed 0). Every model is one `starfish run`
+calibration tokens of WikiText-2 valid.tokenized.txt, seed 0, float32 as that matrix ran). Every model is one `starfish run`
 output (written once), then scored by `starfish evaluate`:
 - perplexity on WikiText-2 test (first 6 windows of 2048 tokens) and on the out-of-domain text of
   benchmarks/ood_text.py (Python standard-library sources, first 6 windows of 2048 tokens);
@@ -37,11 +37,11 @@ WIKITEXT = SHARED / "data" / "wikitext2"
 MODELS = {  # name -> extra `starfish run` flags (None: the dense model itself)
     "dense": None,
     "wanda50-pruned": ["--healer", "none"],
-    "wanda50-starfish": ["--healer", "starfish", "--budget", "fixed", "--epochs", "2"],
-    "wanda50-kd": ["--healer", "kd", "--budget", "fixed", "--epochs", "2"],
+    "wanda50-starfish": ["--healer", "starfish", "--budget", "fixed", "--epochs", "2", "--precision", "fp32"],
+    "wanda50-kd": ["--healer", "kd", "--budget", "fixed", "--epochs", "2", "--precision", "fp32"],
     "wanda24-pruned": ["--pattern", "2:4", "--healer", "none"],
-    "wanda24-starfish": ["--pattern", "2:4", "--healer", "starfish", "--budget", "fixed", "--epochs", "2"],
-    "wanda24-kd": ["--pattern", "2:4", "--healer", "kd", "--budget", "fixed", "--epochs", "2"],
+    "wanda24-starfish": ["--pattern", "2:4", "--healer", "starfish", "--budget", "fixed", "--epochs", "2", "--precision", "fp32"],
+    "wanda24-kd": ["--pattern", "2:4", "--healer", "kd", "--budget", "fixed", "--epochs", "2", "--precision", "fp32"],
 }
 
 

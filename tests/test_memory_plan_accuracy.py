@@ -41,12 +41,14 @@ def _models():
     return dense, sparse, masks, calibration
 
 
-@pytest.mark.parametrize("healer,scope", [("starfish", "joint"), ("kd", "joint"), ("starfish", "blockwise")])
-def test_plan_is_within_bounds_of_the_measured_peak(healer, scope):
+@pytest.mark.parametrize("healer,scope,budget", [("starfish", "joint", "fixed"), ("kd", "joint", "fixed"), ("starfish", "blockwise", "fixed"),
+                                                 ("kd", "joint", "auto")])
+def test_plan_is_within_bounds_of_the_measured_peak(healer, scope, budget):
+    """``auto`` (the language-model default) adds the held-out monitor: its targets and its own best-weights copy."""
     assert reset_peak_memory(torch.device("cpu")) and peak_memory_mb(torch.device("cpu"), since_reset=True)[0] > 0
     dense, sparse, masks, calibration = _models()
     config = HealConfig(healer=healer, scope=scope, batch_size=8, epochs=1, max_steps=3, device="cpu", progress=False,
-                        cache_dtype="float16", grad_checkpoint="off")
+                        cache_dtype="float16", grad_checkpoint="off", budget=budget, max_epochs=2, eval_every=1)
     result = heal(dense, sparse, masks, calibration, config)
     measured = result.peak_memory_mb - result.memory_at_start_mb
     planned = result.memory_estimate["added_mb"]["cpu"]

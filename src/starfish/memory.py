@@ -566,6 +566,8 @@ def estimate_heal_memory(
         if objective.needs_dense and not config.recompute_targets:
             plan.add("dense targets", cache, n * per_sample_targets * cache_size)
         plan.add("best-weights copy", host_copy, shard(train))
+        if config.budget == "auto":  # the held-out monitor keeps its own best weights beside the divergence guard's copy
+            plan.add("held-out best-weights copy", host_copy, shard(train))
     if compute == "cpu":
         plan.add("runtime (autograd engine, thread pools, allocator arenas)", compute, CPU_RUNTIME_BYTES)
     if home == compute:  # the models (and their masks) already sit where healing computes

@@ -34,14 +34,15 @@ from starfish.zeroshot.catalog import TASK_SETS, ZEROSHOT_TASKS  # noqa: E402
 TABLE = REPO / "benchmarks" / "LM_ZEROSHOT.md"
 RESULTS = REPO / "benchmarks" / "results" / "lm_zeroshot"
 WIKITEXT = SHARED / "data" / "wikitext2"
+MATRIX_BUDGET = ["--budget", "fixed", "--epochs", "2", "--precision", "fp32"]  # LM_HEAL_MATRIX.md's budget, as it ran
 MODELS = {  # name -> extra `starfish run` flags (None: the dense model itself)
     "dense": None,
     "wanda50-pruned": ["--healer", "none"],
-    "wanda50-starfish": ["--healer", "starfish", "--budget", "fixed", "--epochs", "2", "--precision", "fp32"],
-    "wanda50-kd": ["--healer", "kd", "--budget", "fixed", "--epochs", "2", "--precision", "fp32"],
+    "wanda50-starfish": ["--healer", "starfish", *MATRIX_BUDGET],
+    "wanda50-kd": ["--healer", "kd", *MATRIX_BUDGET],
     "wanda24-pruned": ["--pattern", "2:4", "--healer", "none"],
-    "wanda24-starfish": ["--pattern", "2:4", "--healer", "starfish", "--budget", "fixed", "--epochs", "2", "--precision", "fp32"],
-    "wanda24-kd": ["--pattern", "2:4", "--healer", "kd", "--budget", "fixed", "--epochs", "2", "--precision", "fp32"],
+    "wanda24-starfish": ["--pattern", "2:4", "--healer", "starfish", *MATRIX_BUDGET],
+    "wanda24-kd": ["--pattern", "2:4", "--healer", "kd", *MATRIX_BUDGET],
 }
 
 

@@ -30,7 +30,7 @@ from starfish.errors import StarfishError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 DOCUMENT_SEPARATOR = "\n\n"  # joins documents when a source is evaluated as one text
-TEXT_CALIB_DEFAULT = 256  # calibration sequences when --calib-size is not given: twice the Wanda/SparseGPT 128, so the default heal (4 epochs, starfish.defaults) sees 4x fewer repeats
+TEXT_CALIB_DEFAULT = 256  # calibration sequences when --calib-size is not given: twice the Wanda/SparseGPT 128, so the default heal's 128 steps (starfish.defaults) see each sequence 4 times
 
 
 def text_files(path: str | Path) -> list[Path]:

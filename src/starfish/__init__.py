@@ -12,6 +12,7 @@ from starfish.version import __version__
 from starfish.errors import StarfishError
 from starfish.evaluate import Predictions, predict, summarize
 from starfish.heal import HealConfig, HealResult, heal, list_healers
+from starfish.hf_api import prune_and_heal
 from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model, list_models, register_model
 from starfish.pipeline import RunConfig, run
@@ -40,6 +41,7 @@ __all__ = [
     "apply_repair",
     "predict",
     "prunable_targets",
+    "prune_and_heal",
     "prune",
     "register_model",
     "run",

@@ -315,23 +315,19 @@ def config_from_args(args: argparse.Namespace):
         config_types(RunConfig, base)  # a wrong type is named even for keys a rerun then drops
         for key in INVOCATION_KEYS:  # older config.json files carried them; a rerun names its own
             base.pop(key, None)
-    merged = RunConfig.from_dict(base).to_dict()
-    if ("heal.epochs" in given or "heal.max_steps" in given) and "heal.budget" not in given:
-        merged["heal"]["budget"] = "fixed"  # "--epochs N" / "--max-steps N" ask for that much training
+    merged = dict(base)  # only what the file and the flags name: RunConfig resolves the rest (defaults.resolve_heal_settings)
     for dest, value in given.items():
         if dest.startswith("_") or dest in ("command", "handler"):
             continue
         head, _, tail = dest.partition(".")
         if tail:
-            section = merged.get(head) or {}
+            section = dict(merged.get(head) or {})
             section[tail] = value
             merged[head] = section
         else:
             merged[dest] = value
-    from starfish.defaults import apply_model_defaults, given_keys
-
     fix_named_dimensions(merged, {k for k in given if not k.startswith("_")})
-    return RunConfig.from_dict(apply_model_defaults(merged, given_keys(given, base)))
+    return RunConfig.from_dict(merged)
 
 
 def fix_named_dimensions(merged: dict, flags: set[str]) -> None:
@@ -340,9 +336,10 @@ def fix_named_dimensions(merged: dict, flags: set[str]) -> None:
     if merged.get("pipeline") != "auto":
         return
     candidates = dict(merged.get("candidates") or {})
+    prune = merged.get("prune") or {}
     for dim, dest, value in (
-        ("pruner", "prune.pruner", merged["prune"].get("pruner")),
-        ("allocation", "prune.allocation", merged["prune"].get("allocation")),
+        ("pruner", "prune.pruner", prune.get("pruner")),
+        ("allocation", "prune.allocation", prune.get("allocation")),
         ("repair", "repair", merged.get("repair")),
     ):
         if dest in flags and not candidates.get(dim) and value != "auto":

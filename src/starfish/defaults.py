@@ -3,9 +3,11 @@
 Why per kind: the published recipe (10 epochs, batch 32, lr 6e-4) was set on images. A language
 model's calibration set is a few dozen long sequences, so batch 32 is one optimizer step per epoch,
 and an epoch of a causal LM costs far more than one of a CIFAR network; the values below were
-measured on SmolLM2-135M (``BENCHMARKS.md``, "How the language-model defaults were picked"). The CLI applies them before validation,
-and the resolved values are saved in ``config.json``, so a rerun repeats the same training.
-From Python, pass them explicitly: ``HealConfig(budget="auto", **LANGUAGE_MODEL_HEAL)``.
+measured on SmolLM2-135M (``BENCHMARKS.md``, "How the language-model defaults were picked").
+``resolve_heal_settings`` applies them, with the rules between settings, for the CLI and for
+``RunConfig`` built from Python alike; the resolved values are saved in ``config.json``, so a rerun
+repeats the same training. A ``HealConfig`` passed whole is taken as it is (its own defaults are
+the published image recipe).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ LANGUAGE_MODEL_HEAL: dict[str, object] = {
     "precision": "native",  # bf16 autocast where the hardware has it (CUDA, or a CPU with AMX)
 }
 
+# A run's healing budget unless one is named: stop on the held-out plateau (``heal.stopping``); the
+# published recipe is ``budget="fixed"`` (10 epochs). ``heal()`` itself keeps HealConfig's "fixed".
+RUN_BUDGET = "auto"
+
 BLOCKWISE_HEALER = "starfish"  # the language-model default when --heal-scope blockwise is asked for without --healer
 
 
@@ -48,27 +54,28 @@ def is_language_model(model: str) -> bool:
         return False
 
 
-def apply_model_defaults(merged: dict, given: set[str]) -> dict:
-    """Fill the heal settings of ``merged`` (a RunConfig dict) that no flag or config file gave
-    (``given``: dotted keys such as ``heal.lr``) with the defaults of the model's kind."""
-    if not is_language_model(str(merged.get("model", ""))):
-        return merged
-    heal: dict = dict(merged.get("heal") or {})
-    for key, value in LANGUAGE_MODEL_HEAL.items():
-        if f"heal.{key}" not in given:
-            heal[key] = value
-    if "heal.healer" not in given and heal.get("scope") == "blockwise":  # kd reads logits: block by block, heal with STARFISH
-        heal["healer"] = BLOCKWISE_HEALER
-    merged["heal"] = heal
-    return merged
+def heal_defaults(language_model: bool) -> dict[str, object]:
+    """The heal settings a run uses where none is named: the run's budget, then the model kind's."""
+    return {"budget": RUN_BUDGET, **(LANGUAGE_MODEL_HEAL if language_model else {})}
 
 
-def given_keys(flags: Mapping[str, object], base: Mapping[str, object]) -> set[str]:
-    """Dotted keys named by the command line (argparse dests) or by a ``--config`` file."""
-    keys = {k for k in flags if not k.startswith("_")}
-    for head, value in base.items():
-        if isinstance(value, Mapping):
-            keys |= {f"{head}.{k}" for k in value}
-        else:
-            keys.add(head)
-    return keys
+def resolve_heal_settings(model: str, named: Mapping[str, object]) -> dict[str, object]:
+    """The full heal settings of a run on ``--model`` ``model`` whose request names ``named`` (a
+    partial ``HealConfig`` dict): ``resolve_heal_settings_of`` for that model's kind."""
+    return resolve_heal_settings_of(is_language_model(model), named)
+
+
+def resolve_heal_settings_of(language_model: bool, named: Mapping[str, object]) -> dict[str, object]:
+    """The one place where heal defaults and the rules between settings are decided, for the CLI,
+    ``RunConfig`` built from Python and ``prune_and_heal`` alike.
+
+    Rules: a named ``epochs`` or ``max_steps`` asks for that much training, so without a named
+    ``budget`` the budget is ``fixed``; a language model healed block by block without a named
+    healer heals with ``BLOCKWISE_HEALER`` (kd reads logits, which a single block does not produce).
+    """
+    values = {**heal_defaults(language_model), **named}
+    if ("epochs" in named or "max_steps" in named) and "budget" not in named:
+        values["budget"] = "fixed"
+    if "healer" not in named and values.get("scope") == "blockwise" and language_model:
+        values["healer"] = BLOCKWISE_HEALER
+    return values

@@ -7,11 +7,12 @@ the same inputs with the same messages.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from starfish.distributed.context import is_writer
-from starfish.defaults import is_language_model
+from starfish.defaults import RUN_BUDGET, is_language_model, resolve_heal_settings
 from starfish.errors import StarfishError
 from starfish.heal import HealConfig
 from starfish.outputs import check_output_dir
@@ -21,9 +22,7 @@ from starfish.pruning import PruneConfig
 # checkpoint: properties of one invocation, never of the job, so a saved config.json does not carry
 # them (rerunning it must name a new --out, and must not silently resume or stop checkpointing).
 INVOCATION_KEYS = ("out", "force", "checkpoint_every", "resume")
-# A run's healing budget unless one is named: stop on the held-out plateau (``heal.stopping``); the
-# published recipe is ``budget="fixed"`` (10 epochs). ``heal()`` itself keeps HealConfig's "fixed".
-RUN_BUDGET = "auto"
+__all__ = ["INVOCATION_KEYS", "RUN_BUDGET", "RunConfig", "validate"]
 
 
 @dataclass
@@ -58,7 +57,9 @@ class RunConfig:
     probe_signal: str = "auto"  # pipeline auto: rank by held-out output "kl" or healing "objective" (auto: by network)
     repair_shrinkage: float = 0.0  # varmatch: > 0 keeps (nearly) collapsed channels from being blown up
     heal_from: str = "pruned"  # "pruned": start healing from the pruner's weights; "dense-masked": dense x mask
-    heal: HealConfig = field(default_factory=lambda: HealConfig(budget=RUN_BUDGET))
+    # the heal settings: leave out, or name some in a dict ({"lr": 1e-3}), and the rest follow the model's
+    # kind (``defaults.resolve_heal_settings``, as on the command line); a HealConfig is taken whole
+    heal: HealConfig | Mapping | None = field(default=None, metadata={"section": HealConfig})  # a HealConfig once constructed
     out: str | None = None
     force: bool = False
     checkpoint_every: int | str = "auto"  # heal checkpoints beside --out: steps, "auto" (by time) or 0 (off)
@@ -67,6 +68,12 @@ class RunConfig:
     workers: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.heal, HealConfig):
+            from starfish.validation import config_types
+
+            named = dict(self.heal or {})
+            config_types(HealConfig, named, "heal.")  # a wrong type or unknown key names its key
+            self.heal = HealConfig(**resolve_heal_settings(self.model, named))
         if isinstance(self.eval, list) and len(self.eval) == 1:
             self.eval = self.eval[0]  # one source is saved as a plain path, as before several were allowed
 
@@ -95,7 +102,6 @@ class RunConfig:
             raise StarfishError(f"config has unknown keys {unknown}; known keys: {sorted(known)}.")
         raw = dict(raw)
         raw["prune"] = PruneConfig(**raw.get("prune", {}))
-        raw["heal"] = HealConfig(**{"budget": RUN_BUDGET, **raw.get("heal", {})})
         return cls(**raw)
 
     def with_prune(self, **changes) -> "RunConfig":

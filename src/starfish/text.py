@@ -125,11 +125,18 @@ def _check_lengths(seq_len: int, size: int | None) -> None:
 
 def calibration_text(path: str | Path, tokenizer, size: int, seq_len: int, seed: int = 0) -> Batch:
     """``size`` sequences of ``seq_len`` tokens from a text source as one Batch mapping."""
+    return calibration_sequences(read_documents(path), tokenizer, size, seq_len, seed, name=f"text source {path}")
+
+
+def calibration_sequences(documents: list[str], tokenizer, size: int, seq_len: int, seed: int = 0, name: str = "the calibration text") -> Batch:
+    """``size`` sequences of ``seq_len`` tokens drawn from ``documents`` (in memory): a document is
+    picked in proportion to its length, then a window inside it, both from ``seed``; a document
+    shorter than ``seq_len`` is padded (attention mask 0)."""
     _check_lengths(seq_len, size)
-    docs = [tokenize(tokenizer, d) for d in read_documents(path)]
+    docs = [tokenize(tokenizer, d) for d in documents]
     docs = [d for d in docs if d.numel() > 0]
     if not docs:
-        raise StarfishError(f"text source {path} yields no tokens with this tokenizer.")
+        raise StarfishError(f"{name} yields no tokens with this tokenizer.")
     lengths = torch.tensor([d.numel() for d in docs], dtype=torch.double)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.full((size, seq_len), pad_id(tokenizer), dtype=torch.long)

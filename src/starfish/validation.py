@@ -152,8 +152,9 @@ def config_types(cls: type, raw: Any, where: str = "") -> None:
     for key, value in raw.items():
         annotation = known[key].type if isinstance(known[key].type, str) else getattr(known[key].type, "__name__", "")
         default = known[key].default_factory() if callable(known[key].default_factory) else None  # type: ignore[misc]
-        if is_dataclass(default):
-            config_types(type(default), value, f"{where}{key}.")
+        section = known[key].metadata.get("section") or (type(default) if is_dataclass(default) else None)
+        if section is not None and not is_dataclass(value):
+            config_types(section, value, f"{where}{key}.")
         elif all(p.strip() in _TYPES or p.strip() == "None" for p in annotation.split("|")) and not _accepts(annotation, value):
             wanted = " or ".join("null" if p.strip() == "None" else p.strip() for p in annotation.split("|"))
             raise StarfishError(f"config key '{where}{key}' must be {wanted}; got {json_name(value)} {value!r}.")

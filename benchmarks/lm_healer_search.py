@@ -7,11 +7,11 @@ candidate already in the JSON with the same budget is skipped). The markdown is 
 Protocol. Nothing here reads WikiText test.txt (the issue's evaluation text): ``valid.tokenized.txt``
 is split at a line boundary into a calibration part (the first ``--calib-fraction`` of its lines)
 and a disjoint scoring part (the rest); pruning and healing draw their calibration sequences
-(``--calib-size`` x 512 tokens, seed 0) from the first, perplexity is measured on the first
+(``--calib-size`` x ``--seq-len`` tokens, seed 0) from the first, perplexity is measured on the first
 ``--score-windows`` windows of 2048 tokens of the second. Both parts are written under
 ``.cache/lm_healer_search/`` and their sha256 recorded. One short budget for every candidate:
-``--steps`` optimizer steps of batch 8 (language-model default, lr 3e-4 cosine), i.e. the same
-tokens for every calibration size; block-wise scopes take those steps for every block.
+``--steps`` optimizer steps of ``--batch-size`` sequences (language-model default 8 x 512, lr 3e-4
+cosine), i.e. the same tokens for every calibration size; block-wise scopes take those steps for every block.
 
     OMP_NUM_THREADS=2 python benchmarks/lm_healer_search.py --dry-run        # the commands only
     OMP_NUM_THREADS=2 python benchmarks/lm_healer_search.py --steps 16
@@ -48,7 +48,7 @@ BATCH = 8
 
 
 LR = 3e-4  # the language-model default (starfish.defaults.LANGUAGE_MODEL_HEAL)
-SAME = ("calibration", "scoring", "score_windows", "score_seq_len", "seq_len")  # what rows of one JSON must share
+SAME = ("calibration", "scoring", "score_windows", "score_seq_len")  # what rows of one JSON must share
 
 
 def _comparable(protocol: dict) -> dict:
@@ -82,7 +82,8 @@ def candidates(args: argparse.Namespace) -> list[dict]:
                     if scope != "joint" and objective in LOGIT_ONLY:
                         continue
                     found.append({"pruner": pruner, "pattern": ":".join(nm) or None, "healer": objective, "scope": scope,
-                                  "calib_size": size, "generate": generate, "steps": args.steps, "lr": args.lr, "precision": args.precision})
+                                  "calib_size": size, "generate": generate, "steps": args.steps, "lr": args.lr, "precision": args.precision,
+                                  "seq_len": args.seq_len, "batch": args.batch_size})
     return found
 
 
@@ -93,18 +94,18 @@ def parse_calibration(spec: str) -> tuple[int, int]:
 
 
 def key(row: dict) -> tuple:
-    return row["pruner"], row["pattern"], row["healer"], row["scope"], row["calib_size"], row.get("generate", 0), row["steps"], row.get("lr", LR), row.get("precision", "fp32")
+    return row["pruner"], row["pattern"], row["healer"], row["scope"], row["calib_size"], row.get("generate", 0), row["steps"], row.get("lr", LR), row.get("precision", "fp32"), row.get("seq_len", 512), row.get("batch", BATCH)
 
 
 def run_command(c: dict, parts: dict, out: Path, args: argparse.Namespace) -> list[str]:
-    """The `starfish run` of one candidate: exactly ``steps`` optimizer steps of batch 8."""
-    epochs = math.ceil(c["steps"] * BATCH / (c["calib_size"] + c.get("generate", 0)))
+    """The `starfish run` of one candidate: exactly ``steps`` optimizer steps of its batch."""
+    epochs = math.ceil(c["steps"] * c["batch"] / (c["calib_size"] + c.get("generate", 0)))
     cmd = [
         "-m", "starfish", "run", "--model", f"hf:{MODEL}",
-        "--calib", parts["calibration"]["path"], "--calib-size", str(c["calib_size"]), "--seq-len", str(args.seq_len),
+        "--calib", parts["calibration"]["path"], "--calib-size", str(c["calib_size"]), "--seq-len", str(c["seq_len"]),
         "--eval", parts["scoring"]["path"], "--eval-size", str(args.score_windows), "--eval-seq-len", str(args.score_seq_len),
         "--pruner", c["pruner"], "--sparsity", "0.5", "--seed", "0", "--healer", c["healer"], *SCOPES[c["scope"]],
-        "--budget", "fixed", "--epochs", str(epochs), "--max-steps", str(c["steps"]), "--batch-size", str(BATCH),
+        "--budget", "fixed", "--epochs", str(epochs), "--max-steps", str(c["steps"]), "--batch-size", str(c["batch"]),
         "--device", args.device, "--no-progress", "--out", str(out), "--force",
     ]
     cmd += ["--calib-generate", str(c["generate"])] if c.get("generate") else []
@@ -113,13 +114,13 @@ def run_command(c: dict, parts: dict, out: Path, args: argparse.Namespace) -> li
     return cmd + (["--pattern", c["pattern"]] if c["pattern"] else [])
 
 
-def result_row(c: dict, out: Path, wall: float, peak: float, cmd: list[str], seq_len: int) -> dict:
+def result_row(c: dict, out: Path, wall: float, peak: float, cmd: list[str]) -> dict:
     report = json.loads((out / "report.json").read_text())
     heal = report.get("heal") or {}
     ppl = report["perplexity"]
     return {
         **c, **{f"{k}_perplexity": ppl.get(k) for k in ("dense", "pruned", "healed")},
-        "optimizer_steps": heal.get("steps"), "seq_len": seq_len, "tokens_per_step": BATCH * seq_len, "heal_seconds": report.get("heal_seconds"),
+        "optimizer_steps": heal.get("steps"), "tokens_per_step": c["batch"] * c["seq_len"], "heal_seconds": report.get("heal_seconds"),
         "heal_peak_mb": heal.get("peak_memory_mb"), "memory_measure": heal.get("memory_measure"), "kd_weight": heal.get("kd_weight"),
         "achieved_sparsity": report.get("sparsity"), "process_wall_seconds": wall, "process_peak_rss_mb": peak,
         "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
@@ -143,6 +144,11 @@ def _mb(value: float | None) -> str:
     return "—" if value is None else f"{value:.0f} MB"
 
 
+def _calibration(row: dict) -> str:
+    generated = row.get("generate")
+    return f"{row['calib_size']} x {row['seq_len']}" + (f" + {generated} generated" if generated else "")
+
+
 def render(data: dict) -> str:
     """One table per pruned cell, candidates best first."""
     rows, protocol = data["rows"], data["protocol"]
@@ -153,7 +159,7 @@ def render(data: dict) -> str:
         f"{protocol['split_line']} of {protocol['lines']}; calibration from the first part (sha256 "
         f"`{protocol['calibration']['sha256'][:12]}…`), perplexity on the first {protocol['score_windows']} windows of "
         f"{protocol['score_seq_len']} tokens of the second (sha256 `{protocol['scoring']['sha256'][:12]}…`). Budget: the stated "
-        f"optimizer steps of batch {BATCH} x {protocol['seq_len']} tokens for every candidate (block-wise: per block), "
+        "optimizer steps (batch x tokens per sequence as stated) for every candidate (block-wise: per block), "
         "language-model lr, seed 0. *Gap closed*: share of the pruned-to-dense log-perplexity gap. Lower perplexity is better.",
         "",
     ]
@@ -163,17 +169,17 @@ def render(data: dict) -> str:
         lines += [
             f"## {cell[0]} {cell[1] or '50% unstructured'} (dense {dense:.2f})",
             "",
-            "| healer | scope | calibration | steps (tokens) | lr | precision | pruned | healed | gap closed | heal time | heal peak | threads |",
+            "| healer | scope | calibration | steps x batch (tokens) | lr | precision | pruned | healed | gap closed | heal time | heal peak | threads |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in group:
             closed = gap_closed(r)
             lines.append(
-                f"| {r['healer']} | {r['scope']} | {r['calib_size']} x {r['seq_len']}{f' + {g} generated' if (g := r.get('generate')) else ''} | {r['optimizer_steps']} ({r['steps'] * r['tokens_per_step']}) | {r.get('lr', LR):g} | {r.get('precision', 'fp32')} | "
+                f"| {r['healer']} | {r['scope']} | {_calibration(r)} | {r['optimizer_steps']} x {r.get('batch', BATCH)} ({r['steps'] * r['tokens_per_step']}) | {r.get('lr', LR):g} | {r.get('precision', 'fp32')} | "
                 f"{r['pruned_perplexity']:.2f} | {r['healed_perplexity']:.2f} | {'—' if closed is None else f'{100 * closed:.0f}%'} | "
                 f"{r['heal_seconds']:.0f} s{'*' if r.get('note') else ''} | {_mb(r['heal_peak_mb'])} | {r['threads']} |"
             )
-        lines += [""] + [f"\\* {r['healer']}: {r['note']}." for r in group if r.get("note")]
+        lines += [""] + [f"\\* {r['healer']} ({_calibration(r)}, lr {r.get('lr', LR):g}, {r.get('precision', 'fp32')}): {r['note']}." for r in group if r.get("note")]
         lines.append("")
     invocations = dict.fromkeys(r["invocation"] for r in rows if r.get("invocation"))
     lines.append("Commands: " + ", ".join(f"`{c}`" for c in invocations) + "; each candidate's own `starfish run` command is in the JSON.")
@@ -187,11 +193,12 @@ def main() -> int:
     parser.add_argument("--scopes", default=",".join(SCOPES), help=f"any of {', '.join(SCOPES)} (logit healers: joint only)")
     parser.add_argument("--lr", type=float, default=LR, help=f"learning rate of every candidate (default {LR:g}, the language-model default)")
     parser.add_argument("--precision", default="fp32", help="--precision of every candidate (default fp32, what the first rows ran)")
-    parser.add_argument("--calib-sizes", default="32,128", help="calibration sequences of 512 tokens, N or N+Mg (M more generated by the dense model; default 32,128)")
-    parser.add_argument("--steps", type=int, default=16, help="optimizer steps of batch 8 for every candidate (default 16)")
+    parser.add_argument("--calib-sizes", default="32,128", help="calibration sequences of --seq-len tokens, N or N+Mg (M more generated by the dense model; default 32,128)")
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps of --batch-size sequences for every candidate (default 16)")
     parser.add_argument("--calib-fraction", type=float, default=0.75, help="lines of valid.tokenized.txt used for calibration")
     parser.add_argument("--score-windows", type=int, default=6, help="windows of 2048 tokens scored (default 6)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    parser.add_argument("--batch-size", type=int, default=BATCH, help=f"sequences per optimizer step (default {BATCH}, the language-model default)")
     parser.add_argument("--score-seq-len", type=int, default=2048, help="tokens per scored window (default 2048)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON (the markdown goes beside the default one)")
@@ -207,7 +214,7 @@ def main() -> int:
     if not (MODEL / "config.json").is_file() and not args.dry_run:
         sys.exit(f"no SmolLM2 folder at {MODEL}: run python scripts/install_smollm2.py first")
     parts = split_validation(args.calib_fraction)
-    protocol = {**parts, "score_windows": args.score_windows, "score_seq_len": args.score_seq_len, "seq_len": args.seq_len, "model": MODEL.name,
+    protocol = {**parts, "score_windows": args.score_windows, "score_seq_len": args.score_seq_len, "model": MODEL.name,
                 "command": "python benchmarks/lm_healer_search.py " + " ".join(sys.argv[1:])}
     if data is not None and _comparable(data["protocol"]) != _comparable(protocol):
         sys.exit(f"{args.results} was scored on other text or windows; pass another --results or the same split.")
@@ -222,7 +229,7 @@ def main() -> int:
                 print("python " + " ".join(cmd))
                 continue
             wall, peak = run_process(cmd)
-            data["rows"].append(result_row(c, out, wall, peak, cmd, args.seq_len) | {"invocation": protocol["command"]})
+            data["rows"].append(result_row(c, out, wall, peak, cmd) | {"invocation": protocol["command"]})
             args.results.write_text(json.dumps(data, indent=2) + "\n")
             table.write_text(render(data))
             print(f"{key(c)}: healed {data['rows'][-1]['healed_perplexity']:.2f}", flush=True)

@@ -32,7 +32,7 @@ MODELS = {
 def cell_config(net: str, sparsity: float, budget: str, eval_size: int | None, seed: int, heal: dict):
     from starfish.heal import HealConfig
     from starfish.pruning import PruneConfig
-    from starfish.run_config import RunConfig
+    from starfish.experiments.run_config import RunConfig
 
     spec, weights = MODELS[net]
     heal_config = HealConfig(budget=budget, device="cpu", progress=False, **heal)
@@ -43,7 +43,7 @@ def cell_config(net: str, sparsity: float, budget: str, eval_size: int | None, s
 
 
 def run_cell(net: str, sparsity: float, budget: str, eval_size: int | None, seed: int, heal: dict) -> dict:
-    from starfish.pipeline import run
+    from starfish.experiments.run import run
 
     started = time.perf_counter()
     report = run(cell_config(net, sparsity, budget, eval_size, seed, heal))

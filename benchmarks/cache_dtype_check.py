@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from starfish.data import load_folder
-from starfish.evaluate import predict, top1
+from starfish.data.images import load_folder
+from starfish.tasks.evaluate import predict, top1
 from starfish.heal import HealConfig, heal
 from starfish.models import create_model
 from starfish.pruning import PruneConfig, prune

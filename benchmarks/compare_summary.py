@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from starfish.compare_report import glance_table
+from starfish.reporting.compare_report import glance_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -37,11 +37,12 @@ def worker(args: argparse.Namespace) -> None:
 
     import torch
 
-    heal_steps = importlib.import_module("starfish.heal.steps")  # starfish.heal is also a function name
+    heal_steps = importlib.import_module("starfish.heal.training")  # starfish.heal is also a function name
     from starfish import HealConfig, PruneConfig, RunConfig
-    from starfish.distributed import current, launched
+    from starfish.distributed import current
+    from starfish.experiments.launch import launched
     from starfish.distributed.ddp import data_parallel_step
-    from starfish.steps import build_model, heal_step, load_data, prune_step
+    from starfish.experiments.steps import build_model, heal_step, load_data, prune_step
 
     torch.set_num_threads(1)
     stamps: list[float] = []

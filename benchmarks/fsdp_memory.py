@@ -58,7 +58,7 @@ class PeakSampler:
 
 def magnitude_masks(model: torch.nn.Module, sparsity: float):
     from starfish.masks import Masks
-    from starfish.structure import prunable_targets
+    from starfish.nn.structure import prunable_targets
 
     params = dict(model.named_parameters())
     out = {}

@@ -58,7 +58,7 @@ def step_flops(model: torch.nn.Module, batch: torch.Tensor) -> int:
 def profile_model(spec: str, steps: int, warmup: int, calib_size: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from starfish.data import load_folder
+    from starfish.data.images import load_folder
     from starfish.heal import HealConfig, heal
     from starfish.models import create_model
     from starfish.pruning import PruneConfig, prune

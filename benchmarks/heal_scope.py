@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from starfish.device import current_memory_mb, peak_memory_mb, reset_peak_memory
+from starfish.nn.device import current_memory_mb, peak_memory_mb, reset_peak_memory
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STARFISH_SHARED", REPO.parent / "shared"))
@@ -52,7 +52,7 @@ def _peak_rss() -> float:
 
 def heal_cell(spec: str, sparsity: float, scope: str, calib_size: int, seed: int, out: Path) -> None:
     """Child process: prune, heal with one scope, save the healed weights and the measurements."""
-    from starfish.data import load_folder
+    from starfish.data.images import load_folder
     from starfish.heal import HealConfig, heal
     from starfish.models import create_model
     from starfish.pruning import PruneConfig, prune
@@ -106,8 +106,8 @@ def main() -> None:
         write_markdown(rows, args, args.run_command)
         return
 
-    from starfish.data import load_folder
-    from starfish.evaluate import predict, top1
+    from starfish.data.images import load_folder
+    from starfish.tasks.evaluate import predict, top1
     from starfish.models import create_model
     from starfish.pruning import PruneConfig, prune
 

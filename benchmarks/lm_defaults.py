@@ -1,7 +1,7 @@
 """The language-model defaults on SmolLM2-135M: issue 22's done-when command, nothing tuned.
 
 Each cell is the issue's `starfish run` with no healing and no calibration-size flag (the
-language-model defaults, ``starfish.defaults``, decide the healer, its budget and the calibration),
+language-model defaults, ``starfish.experiments.defaults``, decide the healer, its budget and the calibration),
 plus a second ``--eval`` text of another domain (``benchmarks/ood_text.py``: Python standard-library
 sources), so one heal is scored in-domain (WikiText-2 test, first 6 windows of 2048 tokens) and
 out of domain. ``--parallel`` runs the cells side by side, one thread each: the condition of the
@@ -27,8 +27,8 @@ from lm_healer_search import log_gap_closed
 from ood_text import ensure as ensure_ood
 
 sys.path.insert(0, str(REPO / "src"))
-from starfish.defaults import LANGUAGE_MODEL_HEAL  # noqa: E402
-from starfish.text import TEXT_CALIB_DEFAULT  # noqa: E402
+from starfish.experiments.defaults import LANGUAGE_MODEL_HEAL  # noqa: E402
+from starfish.data.text import TEXT_CALIB_DEFAULT  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "lm_defaults.json"
 TABLE = REPO / "benchmarks" / "LM_DEFAULTS.md"
@@ -90,7 +90,7 @@ def render_row(row: dict) -> str:
 def render(data: dict) -> str:
     lines = ["# SmolLM2-135M at the language-model defaults (issue 22's done-when command)", "",
              "Each row is `starfish run` with no healing and no calibration-size flag: the language-model defaults "
-             "(`starfish.defaults`) choose healer, budget and calibration. Perplexity: WikiText-2 test, first 6 windows of 2048 "
+             "(`starfish.experiments.defaults`) choose healer, budget and calibration. Perplexity: WikiText-2 test, first 6 windows of 2048 "
              f"tokens; out of domain: {len(data['ood']['files'])} Python {data['ood']['python']} standard-library modules "
              f"(sha256 `{data['ood']['sha256'][:16]}`, `benchmarks/ood_text.py`), first 6 windows of 2048 tokens. "
              f"Baseline heal time: {BASELINE_SECONDS} s (STARFISH at the former defaults, one busy thread).", "",

@@ -45,7 +45,7 @@ def setup(size: int):
     from starfish.models import create_model
     from starfish.models.causal_lm import tokenizer_of
     from starfish.pruning import PruneConfig, prune
-    from starfish.text import calibration_text
+    from starfish.data.text import calibration_text
 
     loaded = create_model(f"hf:{MODEL}")
     dense = loaded.module.eval()
@@ -61,9 +61,9 @@ def plans(dense, sparse, masks, calib, pattern, batch_size: int) -> list[tuple[s
     from starfish.heal import HealConfig
     from starfish.heal.objectives import get_objective
     from starfish.heal.targets import cache_location
-    from starfish.memory import estimate_heal_memory
-    from starfish.batch import select
-    from starfish.structure import stream_points
+    from starfish.heal.memory_plan import estimate_heal_memory
+    from starfish.nn.batch import select
+    from starfish.nn.structure import stream_points
 
     objective = get_objective("starfish")
     device = torch.device("cpu")
@@ -138,7 +138,7 @@ class TrainingWindow:
 
 
 def cmd_measure(args: argparse.Namespace) -> None:
-    loop = importlib.import_module("starfish.heal.loop")  # `starfish.heal` is also the name of a function
+    loop = importlib.import_module("starfish.heal.healing")  # `starfish.heal` is also the name of a function
     from starfish.heal import HealConfig, heal
 
     dense, sparse, masks, calib, pattern = setup(args.batch_size)
@@ -174,7 +174,7 @@ def cmd_measure(args: argparse.Namespace) -> None:
 def _keep_head_in_training() -> None:
     """Make the training forward run the head as it did before head skipping (the targets are still
     cached without logits): the sparse runner is built as if the objective read logits."""
-    loop = importlib.import_module("starfish.heal.loop")  # `starfish.heal` is also the name of a function
+    loop = importlib.import_module("starfish.heal.healing")  # `starfish.heal` is also the name of a function
 
     original = loop._Runner.__init__
 

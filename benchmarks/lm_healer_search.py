@@ -47,7 +47,7 @@ CELLS = "wanda,wanda:2:4"
 BATCH = 8
 
 
-LR = 3e-4  # the language-model default (starfish.defaults.LANGUAGE_MODEL_HEAL)
+LR = 3e-4  # the language-model default (starfish.experiments.defaults.LANGUAGE_MODEL_HEAL)
 SAME = ("calibration", "scoring", "score_windows", "score_seq_len")  # what rows of one JSON must share
 
 

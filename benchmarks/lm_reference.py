@@ -28,11 +28,11 @@ DEFAULT_MODEL = Path(os.environ.get("STARFISH_SMOLLM2") or REPO / ".cache" / "sm
 
 
 def main(argv: list[str] | None = None) -> int:
-    from starfish.lm_eval import evaluate_lm
+    from starfish.tasks.lm_eval import evaluate_lm
     from starfish.models import create_model
-    from starfish.outputs import write_json
+    from starfish.common.outputs import write_json
     from starfish.pruning import PruneConfig, prune
-    from starfish.text import evaluation_windows
+    from starfish.data.text import evaluation_windows
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)

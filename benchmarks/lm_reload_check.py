@@ -52,7 +52,7 @@ def main() -> int:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from starfish.text import evaluation_windows
+    from starfish.data.text import evaluation_windows
 
     report = json.loads((args.out / "report.json").read_text())
     ev = report["eval"]

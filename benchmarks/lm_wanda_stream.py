@@ -33,10 +33,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from starfish.heal import HealConfig
-    from starfish.pipeline import run
+    from starfish.experiments.run import run
     from starfish.pruning import PruneConfig
     from starfish.pruning.pruners.wanda import Wanda
-    from starfish.run_config import RunConfig
+    from starfish.experiments.run_config import RunConfig
 
     Wanda.reconstructs = args.stream == "pruned"  # the sequential pipeline then passes pruned block outputs on
     text = SHARED / "data" / "wikitext2"

@@ -1,7 +1,7 @@
 """The memory plan of joint healing for a Llama-2-7B-sized model, per GPU, on one GPU, DDP and FSDP2.
 
 Nothing is downloaded or allocated: the model is built from a config on the ``meta`` device (shapes
-only) and ``starfish.memory.estimate_heal_memory`` plans it, with activations measured by the same
+only) and ``starfish.heal.memory_plan.estimate_heal_memory`` plans it, with activations measured by the same
 saved-tensor probe healing uses (one meta sample of --seq-len tokens, times each rank's share of
 the batch). Run it anywhere:
 
@@ -17,8 +17,8 @@ import torch
 
 from starfish.heal import HealConfig
 from starfish.heal.objectives import get_objective
-from starfish.memory import GB, Parallelism, estimate_heal_memory
-from starfish.structure import prunable_targets
+from starfish.heal.memory_plan import GB, Parallelism, estimate_heal_memory
+from starfish.nn.structure import prunable_targets
 
 
 def llama2_7b(dtype: torch.dtype):

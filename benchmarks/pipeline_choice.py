@@ -3,7 +3,7 @@
 Part 1 (``--groups``): for every (network, sparsity) group of the sweep in
 ``benchmarks/results/sweep/*.json`` that has 10-epoch STARFISH cells (heal ``starfish``), each
 cell's pruner / allocation / repair is probed exactly as ``--pipeline auto`` probes a candidate
-(``starfish.pipeline_choice.probe``: prune the dense model, repair, heal ``--probe-epochs`` epochs,
+(``starfish.experiments.pipeline_choice.probe``: prune the dense model, repair, heal ``--probe-epochs`` epochs,
 best held-out objective and the output KL(dense ‖ sparse) on 200 unlabeled ``train/`` images outside
 the 200-image calibration draw, seed 0). The probe's ranking is compared with the ranking of the cells' test top-1 (Spearman), and
 the pick of the probe (over the whole group, and over the greedy search ``--pipeline auto`` runs)
@@ -72,7 +72,7 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 def base_config(net: str, sparsity: float, probe_epochs: int, **changes):
     from starfish.heal import HealConfig
     from starfish.pruning import PruneConfig
-    from starfish.run_config import RUN_BUDGET, RunConfig
+    from starfish.experiments.run_config import RUN_BUDGET, RunConfig
 
     spec, weights, _, _ = NETS[net]
     return RunConfig(
@@ -85,7 +85,7 @@ def base_config(net: str, sparsity: float, probe_epochs: int, **changes):
 def greedy_pick(cells: list[dict]) -> dict:
     """The cell ``--pipeline auto``'s search (``greedy_search``) would finish, given every cell's probe
     signal, with the uniform allocation first as in its default candidate lists."""
-    from starfish.pipeline_choice import Candidate, greedy_search
+    from starfish.experiments.pipeline_choice import Candidate, greedy_search
 
     by_candidate = {Candidate(c["pruner"], c["allocation"], c["repair"]): c for c in cells}
     allocations = list(dict.fromkeys(c["allocation"] for c in cells))
@@ -99,8 +99,8 @@ def greedy_pick(cells: list[dict]) -> dict:
 
 
 def probe_group(net: str, sparsity: float, probe_epochs: int) -> dict:
-    from starfish.pipeline_choice import Candidate, probe, resolve_probe_signal
-    from starfish.steps import build_model, load_data
+    from starfish.experiments.pipeline_choice import Candidate, probe, resolve_probe_signal
+    from starfish.experiments.steps import build_model, load_data
 
     sweep = json.loads((SWEEP / NETS[net][2]).read_text())
     cells = [c for c in sweep["cells"] if c["heal"] == "starfish" and abs(c["sparsity"] - sparsity) < 1e-9]
@@ -142,7 +142,7 @@ def score_group(group: dict, rank_by: str) -> dict:
 def rescore(groups: list[dict]) -> list[dict]:
     """Apply the current ``--probe-signal auto`` rule to groups probed earlier (no new probe)."""
     from starfish.models import create_model
-    from starfish.pipeline_choice import resolve_probe_signal
+    from starfish.experiments.pipeline_choice import resolve_probe_signal
 
     out = []
     for g in groups:
@@ -153,7 +153,7 @@ def rescore(groups: list[dict]) -> list[dict]:
 
 
 def run_auto(net: str, sparsity: float, probe_epochs: int, eval_size: int | None) -> dict:
-    from starfish.pipeline import run
+    from starfish.experiments.run import run
 
     config = base_config(net, sparsity, probe_epochs, pipeline="auto", eval=str(SHARED / "data/cifar10/test"), eval_size=eval_size)
     started = time.perf_counter()

@@ -7,7 +7,7 @@ top-1 on all 10,000 test images. Each seed draws a different calibration set; pr
 deterministic, so the "pruned" column does not depend on the seed. A second column heals the
 same pruned weights the way ``starfish run`` does by default (``--repair auto``: variance
 matching first where it is chosen, see ``starfish.repair.resolve_repair``). Every cell runs through
-the public API: one ``starfish.compare.compare`` grid per (network, seed), so pruning, repairs,
+the public API: one ``starfish.experiments.compare.compare`` grid per (network, seed), so pruning, repairs,
 healing and scoring are the very steps ``starfish run`` and ``starfish compare`` take. (With
 --eval-size below 10,000, each seed also draws its own class-balanced evaluation subset.)
 
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from starfish.compare import compare
+from starfish.experiments.compare import compare
 from starfish.heal import HealConfig
 from starfish.repair import resolve_repair
-from starfish.run_config import RunConfig
-from starfish.steps import build_model
+from starfish.experiments.run_config import RunConfig
+from starfish.experiments.steps import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STARFISH_SHARED", REPO.parent / "shared"))

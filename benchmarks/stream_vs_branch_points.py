@@ -16,9 +16,9 @@ from any_network_models import synthetic_label as label
 from any_network_models import trained_loop_vit
 from starfish.heal import HealConfig, heal
 from starfish.pruning import prune
-from starfish.structure import StreamPoint, find_blocks
+from starfish.nn.structure import StreamPoint, find_blocks
 
-loop = importlib.import_module("starfish.heal.loop")
+loop = importlib.import_module("starfish.heal.healing")
 
 
 def main(sparsity: float, steps: int) -> None:

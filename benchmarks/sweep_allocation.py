@@ -8,7 +8,7 @@ results file per network, so networks can run in parallel processes (one thread 
     python benchmarks/sweep_allocation.py --nets ResNet-20,ViT &
     python benchmarks/sweep_allocation.py --nets ResNet-56
 
-Every cell runs through the public API: one ``starfish.compare.compare`` grid per pruning and heal
+Every cell runs through the public API: one ``starfish.experiments.compare.compare`` grid per pruning and heal
 budget, so pruning, repairs, healing and scoring are the steps ``starfish run`` takes.
 """
 
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from starfish.compare import compare
+from starfish.experiments.compare import compare
 from starfish.heal import HealConfig
 from starfish.pruning import PruneConfig
-from starfish.run_config import RunConfig
+from starfish.experiments.run_config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STARFISH_SHARED", REPO.parent / "shared"))

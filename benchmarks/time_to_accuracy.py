@@ -41,7 +41,7 @@ PIPELINES = ("recipe", "defaults")
 def run_config(net: str, sparsity: float, pipeline: str, eval_size: int | None):
     from starfish.heal import HealConfig
     from starfish.pruning import PruneConfig
-    from starfish.run_config import RUN_BUDGET, RunConfig
+    from starfish.experiments.run_config import RUN_BUDGET, RunConfig
 
     spec, weights, _ = MODELS[net]
     recipe = pipeline == "recipe"
@@ -56,8 +56,8 @@ def run_config(net: str, sparsity: float, pipeline: str, eval_size: int | None):
 def curve_scorer(size: int, transform):
     """Top-1 on a fixed, class-balanced test subset decoded once (``load_folder``), scored with
     ``predict`` (which leaves the model in eval mode; the observer restores the heal mode)."""
-    from starfish.data import load_folder
-    from starfish.evaluate import predict, top1
+    from starfish.data.images import load_folder
+    from starfish.tasks.evaluate import predict, top1
 
     subset, _, _ = load_folder(SHARED / "data/cifar10/test", transform, size, 0, "eval", balanced=True, progress=False)
     return lambda model: top1(predict(model, subset, batch_size=500, device="cpu"))
@@ -65,9 +65,9 @@ def curve_scorer(size: int, transform):
 
 def run_pipeline(net: str, sparsity: float, pipeline: str, args: argparse.Namespace) -> dict:
     """Prune, repair and heal one pipeline, scoring the live weights after every epoch off the clock."""
-    from starfish.heal.steps import set_heal_mode
+    from starfish.heal.training import set_heal_mode
     from starfish.repair import resolve_repair
-    from starfish.steps import build_model, evaluation, heal_step, load_data, prune_step, repair_step
+    from starfish.experiments.steps import build_model, evaluation, heal_step, load_data, prune_step, repair_step
 
     config = run_config(net, sparsity, pipeline, args.eval_size)
     loaded = build_model(config)

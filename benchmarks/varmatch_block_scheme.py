@@ -8,8 +8,8 @@ gives bit-identical repaired weights to the per-layer loop those numbers came fr
 import copy, json, sys
 from pathlib import Path
 import torch
-from starfish.data import load_folder
-from starfish.evaluate import predict, top1
+from starfish.data.images import load_folder
+from starfish.tasks.evaluate import predict, top1
 from starfish.heal import HealConfig, heal
 from starfish.models import create_model
 from starfish.pruning import PruneConfig, prune

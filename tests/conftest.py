@@ -32,7 +32,7 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def calib_images(shared):
     """64 preprocessed calibration images per model spec (cached per session)."""
-    from starfish.data import load_folder
+    from starfish.data.images import load_folder
     from starfish.models import create_model
 
     cache: dict[str, torch.Tensor] = {}
@@ -51,7 +51,7 @@ def calib_images(shared):
 @pytest.fixture(scope="session")
 def eval_set(shared):
     """A class-balanced labelled evaluation subset per model spec (cached per session)."""
-    from starfish.data import load_folder
+    from starfish.data.images import load_folder
     from starfish.models import create_model
 
     cache: dict[str, object] = {}

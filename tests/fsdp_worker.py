@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lm_tiny import llama_config  # noqa: E402
 
-from starfish.batch import call_model  # noqa: E402
+from starfish.nn.batch import call_model  # noqa: E402
 from starfish.distributed.fsdp import data_parallel_loss, fsdp_mesh, full_state_dict, shard_model  # noqa: E402
 from starfish.heal import HealConfig, heal  # noqa: E402
-from starfish.heal.capture import record_stream  # noqa: E402
+from starfish.nn.capture import record_stream  # noqa: E402
 from starfish.masks import Masks, is_sharded, local_view  # noqa: E402
-from starfish.structure import prunable_targets, stream_points  # noqa: E402
+from starfish.nn.structure import prunable_targets, stream_points  # noqa: E402
 
 VOCAB, N, SEQ = 24, 7, 8
 CONFIG = dict(epochs=2, batch_size=3, lr=3e-3, progress=False, device="cpu", seed=0)  # batches of 3, 3, 1

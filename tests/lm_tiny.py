@@ -60,7 +60,7 @@ def randomly_pruned(dense: torch.nn.Module, seed: int = 3):
     import copy
 
     from starfish.masks import Masks
-    from starfish.structure import prunable_targets
+    from starfish.nn.structure import prunable_targets
 
     g = torch.Generator().manual_seed(seed)
     sparse = copy.deepcopy(dense)

@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from starfish import prune
-from starfish.alignment import DenseReference, block_alignment
+from starfish.experiments.alignment import DenseReference, block_alignment
 
 
 def test_alignment_is_one_for_dense_and_drops_with_sparsity(pretrained, calib_images):

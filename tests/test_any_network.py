@@ -15,13 +15,13 @@ from PIL import Image
 
 from any_network_models import FORWARD_ORDER, Backwards, GrayCNN, LoopViT, NestedDenseNet, Wrapper, synthetic_images, trained_loop_vit
 from starfish.cli import main
-from starfish.data import ImageFiles
+from starfish.data.images import ImageFiles
 from starfish.errors import StarfishError
 from starfish.heal import HealConfig, heal
-from starfish.heal.capture import record_stream
+from starfish.nn.capture import record_stream
 from starfish.models import Preprocess, create_model
 from starfish.pruning import prune
-from starfish.structure import StreamPoint, find_blocks, prunable_targets, stream_points
+from starfish.nn.structure import StreamPoint, find_blocks, prunable_targets, stream_points
 
 GRAY = "any_network_models:gray_cnn"
 
@@ -116,7 +116,7 @@ def _branch_points(model, batch, pattern=None, device=None):
 
 
 def test_healing_on_the_stream_is_at_least_as_good_as_on_branch_outputs(monkeypatch):
-    loop = importlib.import_module("starfish.heal.loop")
+    loop = importlib.import_module("starfish.heal.healing")
 
     dense = trained_loop_vit()
     calib, held_out = synthetic_images(128, 1), synthetic_images(256, 2)

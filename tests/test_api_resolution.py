@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from lm_tiny import gpt2_config, llama_config, save_tiny, tiny_tokenizer, write_texts
 from starfish import HealConfig, RunConfig, StarfishError, prune_and_heal, run
 from starfish.cli import main
-from starfish.defaults import LANGUAGE_MODEL_HEAL
+from starfish.experiments.defaults import LANGUAGE_MODEL_HEAL
 
 VOCAB = len(tiny_tokenizer())
 

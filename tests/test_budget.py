@@ -16,10 +16,10 @@ from conftest import CIFAR, WEIGHTS
 from starfish.cli import build_parser, config_from_args
 from starfish.errors import StarfishError
 from starfish.heal import HealConfig, heal
-from starfish.heal.steps import total_steps, train_steps
+from starfish.heal.training import total_steps, train_steps
 from starfish.heal.stopping import HeldOutMonitor, StoppingRecord, held_out_evaluator, split_calibration
 from starfish.masks import Masks
-from starfish.pipeline import RunConfig, run
+from starfish.experiments.run import RunConfig, run
 from starfish.pruning import PruneConfig, prune
 
 
@@ -78,10 +78,10 @@ def test_auto_heal_keeps_the_best_point_of_its_real_held_out_curve(pretrained, c
     best = min(range(len(objectives)), key=objectives.__getitem__)
     assert stop["best_step"] == stop["curve"][best]["step"]
     # the healed model now scores exactly the kept point's held-out objective
-    from starfish.heal.loop import _Runner
+    from starfish.heal.healing import _Runner
     from starfish.heal.objectives import get_objective
     from starfish.heal.targets import TensorStore
-    from starfish.structure import stream_points
+    from starfish.nn.structure import stream_points
 
     points = stream_points(dense, {"pixel_values": held[:2]}, loaded.block_pattern)
     store = TensorStore("cpu", torch.float16)
@@ -139,7 +139,7 @@ def test_evaluation_folder_is_read_only_after_every_choice(tmp_path, shared, mon
     the alignment probe and the stopping rule are done, and the held-out images carry no label."""
     import PIL.Image
 
-    import starfish.pipeline as pipeline
+    import starfish.experiments.run as pipeline
 
     eval_root = (CIFAR / "test").resolve()
     calib_root = (CIFAR / "train").resolve()
@@ -156,7 +156,7 @@ def test_evaluation_folder_is_read_only_after_every_choice(tmp_path, shared, mon
     seen_held: list[dict] = []
 
     def recording_heal_step(*args, **kwargs):
-        held = kwargs.get("held")  # pipeline.run passes it by keyword
+        held = kwargs.get("held")  # experiments.run passes it by keyword
         seen_held.append(held.samples)
         result = real_heal_step(*args, **kwargs)
         events.append(("healed", ""))
@@ -194,7 +194,7 @@ def test_evaluation_folder_is_read_only_after_every_choice(tmp_path, shared, mon
     assert saved["heal"]["stopping"]["curve"] == stop["curve"]
     assert report["sparsity"] == pytest.approx(0.8, abs=1e-6)
     # pruned, scored at the end with its state swapped back in, equals pruned scored right after pruning
-    from starfish.steps import build_model, evaluation, load_data, prune_step
+    from starfish.experiments.steps import build_model, evaluation, load_data, prune_step
 
     monkeypatch.undo()
     config = _small_run(None)

@@ -17,7 +17,7 @@ from starfish.errors import StarfishError
 from starfish.heal import HealConfig, heal
 from starfish.heal.cache_dtype import choose_cache_dtype, dense_peak
 from starfish.masks import Masks
-from starfish.structure import prunable_targets
+from starfish.nn.structure import prunable_targets
 
 REPO = Path(__file__).resolve().parents[1]
 

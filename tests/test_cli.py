@@ -239,7 +239,7 @@ def test_diagnose_and_compare_take_the_run_model_data_and_preprocessing_flags():
 def test_batchnorm_control_is_reported_whenever_batchnorm_is_re_estimated(shared, tmp_path):
     """Healing with BatchNorm in train mode re-estimates its statistics; the dense network with only that
     done is reported beside dense, so BatchNorm adaptation is not read as recovery."""
-    from starfish.report import render_markdown
+    from starfish.reporting.report import render_markdown
 
     assert main(run_args(tmp_path / "bn", **{"--max-steps": "2"})) == 0
     report = json.loads((tmp_path / "bn" / "report.json").read_text())

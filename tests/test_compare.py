@@ -11,8 +11,8 @@ import torch
 from conftest import CIFAR, WEIGHTS
 from starfish import StarfishError
 from starfish.cli import main
-from starfish.compare import compare, default_healers, parse_healers
-from starfish.pipeline import RunConfig
+from starfish.experiments.compare import compare, default_healers, parse_healers
+from starfish.experiments.run import RunConfig
 from starfish.heal import HealConfig
 
 HEALERS = ["none", "bn", "varmatch", "starfish", "kd", "finetune", "nmse"]
@@ -189,10 +189,10 @@ def test_default_healers_are_label_free():
     ("@joint", "0.5", None, "unknown healer ''"),
 ])
 def test_duplicates_and_malformed_scopes_are_refused_alike_before_any_work(healers, sparsities, allocations, needle, capsys, tmp_path, monkeypatch):
-    import starfish.compare
+    import starfish.experiments.compare
     from test_reliability import refused
 
-    monkeypatch.setattr(starfish.compare, "build_model", lambda *a: pytest.fail("heavy work before the refusal"))
+    monkeypatch.setattr(starfish.experiments.compare, "build_model", lambda *a: pytest.fail("heavy work before the refusal"))
     args = ["compare", "--model", "cifar10-resnet20", "--calib", str(tmp_path), "--eval", str(tmp_path), "--out", str(tmp_path / "c"),
             "--healers", healers, "--sparsities", sparsities, *(["--allocations", allocations] if allocations else [])]
     refused(capsys, args, needle)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from starfish.demo import run_demo
+from starfish.experiments.demo import run_demo
 
 
 def test_demo_trains_prunes_and_heals(tmp_path, monkeypatch, capsys):

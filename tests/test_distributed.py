@@ -152,7 +152,7 @@ def test_a_refusal_only_rank_zero_sees_still_ends_every_rank_at_once(tmp_path, s
     rendezvous, ends on torchrun's SIGTERM at once instead of after torchrun's 30 s grace period."""
     import time
 
-    from starfish.outputs import check_output_dir, release_output_lock
+    from starfish.common.outputs import check_output_dir, release_output_lock
 
     out = tmp_path / "out"
     check_output_dir(out, force=False)  # this test process now holds the lock on --out

@@ -132,7 +132,7 @@ def test_two_ranks_heal_keeps_the_contract_and_matches_one_process(tmp_path):
 def test_memory_plan_per_rank():
     from starfish.heal import HealConfig
     from starfish.heal.objectives import get_objective
-    from starfish.memory import Parallelism, estimate_heal_memory
+    from starfish.heal.memory_plan import Parallelism, estimate_heal_memory
 
     dense, sparse = small_mlp(), small_mlp()
     names = list(mlp_masks(sparse))
@@ -161,7 +161,7 @@ def test_memory_plan_per_rank():
 
 def test_parallelism_is_read_from_sharded_weights(one_rank):
     from starfish.distributed.fsdp import shard_model
-    from starfish.memory import Parallelism
+    from starfish.heal.memory_plan import Parallelism
 
     assert Parallelism.of(small_mlp()) == Parallelism()
     student, teacher = (shard_model(small_mlp(), ["0", "2", "4"], one_rank) for _ in range(2))
@@ -174,7 +174,7 @@ def test_memory_plan_counts_a_replicated_teacher_whole():
     """compare --distributed fsdp shards the student only: its weights are split, the teacher's are not."""
     from starfish.heal import HealConfig
     from starfish.heal.objectives import get_objective
-    from starfish.memory import Parallelism, estimate_heal_memory, tensor_bytes
+    from starfish.heal.memory_plan import Parallelism, estimate_heal_memory, tensor_bytes
 
     dense, sparse = small_mlp(), small_mlp()
     calib = {"pixel_values": torch.randn(16, 6)}

@@ -176,7 +176,7 @@ def test_each_sharded_student_is_freed_before_the_next_grid_point(runs, tmp_path
     import torch.distributed as dist
 
     from starfish.cli import build_parser, config_from_args
-    from starfish.compare import compare
+    from starfish.experiments.compare import compare
     from starfish.distributed.context import DistributedContext, activate
     from starfish.masks import is_sharded
 

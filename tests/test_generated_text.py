@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from lm_tiny import llama_config, save_tiny, tiny_tokenizer, write_texts  # noqa: E402
 from starfish.cli import main  # noqa: E402
-from starfish.generated_text import FILE_NAME, generate_calibration, joined  # noqa: E402
+from starfish.data.generated_text import FILE_NAME, generate_calibration, joined  # noqa: E402
 from starfish.masks import Masks  # noqa: E402
 
 VOCAB = len(tiny_tokenizer())

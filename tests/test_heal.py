@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from starfish.evaluate import predict, top1
+from starfish.tasks.evaluate import predict, top1
 from starfish.heal import HealConfig, heal
-from starfish.heal.loop import cosine_lr
+from starfish.heal.healing import cosine_lr
 from starfish.heal.objectives import cosine_distance
 from starfish.pruning import PruneConfig, prune
 

@@ -12,17 +12,17 @@ from torch import nn
 
 from any_network_models import loop_vit
 from lm_tiny import llama_config
-from starfish.batch import select
-from starfish.blockio import StopForward
+from starfish.nn.batch import select
+from starfish.nn.blockio import StopForward
 from starfish.errors import StarfishError
 from starfish.heal import HealConfig, heal
-from starfish.heal.capture import record_stream
-from starfish.heal.checkpointing import blocks_to_wrap, checkpoint_blocks
-from starfish.heal.loop import _Runner
+from starfish.nn.capture import record_stream
+from starfish.heal.grad_checkpoint import blocks_to_wrap, checkpoint_blocks
+from starfish.heal.healing import _Runner
 from starfish.heal.objectives import get_objective
 from starfish.masks import Masks
-from starfish.memory import _count_saved, estimate_heal_memory, probe_activations
-from starfish.structure import prunable_targets, stream_points
+from starfish.heal.memory_plan import _count_saved, estimate_heal_memory, probe_activations
+from starfish.nn.structure import prunable_targets, stream_points
 
 LLAMA_BLOCKS = r"model\.layers\.\d+"
 
@@ -194,7 +194,7 @@ def test_record_stream_stops_only_once_every_point_is_read():
 
 
 def _plan(dense, sparse, masks, calib, pattern, healer="starfish", **kwargs):
-    from starfish.batch import select as take
+    from starfish.nn.batch import select as take
 
     points = stream_points(dense, take(calib, slice(0, 2)), pattern)
     config = _config(healer=healer)

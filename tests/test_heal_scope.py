@@ -15,7 +15,7 @@ from torch import nn
 
 from starfish.errors import StarfishError
 from starfish.heal import HealConfig, heal
-from starfish.heal.capture import record_outputs
+from starfish.nn.capture import record_outputs
 from starfish.heal.objectives import Signals, cosine_distance
 from starfish.heal.targets import TargetCache, TensorStore
 from starfish.masks import Masks

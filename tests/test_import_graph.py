@@ -85,7 +85,7 @@ def test_module_level_imports_have_no_cycle():
 def test_no_cycle_even_counting_imports_inside_functions():
     g = graph(module_level=False)
     assert find_cycle(g) is None, " -> ".join(find_cycle(g) or [])
-    assert "starfish.cli" not in g["starfish.compare"] and "starfish.cli" not in g["starfish.diagnose"]
+    assert "starfish.cli" not in g["starfish.experiments.compare"] and "starfish.cli" not in g["starfish.experiments.diagnose"]
 
 
 def test_the_cycle_finder_finds_a_cycle():

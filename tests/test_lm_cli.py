@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from lm_tiny import gpt2_config, llama_config, save_tiny, tiny_tokenizer, write_texts
 from starfish.cli import main
-from starfish.lm_eval import evaluate_lm
-from starfish.text import evaluation_windows
+from starfish.tasks.lm_eval import evaluate_lm
+from starfish.data.text import evaluation_windows
 
 VOCAB = len(tiny_tokenizer())
 
@@ -119,7 +119,7 @@ def test_language_models_get_their_own_heal_defaults_and_flags_win(texts, tmp_pa
     """No heal flag: a causal LM trains with the language-model defaults; a flag or a --config value
     names its own; an image model keeps the recipe's; the resolved values are what config.json saves."""
     from starfish.cli import build_parser, config_from_args
-    from starfish.defaults import LANGUAGE_MODEL_HEAL
+    from starfish.experiments.defaults import LANGUAGE_MODEL_HEAL
 
     model_dir = save_tiny(tmp_path / "llama", llama_config(VOCAB))
     base = ["run", "--model", f"hf:{model_dir}", "--calib", str(texts / "calib.txt"), "--out", str(tmp_path / "o")]

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from lm_tiny import LINES, llama_config, save_tiny, tiny_tokenizer
-from starfish.lm_eval import evaluate_lm
+from starfish.tasks.lm_eval import evaluate_lm
 from starfish.models import create_model
 from starfish.pruning import prune
-from starfish.text import evaluation_windows
+from starfish.data.text import evaluation_windows
 
 
 @pytest.fixture(scope="module")

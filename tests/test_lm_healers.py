@@ -15,7 +15,7 @@ from torch import nn
 
 from lm_tiny import LINES, llama_config, randomly_pruned, save_tiny, tiny_tokenizer, write_texts
 from starfish.cli import main
-from starfish.defaults import LANGUAGE_MODEL_HEAL
+from starfish.experiments.defaults import LANGUAGE_MODEL_HEAL
 from starfish.errors import StarfishError
 from starfish.heal import HealConfig, heal
 from starfish.heal.objectives import get_objective, kd_loss, starfish_loss
@@ -23,7 +23,7 @@ from starfish.heal.runner import Runner
 from starfish.heal.vocab import head_route
 from starfish.masks import Masks
 from starfish.heal.norms import norm_points
-from starfish.structure import stream_points
+from starfish.nn.structure import stream_points
 
 NEW = ["starfish_norm", "starfish_kd"]
 VOCAB = len(tiny_tokenizer())

@@ -62,7 +62,7 @@ class _BreakingSGD(torch.optim.SGD):
 def breaking_optimizer(monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("starfish.heal.steps"), "make_optimizer", lambda params, config: _BreakingSGD(params, lr=config.lr))
+    monkeypatch.setattr(importlib.import_module("starfish.heal.training"), "make_optimizer", lambda params, config: _BreakingSGD(params, lr=config.lr))
 
 
 def test_a_last_step_that_breaks_the_weights_is_caught_and_rolled_back(breaking_optimizer):
@@ -213,7 +213,7 @@ def test_text_that_is_not_utf8_is_refused_with_the_byte_offset(name, data, needl
 def test_text_with_a_byte_order_mark_is_decoded_by_it(encoding, tmp_path):
     import codecs
 
-    from starfish.text import read_documents
+    from starfish.data.text import read_documents
 
     text = "the quick brown fox — naïve café\nsecond line"
     bom = {"utf-16-be": codecs.BOM_UTF16_BE}.get(encoding, b"")

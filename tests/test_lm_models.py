@@ -15,7 +15,7 @@ from starfish.masks import Masks
 from starfish.models import create_model
 from starfish.models.causal_lm import CheckpointConv1D, load_checkpoint_masks, save_hf_folder, tokenizer_of
 from starfish.pruning import PruneConfig, prune
-from starfish.structure import find_blocks, prunable_targets
+from starfish.nn.structure import find_blocks, prunable_targets
 
 VOCAB = len(tiny_tokenizer())
 

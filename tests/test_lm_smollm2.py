@@ -19,9 +19,9 @@ def test_smollm2_dense_perplexity_on_one_wikitext_window():
         pytest.skip(f"SmolLM2 folder {SMOLLM2} absent: run `python scripts/install_smollm2.py` (or set STARFISH_SMOLLM2)")
     if not WIKITEXT_TEST.is_file():
         pytest.fail(f"the shared WikiText-2 test split is missing at {WIKITEXT_TEST}; set STARFISH_SHARED")
-    from starfish.lm_eval import evaluate_lm
+    from starfish.tasks.lm_eval import evaluate_lm
     from starfish.models import create_model
-    from starfish.text import evaluation_windows
+    from starfish.data.text import evaluation_windows
 
     lm = create_model(f"hf:{SMOLLM2}")
     assert lm.task == "causal-lm" and lm.block_pattern == r"model\.layers\.\d+"

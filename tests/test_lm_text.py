@@ -10,7 +10,7 @@ import torch
 
 from lm_tiny import LINES, tiny_tokenizer
 from starfish.errors import StarfishError
-from starfish.text import calibration_text, evaluation_windows, tokenize
+from starfish.data.text import calibration_text, evaluation_windows, tokenize
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from starfish.masks import Masks
 from starfish.pruning import PruneConfig, prune
 from starfish.pruning.allocation import round_to_budget
-from starfish.structure import find_blocks, prunable_targets
+from starfish.nn.structure import find_blocks, prunable_targets
 
 
 @pytest.mark.parametrize("spec", ["cifar10-vit", "cifar10-resnet20"])

@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from starfish.device import peak_memory_mb, reset_peak_memory  # noqa: E402
+from starfish.nn.device import peak_memory_mb, reset_peak_memory  # noqa: E402
 from starfish.heal import HealConfig, heal  # noqa: E402
 from starfish.masks import Masks  # noqa: E402
 from starfish.pruning import PruneConfig, prune  # noqa: E402

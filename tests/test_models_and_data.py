@@ -8,9 +8,9 @@ import textwrap
 import pytest
 import torch
 
-from starfish.data import balanced_subset, index_image_folder, resolve_size
+from starfish.data.images import balanced_subset, index_image_folder, resolve_size
 from starfish.errors import StarfishError
-from starfish.evaluate import predict, top1
+from starfish.tasks.evaluate import predict, top1
 from starfish.models import create_model, list_models
 
 from conftest import CIFAR, WEIGHTS
@@ -90,7 +90,7 @@ def test_hugging_face_folder_spec_prunes_and_heals(tmp_path):
 
     from starfish.heal import HealConfig, heal
     from starfish.pruning import prune
-    from starfish.structure import find_blocks
+    from starfish.nn.structure import find_blocks
 
     cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                     intermediate_size=64, num_labels=10)

@@ -12,7 +12,7 @@ from conftest import CIFAR, WEIGHTS
 from starfish.cli import build_parser, config_from_args
 from starfish.heal import HealConfig
 from starfish.masks import Masks
-from starfish.pipeline import RunConfig, run
+from starfish.experiments.run import RunConfig, run
 from starfish.pruning import PruneConfig
 from test_cli import assert_refused, run_args
 
@@ -36,7 +36,7 @@ def test_auto_finishes_the_candidate_with_the_lowest_held_out_signal_before_read
     after the last probe; the result equals a fixed run of the chosen pipeline."""
     import PIL.Image
 
-    import starfish.pipeline_choice as choice_module
+    import starfish.experiments.pipeline_choice as choice_module
 
     eval_root = str((CIFAR / "test").resolve())
     events: list[tuple[str, str]] = []
@@ -122,7 +122,7 @@ def test_bad_pipeline_settings_are_refused_in_one_line_before_any_work(capsys, t
 
 
 def test_probe_signal_auto_ranks_batchnorm_networks_by_the_objective_and_others_by_the_kl():
-    from starfish.pipeline_choice import resolve_probe_signal
+    from starfish.experiments.pipeline_choice import resolve_probe_signal
 
     with_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     without = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
@@ -132,7 +132,7 @@ def test_probe_signal_auto_ranks_batchnorm_networks_by_the_objective_and_others_
 
 
 def test_held_out_kl_is_the_mean_output_kl_in_eval_mode_and_restores_modes():
-    from starfish.pipeline_choice import held_out_kl
+    from starfish.experiments.pipeline_choice import held_out_kl
 
     torch.manual_seed(0)
     dense = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 3))

@@ -12,7 +12,7 @@ from starfish.pruning.prune import input_statistics
 from starfish.pruning.sparsegpt import sparsegpt_layer
 from starfish.pruning.masking import lowest_k_mask
 from starfish.repair import apply_repair
-from starfish.structure import prunable_targets
+from starfish.nn.structure import prunable_targets
 
 pytestmark = pytest.mark.shared
 

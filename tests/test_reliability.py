@@ -19,7 +19,7 @@ from torch import nn
 
 from starfish.cli import main
 from starfish.masks import Masks
-from starfish.outputs import MARKER, atomic_output_dir, check_output_dir, release_output_lock, save_weights
+from starfish.common.outputs import MARKER, atomic_output_dir, check_output_dir, release_output_lock, save_weights
 
 from conftest import CIFAR, REPO, WEIGHTS
 from test_cli import run_args as cli_run_args
@@ -53,12 +53,12 @@ def no_debris(folder: Path, name: str) -> None:
 @pytest.fixture()
 def no_heavy_work(monkeypatch):
     """Fail the test if a model is built: the refusal must come from validation alone."""
-    import starfish.pipeline
+    import starfish.experiments.run
 
     def boom(*a, **k):
         raise AssertionError("heavy work started before the input was refused")
 
-    monkeypatch.setattr(starfish.pipeline, "build_model", boom)
+    monkeypatch.setattr(starfish.experiments.run, "build_model", boom)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_a_second_run_on_a_locked_output_fails_fast(capsys, tmp_path, shared):
     out = tmp_path / "busy"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from starfish.outputs import check_output_dir; "
+         "import sys, time; from starfish.common.outputs import check_output_dir; "
          f"check_output_dir({str(out)!r}, False); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
     )
@@ -328,9 +328,9 @@ def test_diagnose_refuses_fractional_counts_and_bad_numbers(capsys, tmp_path):
 
 
 def test_compare_refuses_bad_values_before_any_work(capsys, tmp_path, monkeypatch):
-    import starfish.pipeline
+    import starfish.experiments.run
 
-    monkeypatch.setattr(starfish.pipeline, "build_model", lambda *a: (_ for _ in ()).throw(AssertionError("heavy work")))
+    monkeypatch.setattr(starfish.experiments.run, "build_model", lambda *a: (_ for _ in ()).throw(AssertionError("heavy work")))
     base = ["compare", "--model", "cifar10-resnet20", "--calib", str(CIFAR / "train"), "--eval", str(CIFAR / "test"), "--out", str(tmp_path / "c")]
     refused(capsys, base + ["--sparsities", "0.5,nan"], "--sparsities")
     refused(capsys, base + ["--calib-size", "nan"], "--calib-size")

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from starfish.errors import StarfishError
-from starfish.layerops import channel_axis, channels_last_2d, layer_output, watch
+from starfish.nn.layerops import channel_axis, channels_last_2d, layer_output, watch
 from starfish.pruning import PruneConfig, prune
 from starfish.repair import apply_repair, list_repairs
 from starfish.repair.moments import Moments, match_scale
-from starfish.repair.relative import measure_rr
+from starfish.pruning.repairability import measure_rr
 from starfish.repair.varmatch import masked_targets
-from starfish.structure import Target
+from starfish.nn.structure import Target
 
 
 def _layer_moments(model, targets, calib):

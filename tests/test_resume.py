@@ -20,10 +20,10 @@ from torch import nn
 from starfish.cli import main
 from starfish.errors import StarfishError
 from starfish.heal import HealConfig, heal
-from starfish.heal.checkpoint import Checkpointer, ResumePoint
+from starfish.heal.resume import Checkpointer, ResumePoint
 from starfish.masks import Masks
-from starfish.outputs import resume_dir
-from starfish.run_config import RunConfig, validate
+from starfish.common.outputs import resume_dir
+from starfish.experiments.run_config import RunConfig, validate
 
 from conftest import REPO
 from test_cli import run_args as cli_run_args
@@ -310,9 +310,9 @@ def test_a_flipped_bit_in_a_checkpoint_is_refused_on_resume(tmp_path, monkeypatc
     data[len(data) // 2] ^= 0x10
     checkpoint.write_bytes(bytes(data))
     capsys.readouterr()
-    import starfish.pipeline
+    import starfish.experiments.run
 
-    monkeypatch.setattr(starfish.pipeline, "build_model", lambda *a, **k: pytest.fail("heavy work before the refusal"))
+    monkeypatch.setattr(starfish.experiments.run, "build_model", lambda *a, **k: pytest.fail("heavy work before the refusal"))
     assert _run(model, texts, out, "--checkpoint-every", "1", "--resume") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err

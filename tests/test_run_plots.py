@@ -6,7 +6,7 @@ import json
 
 from conftest import CIFAR, WEIGHTS
 from starfish.heal import HealConfig
-from starfish.pipeline import RunConfig, run
+from starfish.experiments.run import RunConfig, run
 from starfish.pruning import PruneConfig
 
 

@@ -14,8 +14,8 @@ from starfish.errors import StarfishError
 from starfish.pruning import PruneConfig, prune, prune_with_notes
 from starfish.pruning.pruners import get_pruner
 from starfish.repair import apply_repair
-from starfish.sequential import Plan, plan_blocks, walk
-from starfish.structure import prunable_targets
+from starfish.nn.sequential import Plan, plan_blocks, walk
+from starfish.nn.structure import prunable_targets
 
 BLOCKS = 8
 prune_module = importlib.import_module("starfish.pruning.prune")  # the package re-exports a function named prune

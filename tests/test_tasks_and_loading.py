@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from conftest import CIFAR
-from starfish.batch import LABELS, PIXELS
-from starfish.data import ImageFiles, images_only, select_images
+from starfish.nn.batch import LABELS, PIXELS
+from starfish.data.images import ImageFiles, images_only, select_images
 from starfish.errors import StarfishError
-from starfish.evaluate import Predictions, predict, summarize
-from starfish.loading import decode_calibration, estimate_bytes, stream
+from starfish.tasks.evaluate import Predictions, predict, summarize
+from starfish.data.loading import decode_calibration, estimate_bytes, stream
 from starfish.tasks import Evaluation, Task, get_task, list_tasks
 
 

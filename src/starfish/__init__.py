@@ -10,15 +10,15 @@
 from starfish.version import __version__
 
 from starfish.errors import StarfishError
-from starfish.evaluate import Predictions, predict, summarize
+from starfish.tasks.evaluate import Predictions, predict, summarize
 from starfish.heal import HealConfig, HealResult, heal, list_healers
 from starfish.hf_api import prune_and_heal
 from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model, list_models, register_model
-from starfish.pipeline import RunConfig, run
+from starfish.experiments.run import RunConfig, run
 from starfish.pruning import PruneConfig, list_allocations, list_pruners, prune
 from starfish.repair import apply_repair, list_repairs
-from starfish.structure import find_blocks, prunable_targets
+from starfish.nn.structure import find_blocks, prunable_targets
 
 __all__ = [
     "HealConfig",

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from starfish.errors import StarfishError
-from starfish.signals import sigterm_handled_by
-from starfish.validation import PROBE_SIGNALS
+from starfish.common.signals import sigterm_handled_by
+from starfish.common.validation import PROBE_SIGNALS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _checked(check: Callable[[object], object], text: object, parse: Callable = float):
-    """Parse ``text`` and run a ``starfish.validation`` check on it; its one-line message becomes argparse's."""
+    """Parse ``text`` and run a ``starfish.common.validation`` check on it; its one-line message becomes argparse's."""
     try:
         value = parse(text)
     except ValueError:
@@ -42,7 +42,7 @@ def _checked(check: Callable[[object], object], text: object, parse: Callable = 
 
 def size_arg(text: str) -> float:
     """A count (200) or a fraction of the folder (0.004); NaN, inf, 0 and 1.5 are refused."""
-    from starfish.validation import size
+    from starfish.common.validation import size
 
     try:
         value = float(text)
@@ -65,56 +65,56 @@ def floats_arg(text: str) -> list[float]:
 
 def std_arg(text: str) -> list[float]:
     """Normalization std: finite, non-zero (inputs are divided by it), one or three values."""
-    from starfish.validation import floats
+    from starfish.common.validation import floats
 
     return _checked(lambda v: floats("value", v, nonzero=True), floats_arg(text), parse=lambda v: v)
 
 
 def positive_float(text: str) -> float:
-    from starfish.validation import positive
+    from starfish.common.validation import positive
 
     return _checked(lambda v: positive("value", v), text)
 
 
 def non_negative_float(text: str) -> float:
-    from starfish.validation import non_negative
+    from starfish.common.validation import non_negative
 
     return _checked(lambda v: non_negative("value", v), text)
 
 
 def positive_int(text: str) -> int:
-    from starfish.validation import integer
+    from starfish.common.validation import integer
 
     return _checked(lambda v: integer("value", v, 1), text, parse=int)
 
 
 def non_negative_int(text: str) -> int:
-    from starfish.validation import integer
+    from starfish.common.validation import integer
 
     return _checked(lambda v: integer("value", v, 0), text, parse=int)
 
 
 def seed_arg(text: str) -> int:
-    from starfish.validation import seed
+    from starfish.common.validation import seed
 
     return _checked(lambda v: seed("value", v), text, parse=int)
 
 
 def regex_arg(text: str) -> str:
-    from starfish.validation import regex
+    from starfish.common.validation import regex
 
     return _checked(lambda v: regex("value", v), text, parse=str)
 
 
 def device_arg(text: str) -> str:
-    from starfish.validation import device
+    from starfish.common.validation import device
 
     return _checked(lambda v: device("value", v), text, parse=str)
 
 
 def checkpoint_every_arg(text: str) -> int | str:
     """'auto' or a whole number of optimizer steps (0 = off)."""
-    from starfish.heal.checkpoint import AUTO, check_every
+    from starfish.heal.resume import AUTO, check_every
 
     if text == AUTO:
         return AUTO
@@ -294,7 +294,7 @@ def add_run_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), o
 
 def config_from_args(args: argparse.Namespace):
     """Merge --config (if any) with the flags that were actually given."""
-    from starfish.run_config import INVOCATION_KEYS, RunConfig
+    from starfish.experiments.run_config import INVOCATION_KEYS, RunConfig
 
     given = vars(args)
     base: dict = {}
@@ -310,7 +310,7 @@ def config_from_args(args: argparse.Namespace):
             raise StarfishError(f"cannot read config file {path} ({getattr(exc, 'strerror', None) or exc}); pass a JSON file.") from None
         if not isinstance(base, dict):
             raise StarfishError(f"config file {path} does not hold a JSON object.")
-        from starfish.validation import config_types
+        from starfish.common.validation import config_types
 
         config_types(RunConfig, base)  # a wrong type is named even for keys a rerun then drops
         for key in INVOCATION_KEYS:  # older config.json files carried them; a rerun names its own
@@ -348,10 +348,11 @@ def fix_named_dimensions(merged: dict, flags: set[str]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from starfish.pipeline import run
-    from starfish.report import render_markdown
+    from starfish.experiments.run import run
+    from starfish.reporting.report import render_markdown
 
-    from starfish.distributed import is_writer, launched
+    from starfish.distributed import is_writer
+    from starfish.experiments.launch import launched
 
     config = config_from_args(args)
     if config.out is None:
@@ -391,7 +392,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from starfish.demo import run_demo
+    from starfish.experiments.demo import run_demo
 
     run_demo(sparsity=args.sparsity, seed=args.seed, retrain=args.retrain)
     return 0
@@ -414,13 +415,14 @@ def _compare_setup(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from starfish.compare import compare, default_healers
-    from starfish.compare_report import glance_table
+    from starfish.experiments.compare import compare, default_healers
+    from starfish.reporting.compare_report import glance_table
 
     config = config_from_args(args)
     if config.out is None:
         raise StarfishError("pass --out DIR for compare.json, compare.md and the plots.")
-    from starfish.distributed import is_writer, launched
+    from starfish.distributed import is_writer
+    from starfish.experiments.launch import launched
 
     healers = args._healers if args._healers is not None else default_healers()
     with launched(args._distributed, config, "compare"):
@@ -446,7 +448,7 @@ def _diagnose_setup(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from starfish.diagnose import diagnose, render_rr_markdown, write_diagnosis
+    from starfish.experiments.diagnose import diagnose, render_rr_markdown, write_diagnosis
 
     config = config_from_args(args)
     if config.out is None:
@@ -485,7 +487,7 @@ def _evaluate_setup(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from starfish.evaluate_output import EvaluateConfig, evaluate, render
+    from starfish.experiments.evaluate_saved import EvaluateConfig, evaluate, render
 
     names = ("target", "tasks", "eval_limit", "tasks_data", "texts", "eval_size", "eval_seq_len", "seed", "batch_size", "dtype", "device", "out", "force")
     record = evaluate(EvaluateConfig(**{k: getattr(args, k) for k in names}), command=_command_line())
@@ -542,8 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors print one line and exit 2; interrupts (Ctrl-C, SIGTERM) exit
     130/143 with scratch cleaned and any earlier output untouched; anything else is a bug and keeps
     its traceback."""
-    from starfish.distributed.launch import RankFailure
-    from starfish.outputs import protect_inputs, release_all_output_locks
+    from starfish.experiments.launch import RankFailure
+    from starfish.common.outputs import protect_inputs, release_all_output_locks
 
     with sigterm_handled_by(_raise_terminated):
         try:

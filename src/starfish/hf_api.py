@@ -46,16 +46,16 @@ def prune_and_heal(
     masks are at ``model.starfish_masks`` and the heal summary at ``model.starfish_heal``, and
     ``model.save_pretrained(folder)`` writes a folder transformers loads as it is.
     """
-    from starfish.defaults import resolve_heal_settings_of
+    from starfish.experiments.defaults import resolve_heal_settings_of
     from starfish.heal import HealConfig
-    from starfish.holdout import SEED_OFFSET, TEXT_DEFAULT
+    from starfish.data.holdout import SEED_OFFSET, TEXT_DEFAULT
     from starfish.models.causal_lm import decoder_block_pattern, refuse_fused_experts
-    from starfish.holdout import HeldOut
+    from starfish.data.holdout import HeldOut
     from starfish.pruning import PruneConfig, prune_with_notes
     from starfish.pruning.pruners import get_pruner
-    from starfish.steps import check_masks, choose_cache_dtype_step, heal_step, stage_calibration
-    from starfish.text import TEXT_CALIB_DEFAULT, calibration_sequences
-    from starfish.validation import config_types
+    from starfish.experiments.steps import check_masks, choose_cache_dtype_step, heal_step, stage_calibration
+    from starfish.data.text import TEXT_CALIB_DEFAULT, calibration_sequences
+    from starfish.common.validation import config_types
 
     documents = [texts] if isinstance(texts, str) else list(texts)
     if not documents or not all(isinstance(d, str) for d in documents):

@@ -194,7 +194,7 @@ class Masks:
         return {k: v.detach().cpu().contiguous() for k, v in self._masks.items()}
 
     def save(self, path: str | Path) -> None:
-        from starfish.outputs import write_safetensors
+        from starfish.common.outputs import write_safetensors
 
         meta = {"format": "starfish-masks", "true_means": "kept", "order": json.dumps(self.names())}
         write_safetensors(self.state_dict(), path, meta)

@@ -6,13 +6,14 @@
   set each rank works on;
 * ``statistics``: summing what pruners and repairs measured on each rank's slice;
 * ``ddp``: the data-parallel optimizer step (loss share, gradient all-reduce) and BatchNorm buffers;
-* ``launch``: validation before the group is joined, one-line failures;
 * ``fsdp``: fully sharded parameters (FSDP2), plugged into the same context.
 * ``sharding``: ``--distributed fsdp`` in a run (shard both models after repair, gather them to
   write) and in a compare grid (shard each grid point's student before its healing).
+
+Joining the group for a run (validation first, one-line failures) is ``experiments.launch``: it
+reads the run's config, which lives a layer above.
 """
 
 from starfish.distributed.context import DistributedContext, current, is_writer
-from starfish.distributed.launch import RankFailure, launched
 
-__all__ = ["DistributedContext", "RankFailure", "current", "is_writer", "launched"]
+__all__ = ["DistributedContext", "current", "is_writer"]

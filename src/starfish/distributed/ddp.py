@@ -1,6 +1,6 @@
 """Data-parallel training steps: each rank's share of every global batch, gradients summed.
 
-``heal.steps.train_steps`` asks ``data_parallel_step(loss_of, params)`` for its step; in one process
+``heal.training.train_steps`` asks ``data_parallel_step(loss_of, params)`` for its step; in one process
 (or under FSDP, which reduces gradients itself) that is a pass-through. Under DDP:
 
 * every rank draws the same permutation, so every global batch (``--batch-size``) is the

@@ -128,7 +128,7 @@ def data_parallel_loss(
 
 def sharded_loss(loss_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The loss joint healing of a sharded model trains on. Under a ``torchrun`` launch (an active
-    ``DistributedContext``) ``heal.steps.train_steps`` already takes this rank's share of every batch
+    ``DistributedContext``) ``heal.training.train_steps`` already takes this rank's share of every batch
     (``ddp.DataParallelStep``), so ``loss_of`` is returned as it is; splitting twice would train on
     1/N^2 of each batch. Sharded from Python without a context: split here (``data_parallel_loss``)."""
     from starfish.distributed.context import current

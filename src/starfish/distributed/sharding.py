@@ -1,5 +1,5 @@
 """``--distributed fsdp`` in a run and in a compare grid: what FSDP2 changes in the orchestrations
-(``pipeline.run``, ``compare.compare``).
+(``experiments.run``, ``compare.compare``).
 
 * Before the group exists, ``check_fsdp_run`` refuses what sharded weights cannot do (block-wise
   healing, fp16 loss scaling, the healing checkpoints) with one line each.
@@ -113,7 +113,7 @@ def collect_dropped() -> None:
 def _plan_units(model: nn.Module, block_pattern: str | None) -> tuple[object, list[str]]:
     """The device mesh over every rank and the blocks that become FSDP2 units."""
     from starfish.distributed.fsdp import fsdp_mesh
-    from starfish.structure import find_blocks
+    from starfish.nn.structure import find_blocks
 
     return fsdp_mesh(), [name for name, _ in find_blocks(model, block_pattern)]
 

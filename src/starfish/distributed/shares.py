@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import Dataset, Subset
 
-from starfish.batch import Batch, batch_len, select
+from starfish.nn.batch import Batch, batch_len, select
 from starfish.distributed.context import current
 from starfish.errors import StarfishError
 

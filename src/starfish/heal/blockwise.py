@@ -9,11 +9,11 @@ the dense model's own stream ("dense", every block independent of the others).
 
 This needs a chain of blocks (each block's input is exactly the previous block's output), which is
 checked on one real batch with ``blockio.is_chain``. The per-step recipe is the joint one
-(``heal.steps.train_steps``) with its budget applied to every block. Block forwards (the dense
+(``heal.training.train_steps``) with its budget applied to every block. Block forwards (the dense
 targets and the training passes) run under the run's autocast (``heal.precision``) and the loss is
 computed in float32. Gradient checkpointing does not apply: only one block is trained at a time.
 
-Resume (``heal.checkpoint``): every block has its own checkpoint (``block-NNN``), written after its
+Resume (``heal.resume``): every block has its own checkpoint (``block-NNN``), written after its
 last step too, so a resumed run restores the finished blocks without training them again and
 continues the block in progress at its step; the streams between blocks are recomputed by
 forward passes (deterministic), which is cheap next to training.
@@ -29,13 +29,13 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from starfish.batch import batch_len, iter_batches, model_device, position_weights, select
-from starfish.blockio import BlockCall, capture_block_calls, is_chain
+from starfish.nn.batch import batch_len, iter_batches, model_device, position_weights, select
+from starfish.nn.blockio import BlockCall, capture_block_calls, is_chain
 from starfish.errors import StarfishError
 from starfish.heal.job import HealJob
 from starfish.heal.objectives import Objective, Signals
 from starfish.heal.precision import as_float, autocast
-from starfish.heal.steps import StepsOutcome, set_heal_mode, train_steps
+from starfish.heal.training import StepsOutcome, set_heal_mode, train_steps
 from starfish.heal.targets import TensorStore
 from starfish.masks import Masks
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from starfish.batch import Batch, iter_batches, model_device, select, to_device
+from starfish.nn.batch import Batch, iter_batches, model_device, select, to_device
 from starfish.errors import StarfishError
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
@@ -39,7 +39,7 @@ def dense_peak(dense: nn.Module, calibration: Batch, batch_size: int, block_patt
     """Largest |value| of every signal a target cache could hold, over the calibration samples."""
     from starfish.heal.runner import Runner
     from starfish.heal.vocab import head_route
-    from starfish.structure import stream_points
+    from starfish.nn.structure import stream_points
 
     device = model_device(dense)
     sample = to_device(select(calibration, slice(0, 2)), device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from starfish.errors import StarfishError
-from starfish.heal.checkpointing import GRAD_CHECKPOINT_MODES
+from starfish.heal.grad_checkpoint import GRAD_CHECKPOINT_MODES
 from starfish.heal.precision import PRECISIONS
 
 HEAL_SCOPES = ("joint", "blockwise")  # --heal-scope, and compare's HEALER@SCOPE
@@ -39,7 +39,7 @@ class HealConfig:
     precision: str = "auto"  # autocast of the forward passes: fp32 | bf16 | fp16 | auto (bf16 on a bf16-capable
     # CUDA device, fp32 elsewhere) | native (auto, plus bf16 on a CPU with AMX/AVX512-BF16); weights, gradients, optimizer state and losses stay float32 (heal.precision)
     grad_checkpoint: str = "auto"  # joint scope: per-block gradient checkpointing on | off | auto (on only when
-    # the memory plan says the run would not fit without it; heal.checkpointing)
+    # the memory plan says the run would not fit without it; heal.grad_checkpoint)
     divergence_factor: float = 1.5  # stop when the smoothed loss rises above this many times the first loss
     keep_best: bool = True  # on divergence, restore the weights seen at the best smoothed loss
     train_mode: bool = False  # True turns dropout on during healing (off by default)
@@ -53,7 +53,7 @@ class HealConfig:
     progress: bool = True
 
     def validate(self) -> "HealConfig":
-        from starfish.validation import heal_settings
+        from starfish.common.validation import heal_settings
 
         heal_settings(self)  # NaN/inf, negative decay or temperature, seeds, devices
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.min_lr < 0:

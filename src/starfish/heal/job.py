@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from starfish.batch import Batch
+from starfish.nn.batch import Batch
 from starfish.heal.config import HealConfig
 from starfish.heal.objectives import Objective
 from starfish.heal.targets import TensorStore
 from starfish.masks import Masks
 
 if TYPE_CHECKING:
-    from starfish.heal.checkpoint import Checkpointer, ResumePoint
+    from starfish.heal.resume import Checkpointer, ResumePoint
     from starfish.heal.stopping import StoppingRecord
 
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from starfish.errors import StarfishError
-from starfish.heal.capture import record_stream
-from starfish.structure import StreamPoint, input_tensor, run_eval, same_tensor
+from starfish.nn.capture import record_stream
+from starfish.nn.structure import StreamPoint, input_tensor, run_eval, same_tensor
 
 
 def is_norm(module: nn.Module) -> bool:

@@ -1,7 +1,7 @@
 """Healing objectives: what the sparse model is trained to match. A registry of named objectives.
 
 Each objective says which signals it needs (block outputs, logits, labels); the training loop
-(``heal.loop``) captures exactly those, so all healers share one loop and one optimizer budget.
+(``heal.healing``) captures exactly those, so all healers share one loop and one optimizer budget.
 """
 
 from __future__ import annotations

@@ -11,14 +11,14 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from starfish.batch import call_model, position_weights, to_device
-from starfish.blockio import StopForward
-from starfish.evaluate import logits_of
-from starfish.heal.capture import record_stream
+from starfish.nn.batch import call_model, position_weights, to_device
+from starfish.nn.blockio import StopForward
+from starfish.tasks.evaluate import logits_of
+from starfish.nn.capture import record_stream
 from starfish.heal.objectives import Signals
 from starfish.heal.precision import as_float, autocast
 from starfish.heal.vocab import stop_at_head
-from starfish.structure import StreamPoint
+from starfish.nn.structure import StreamPoint
 
 
 class Runner:

@@ -24,11 +24,11 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from starfish.batch import Batch, batch_len, select
+from starfish.nn.batch import Batch, batch_len, select
 from starfish.distributed.context import mean_over_ranks
 from starfish.heal.config import HealConfig
 from starfish.heal.objectives import Objective, Signals, kd_loss
-from starfish.heal.steps import WeightSnapshot, set_heal_mode
+from starfish.heal.training import WeightSnapshot, set_heal_mode
 from starfish.heal.targets import TargetCache, TensorStore
 
 HOLDOUT_FRACTION = 0.2  # share of the calibration set held out when no separate held-out data is given
@@ -122,7 +122,7 @@ class HeldOutMonitor:
         return self.weights.restore()
 
     def state_dict(self) -> dict:
-        """What a resumed run needs to stop where an uninterrupted one would (``heal.checkpoint``)."""
+        """What a resumed run needs to stop where an uninterrupted one would (``heal.resume``)."""
         r = self.record
         return {
             "best": self.best, "waited": self.waited, "stopped": self.stopped, "last_step": self.last_step,
@@ -223,7 +223,7 @@ def plan_stopping(
     import sys
     from dataclasses import replace
 
-    from starfish.batch import calibration_set
+    from starfish.nn.batch import calibration_set
 
     if config.budget != "auto":
         return calibration, None, None, config
@@ -244,7 +244,7 @@ def plan_stopping(
 
 def held_out_monitor(job, dense_run: Callable[[Batch], Signals], sparse_run: Callable[[Batch], Signals], n: int) -> HeldOutMonitor | None:
     """The monitor ``train_steps`` calls for a joint-scope ``HealJob`` with held-out data, else None."""
-    from starfish.heal.steps import snapshot_tensors
+    from starfish.heal.training import snapshot_tensors
 
     if job.holdout is None or job.stopping is None:
         return None

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from starfish.batch import Batch, batch_len, iter_batches
+from starfish.nn.batch import Batch, batch_len, iter_batches
 from starfish.errors import StarfishError
 from starfish.heal.objectives import Signals
 

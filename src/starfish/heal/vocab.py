@@ -53,8 +53,8 @@ def output_head(model: nn.Module) -> tuple[str, nn.Linear] | None:
 def head_route(model: nn.Module, sample: dict) -> str | None:
     """The head's module name when the model's logits are exactly ``head(hidden)`` on ``sample``
     (so the loss may apply the head itself, chunk by chunk), else None (full logits)."""
-    from starfish.batch import call_model
-    from starfish.evaluate import logits_of
+    from starfish.nn.batch import call_model
+    from starfish.tasks.evaluate import logits_of
 
     from starfish.masks import is_sharded
 
@@ -108,7 +108,7 @@ def chunked_kl(
 def stop_at_head(model: nn.Module, name: str | None) -> Iterator[list[torch.Tensor | None]]:
     """While open, a forward pass of ``model`` ends (``StopForward``) when it reaches head ``name``;
     the yielded list then holds the head's input. A no-op for ``name`` None."""
-    from starfish.blockio import StopForward
+    from starfish.nn.blockio import StopForward
 
     slot: list[torch.Tensor | None] = [None]
     if name is None:

@@ -258,7 +258,7 @@ def check_loading_info(name: str, info: Mapping[str, object]) -> None:
 
 def check_finite_weights(model: nn.Module, name: str, dtype: str | None = None) -> None:
     """Refuse NaN or infinite weights, also values beyond the range of the dtype asked for."""
-    from starfish.validation import first_non_finite
+    from starfish.common.validation import first_non_finite
 
     bad = first_non_finite(model.state_dict().items())
     if bad is not None:

@@ -205,7 +205,7 @@ def load_weights(model: nn.Module, path: str | Path, spec: str = "the model") ->
             f"could not read weights file {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "pass an intact PyTorch state dict (.pth/.pt/.th) or .safetensors file."
         ) from None
-    from starfish.validation import first_non_finite
+    from starfish.common.validation import first_non_finite
 
     bad = first_non_finite(state.items())
     if bad is not None:
@@ -341,7 +341,7 @@ def _hf_causal_lm(spec: str, weights: str | Path | None, dtype: str | None) -> L
 def _assumed_preprocess(model: nn.Module) -> Preprocess:
     """ImageNet-style defaults for a model that says nothing about its inputs (flagged as assumed);
     grayscale when its first convolution takes one channel."""
-    from starfish.structure import input_channels
+    from starfish.nn.structure import input_channels
 
     if input_channels(model) == 1:
         return Preprocess(224, IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD, channels=1, assumed="224 px, 1 channel, mean 0.449, std 0.226")
@@ -351,7 +351,7 @@ def _assumed_preprocess(model: nn.Module) -> Preprocess:
 @torch.no_grad()
 def _dry_run(loaded: LoadedModel, expected_channels: int) -> None:
     """Run one blank image of the configured shape; a shape error becomes a one-line fix."""
-    from starfish.batch import call_model, model_device
+    from starfish.nn.batch import call_model, model_device
 
     pre = loaded.preprocess
     blank = torch.zeros(1, pre.channels, pre.input_size, pre.input_size, device=model_device(loaded.module))
@@ -376,7 +376,7 @@ def _dry_run(loaded: LoadedModel, expected_channels: int) -> None:
 def check_preprocess(loaded: LoadedModel, overrides: dict | None = None) -> None:
     """Before any data is read: refuse a channel count the model cannot take, and warn loudly (and
     record in ``loaded.extra``) when preprocessing is a guess the user did not override."""
-    from starfish.structure import input_channels
+    from starfish.nn.structure import input_channels
 
     pre = loaded.preprocess
     expected = input_channels(loaded.module)

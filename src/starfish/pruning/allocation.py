@@ -159,11 +159,11 @@ def lamp(weights: dict[str, torch.Tensor], sparsity: float, context: AllocationC
 def rr_allocation(weights: dict[str, torch.Tensor], sparsity: float, context: AllocationContext | None = None) -> dict[str, int]:
     """LAMP scores scaled per layer by its Relative Repairability, then one global threshold.
 
-    See ``starfish.repair.relative.rr_factors`` for the rule and why.
+    See ``starfish.pruning.repairability.rr_factors`` for the rule and why.
     """
     if context is None or context.model is None or context.calibration is None:
         raise StarfishError("allocation 'rr' measures each layer's repairability on calibration images; pass --calib DIR.")
-    from starfish.repair.relative import measure_rr, rr_factors
+    from starfish.pruning.repairability import measure_rr, rr_factors
 
     rows = measure_rr(context.model, context.targets, context.calibration, sparsity, **context.options)
     factors = rr_factors(rows)

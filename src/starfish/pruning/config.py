@@ -20,7 +20,7 @@ class PruneConfig:
     blocksize: int = 128  # sparsegpt: columns pruned and reconstructed together
 
     def validate(self) -> "PruneConfig":
-        from starfish.validation import prune_settings
+        from starfish.common.validation import prune_settings
 
         prune_settings(self)  # NaN damping, non-compilable regexes
         if not (0.0 <= self.sparsity < 1.0):

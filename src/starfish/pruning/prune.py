@@ -2,7 +2,7 @@
 
 Order of work: the allocation fixes how many weights each layer loses (from the dense weights);
 then the pruner picks which ones. Pruners that need calibration data are fed block by block
-(``starfish.sequential``): one prefix pass per calibration batch, then per block one calibration
+(``starfish.nn.sequential``): one prefix pass per calibration batch, then per block one calibration
 pass and, for pruners that rewrite weights (SparseGPT), one pass of the pruned block whose output
 the next block calibrates on. Where the blocks do not form a chain or targets lie outside them,
 whole-model passes are used instead and the notes say so.
@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from starfish.errors import StarfishError
-from starfish.layerops import forward_order, input_matrix, watch
+from starfish.nn.layerops import forward_order, input_matrix, watch
 from starfish.masks import Masks
 from starfish.pruning.allocation import AllocationContext, allocate
 from starfish.pruning.config import PruneConfig
 from starfish.pruning.masking import lowest_k_mask, mask_from_scores, parse_pattern  # noqa: F401 (re-exported)
 from starfish.pruning.pruners import Pruner, get_pruner
-from starfish.sequential import plan_blocks, walk
-from starfish.structure import Target, prunable_targets
+from starfish.nn.sequential import plan_blocks, walk
+from starfish.nn.structure import Target, prunable_targets
 
 BATCH_SIZE = 64  # calibration samples per forward call
 

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from starfish.batch import batch_len, calibration_set
+from starfish.nn.batch import batch_len, calibration_set
 from starfish.errors import StarfishError
 from starfish.masks import Masks
 from starfish.repair.bn import BN_TYPES, recalibrate_batchnorm

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from starfish.batch import batch_len, calibration_set, call_model, iter_batches, model_device, to_device
+from starfish.nn.batch import batch_len, calibration_set, call_model, iter_batches, model_device, to_device
 from starfish.distributed.context import sum_floats
 from starfish.distributed.statistics import merge_batchnorm_statistics
-from starfish.layerops import no_fastpath
+from starfish.nn.layerops import no_fastpath
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

@@ -3,7 +3,7 @@
 Each output channel c of a pruned layer is mapped y -> a_c (y - mean_p) + mean_d with
 a_c = std_d / std_p (optionally shrunk, see ``match_scale``), measured on calibration data.
 
-When the blocks form a chain (``starfish.sequential``) the dense and the pruned network are walked
+When the blocks form a chain (``starfish.nn.sequential``) the dense and the pruned network are walked
 side by side, block by block. One pass of the dense block gives the dense moments of all its
 layers (and the order they run in). When the whole calibration set fits in one call (always for
 CIFAR-size inputs; ``_one_call_size``), one pass of the pruned block does the rest: each layer's
@@ -44,15 +44,15 @@ from torch import nn
 from contextlib import contextmanager
 from typing import Iterator
 
-from starfish.batch import calibration_set, select
+from starfish.nn.batch import calibration_set, select
 from starfish.distributed.statistics import sum_moments
-from starfish.layerops import channel_axis, channels_last_2d, forward_order, layer_output, real_rows, watch
+from starfish.nn.layerops import channel_axis, channels_last_2d, forward_order, layer_output, real_rows, watch
 from starfish.masks import Masks
 from starfish.repair.bn import BN_TYPES
 from starfish.repair.moments import Moments, match_scale
 from starfish.errors import StarfishError
-from starfish.sequential import InputOrder, Stream, plan_blocks
-from starfish.structure import Target, all_weights
+from starfish.nn.sequential import InputOrder, Stream, plan_blocks
+from starfish.nn.structure import Target, all_weights
 
 
 def masked_targets(model: nn.Module, masks: Masks) -> list[Target]:
@@ -202,8 +202,8 @@ def _one_call_size(calibration: object, model: nn.Module) -> int | None:
     In one call every layer's correction can be folded in its own pre-hook before the next layer
     reads it, with moments over the whole set: the per-layer corrections at one pass of the pruned
     block. Split into several calls, a later call would change what earlier calls measured."""
-    from starfish.batch import batch_len, model_device
-    from starfish.memory import free_device_bytes
+    from starfish.nn.batch import batch_len, model_device
+    from starfish.nn.device import free_device_bytes
 
     batch = calibration_set(calibration)
     n = batch_len(batch)

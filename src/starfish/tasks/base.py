@@ -16,7 +16,7 @@ from typing import Callable, ClassVar, Iterable, Mapping
 import torch
 from torch import nn
 
-from starfish.batch import Batch
+from starfish.nn.batch import Batch
 from starfish.registry import Registry
 
 TASKS: Registry[type["Task"]] = Registry("evaluation task", "--task")

@@ -11,11 +11,11 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from starfish.batch import LABELS, Batch, call_model, model_device, to_device
+from starfish.nn.batch import LABELS, Batch, call_model, model_device, to_device
 from starfish.distributed.context import sum_floats
 from starfish.distributed.shares import is_padding
 from starfish.errors import StarfishError
-from starfish.evaluate import kl_rows, logits_of
+from starfish.tasks.evaluate import kl_rows, logits_of
 from starfish.tasks.base import TASKS, Task
 
 

@@ -2,7 +2,7 @@
 
 Full-vocabulary outputs are far too large to keep (a 2048-token window of a 49k-vocabulary model
 is 400 MB in float32), so this task never remembers the reference: every call runs the dense model
-beside the scored one on the same window (``starfish.lm_eval.evaluate_lm``).
+beside the scored one on the same window (``starfish.tasks.lm_eval.evaluate_lm``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from starfish.batch import Batch, model_device
-from starfish.lm_eval import evaluate_lm
+from starfish.nn.batch import Batch, model_device
+from starfish.tasks.lm_eval import evaluate_lm
 from starfish.tasks.base import TASKS, Task
 
 

@@ -1,7 +1,7 @@
 """What a pruner is: two small steps, ``calibrate`` and ``compress``, registered by name.
 
 The pipeline (``starfish.pruning.prune``) feeds ``calibrate(target, module, inputs, weights)`` with
-every calibration input a target weight sees (block by block, see ``starfish.sequential``), then
+every calibration input a target weight sees (block by block, see ``starfish.nn.sequential``), then
 asks ``compress(target, weight, budget, pattern)`` for the pruned weight and its keep-mask. A pruner
 instance lives for one ``prune`` call, so it keeps its statistics on itself.
 """
@@ -16,7 +16,7 @@ from torch import nn
 from starfish.errors import StarfishError
 from starfish.pruning.masking import mask_from_scores
 from starfish.registry import Registry
-from starfish.structure import Target
+from starfish.nn.structure import Target
 
 
 class Pruner:

@@ -18,10 +18,10 @@ from torch import nn
 from starfish.distributed.context import sum_, sum_floats
 from starfish.distributed.statistics import active as statistics_active
 from starfish.errors import StarfishError
-from starfish.layerops import input_matrix, real_rows
+from starfish.nn.layerops import input_matrix, real_rows
 from starfish.pruning.pruners.base import PRUNERS, Pruner
 from starfish.pruning.sparsegpt import sparsegpt_layer
-from starfish.structure import Target
+from starfish.nn.structure import Target
 
 
 @PRUNERS.register("sparsegpt")

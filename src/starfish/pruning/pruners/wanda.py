@@ -12,9 +12,9 @@ from torch import nn
 
 from starfish.distributed.statistics import sum_named
 from starfish.errors import StarfishError
-from starfish.layerops import input_matrix, real_rows
+from starfish.nn.layerops import input_matrix, real_rows
 from starfish.pruning.pruners.base import PRUNERS, Pruner
-from starfish.structure import Target
+from starfish.nn.structure import Target
 
 
 def wanda_scores(weight: torch.Tensor, generator: torch.Generator, stats: torch.Tensor | None = None) -> torch.Tensor:

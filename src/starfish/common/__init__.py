@@ -1,0 +1,1 @@
+"""Foundations every layer may use: value checks, atomic output folders, signal handling."""

@@ -1,0 +1,1 @@
+"""The verbs (run, compare, diagnose, demo, evaluate) and their orchestration: config resolution, steps, pipeline choice."""

@@ -28,7 +28,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from starfish.nn.batch import Batch, batch_len, calibration_set, model_device, select, to_device
-from starfish.nn.device import bound_heap_growth, current_memory_mb, peak_memory_mb, reset_peak_memory, resolve_device
+from starfish.nn.device import BLOCKWISE_MMAP_THRESHOLD, MMAP_THRESHOLD, bound_heap_growth, current_memory_mb, peak_memory_mb, reset_peak_memory, resolve_device
 from starfish.distributed.ddp import average_buffers
 from starfish.errors import StarfishError
 from starfish.heal.blockwise import check_blockwise, heal_blockwise
@@ -236,7 +236,8 @@ def _prepare(
     config = (config or HealConfig()).validate()
     objective: Objective = get_objective(config.healer)
     device = resolve_device(config.device)
-    bound_heap_growth()  # host memory freed during healing goes back to the OS, so the plan holds on the CPU
+    # host memory freed during healing goes back to the OS, so the plan holds on the CPU
+    bound_heap_growth(BLOCKWISE_MMAP_THRESHOLD if config.scope == "blockwise" else MMAP_THRESHOLD)
     calib = calibration_set(calibration)
     _check_inputs(objective, calib, config)
     calib, held, record, config = plan_stopping(calib, holdout, holdout_source, objective, config)

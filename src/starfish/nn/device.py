@@ -46,10 +46,17 @@ def _return_free_heap() -> None:
 
 
 MMAP_THRESHOLD = 1 << 20  # bytes: larger host allocations get pages of their own, returned to the OS when freed
+# Block-wise healing of a language model under bf16 autocast allocates many tensors of 0.1-1 MB (one
+# block's bf16 weight copies, bf16 activations of a batch); from the heap, their freed holes stayed
+# resident: SmolLM2, Wanda 50%, 2 epochs at --precision native added 419 MB against a plan of 284 MB
+# at 1 MB, 273 MB at 128 kB (BENCHMARKS.md, the native matrix). Smaller allocations cost a mapping each,
+# so only that scope pays for it.
+BLOCKWISE_MMAP_THRESHOLD = 128 << 10
 
 
-def bound_heap_growth() -> bool:
-    """Give every host allocation of 1 MB or more its own mapping, returned to the OS when freed.
+def bound_heap_growth(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Give every host allocation of ``threshold`` bytes (default 1 MB) or more its own mapping,
+    returned to the OS when freed.
 
     glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after which
     activations, logits chunks and gradients of that size come from the heap, whose freed holes stay
@@ -58,7 +65,7 @@ def bound_heap_growth() -> bool:
     dynamic adjustment off) keeps the resident set at what is live, so the memory plan holds on the
     CPU. Process-wide; a no-op (False) where the C library has no ``mallopt``."""
     try:
-        return bool(ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+        return bool(ctypes.CDLL(None).mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
 

@@ -22,6 +22,25 @@ if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins (on a b
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+SHARED_FIXTURES = {"shared", "calib_images", "eval_set", "pretrained"}
+SHARED_NAMES = ("SHARED", "CIFAR", "WEIGHTS")  # module-level uses of the material
+DISTRIBUTED_MODULES = {"test_distributed", "test_fsdp", "test_fsdp_cli"}  # process groups (gloo) of 2 ranks
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Markers from what a test uses, so they stay consistent: ``shared`` (reads ../shared),
+    ``distributed`` (starts a process group); ``slow`` is set by hand on tests of more than ~1.5 s.
+    ``pytest -m "not slow"`` is the fast tier; ``-m "not shared"`` runs where ../shared is absent."""
+    sources: dict[str, str] = {}
+    for item in items:
+        path = Path(str(item.fspath))
+        text = sources.setdefault(str(path), path.read_text(encoding="utf-8"))
+        if SHARED_FIXTURES & set(item.fixturenames) or any(name in text for name in SHARED_NAMES):
+            item.add_marker(pytest.mark.shared)
+        if path.stem in DISTRIBUTED_MODULES:
+            item.add_marker(pytest.mark.distributed)
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not (CIFAR / "train").is_dir():

@@ -10,6 +10,7 @@ from starfish import prune
 from starfish.experiments.alignment import DenseReference, block_alignment
 
 
+@pytest.mark.slow
 def test_alignment_is_one_for_dense_and_drops_with_sparsity(pretrained, calib_images):
     loaded = pretrained("cifar10-vit")
     images = calib_images("cifar10-vit", 32)

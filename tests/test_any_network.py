@@ -115,6 +115,7 @@ def _branch_points(model, batch, pattern=None, device=None):
     return [StreamPoint(n, n, "output") for n, _ in find_blocks(model, pattern, batch)]
 
 
+@pytest.mark.slow
 def test_healing_on_the_stream_is_at_least_as_good_as_on_branch_outputs(monkeypatch):
     loop = importlib.import_module("starfish.heal.healing")
 

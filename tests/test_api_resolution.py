@@ -106,3 +106,13 @@ def test_prune_and_heal_refuses_bad_input_before_work(llama_dir, tmp_path):
     gpt2 = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "gpt2", gpt2_config(VOCAB)))
     with pytest.raises(StarfishError, match="Conv1D"):
         prune_and_heal(gpt2, tokenizer, "some text")
+
+
+def test_the_modality_of_a_model_decides_its_kind_once(llama_dir):
+    from starfish.experiments.modality import IMAGES, TEXT, modality_of_model
+
+    assert modality_of_model(f"hf:{llama_dir}") is TEXT and TEXT.default_task == "perplexity"
+    assert modality_of_model("cifar10-resnet20") is IMAGES and IMAGES.default_task == "classification"
+    assert TEXT.auto_repair()[0] == "none" and IMAGES.auto_repair() is None
+    assert TEXT.candidate_defaults(None) == {"allocation": ["uniform"], "repair": ["none"]}
+    assert IMAGES.candidate_defaults("2:4")["allocation"] == ["uniform"] and IMAGES.candidate_defaults(None)["allocation"] is None

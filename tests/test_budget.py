@@ -62,6 +62,7 @@ def test_auto_stops_on_a_plateau_and_restores_the_best_held_out_weights():
     assert masks.violations(model) == {}
 
 
+@pytest.mark.slow
 def test_auto_heal_keeps_the_best_point_of_its_real_held_out_curve(pretrained, calib_images):
     loaded = pretrained("cifar10-resnet20")
     dense, calib = loaded.module, calib_images("cifar10-resnet20", 48)
@@ -134,12 +135,14 @@ def _small_run(out, **changes) -> RunConfig:
     return RunConfig(**{**fields, **changes})
 
 
+@pytest.mark.slow
 def test_evaluation_folder_is_read_only_after_every_choice(tmp_path, shared, monkeypatch):
     """Every image opened is recorded; none of the evaluation folder may be opened before healing,
     the alignment probe and the stopping rule are done, and the held-out images carry no label."""
     import PIL.Image
 
     import starfish.experiments.run as pipeline
+    from starfish.experiments.alignment import AlignmentProbe
 
     eval_root = (CIFAR / "test").resolve()
     calib_root = (CIFAR / "train").resolve()
@@ -152,7 +155,7 @@ def test_evaluation_folder_is_read_only_after_every_choice(tmp_path, shared, mon
         return real_open(fp, *args, **kwargs)
 
     monkeypatch.setattr(PIL.Image, "open", recording_open)
-    real_heal_step, real_measure = pipeline.heal_step, pipeline.AlignmentProbe.measure
+    real_heal_step, real_measure = pipeline.heal_step, AlignmentProbe.measure
     seen_held: list[dict] = []
 
     def recording_heal_step(*args, **kwargs):
@@ -167,7 +170,7 @@ def test_evaluation_folder_is_read_only_after_every_choice(tmp_path, shared, mon
         return real_measure(self, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "heal_step", recording_heal_step)
-    monkeypatch.setattr(pipeline.AlignmentProbe, "measure", recording_measure)
+    monkeypatch.setattr(AlignmentProbe, "measure", recording_measure)
     report = run(_small_run(tmp_path / "run"))
 
     names = [e[0] for e in events]

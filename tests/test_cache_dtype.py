@@ -55,6 +55,7 @@ def test_an_explicit_float16_the_model_overflows_is_refused_naming_what_works():
     assert choose_cache_dtype("bfloat16", 7e4).dtype == "bfloat16"
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_the_cpu_with_the_tiny_config(tmp_path):
     out = tmp_path / "GPU.md"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu", "--out", str(out)],

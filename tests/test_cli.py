@@ -45,6 +45,7 @@ def finished_run(tmp_path_factory, shared):
     return out
 
 
+@pytest.mark.slow
 def test_run_writes_the_contracted_outputs(finished_run):
     report = json.loads((finished_run / "report.json").read_text())
     assert report["model"] == "cifar10-resnet20"
@@ -64,6 +65,7 @@ def test_run_writes_the_contracted_outputs(finished_run):
     assert (report["repair_requested"], report["repair"]) == ("auto", "none")
 
 
+@pytest.mark.slow
 def test_default_run_on_the_vit_repairs_before_healing(tmp_path, shared):
     """auto picks variance matching for a network without BatchNorm; the contract still holds."""
     out = tmp_path / "vit"
@@ -89,6 +91,7 @@ def test_saved_weights_keep_the_masks_and_load_into_the_original_architecture(fi
     assert masks.violations(fresh) == {}
 
 
+@pytest.mark.slow
 def test_config_reruns_to_the_same_result(finished_run, tmp_path):
     again = tmp_path / "again"
     assert main(["run", "--config", str(finished_run / "config.json"), "--out", str(again), "--no-progress"]) == 0
@@ -166,6 +169,7 @@ def test_calibration_size_larger_than_folder_is_refused(capsys, tmp_path, shared
     assert_refused(capsys, run_args(out, **{"--calib": str(flat), "--calib-size": "5"}), "larger than the 3 images", out)
 
 
+@pytest.mark.slow
 def test_unlabeled_flat_calibration_folder_works(tmp_path, shared):
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -236,6 +240,7 @@ def test_diagnose_and_compare_take_the_run_model_data_and_preprocessing_flags():
     assert (config.num_classes, config.preprocess["input_size"], config.calib_max_gb) == (10, 64, 1.0)
 
 
+@pytest.mark.slow
 def test_batchnorm_control_is_reported_whenever_batchnorm_is_re_estimated(shared, tmp_path):
     """Healing with BatchNorm in train mode re-estimates its statistics; the dense network with only that
     done is reported beside dense, so BatchNorm adaptation is not read as recovery."""

@@ -49,6 +49,7 @@ def grid(tmp_path_factory):
     return result, seen, out
 
 
+@pytest.mark.slow
 def test_all_healers_start_from_identical_pruned_weights(grid):
     result, seen, _ = grid
     for sparsity in (0.5, 0.8):
@@ -114,6 +115,7 @@ def test_rows_and_outputs(grid):
     assert "torch " + torch.__version__ in md
 
 
+@pytest.mark.slow
 def test_cli_compare_contract_and_refuses_existing_out(tmp_path, shared):
     out = tmp_path / "cli"
     argv = [

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from starfish.experiments.demo import run_demo
 
 
+@pytest.mark.slow
 def test_demo_trains_prunes_and_heals(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STARFISH_CACHE", str(tmp_path))
     rows = run_demo()

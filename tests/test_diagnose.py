@@ -52,6 +52,7 @@ def test_diagnose_bad_input_is_one_line_and_writes_nothing(shared, tmp_path, cap
     assert not any(p.name.startswith(".diag.") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_run_with_pruner_allocation_repair_reports_them(shared, tmp_path):
     from conftest import CIFAR, WEIGHTS
 
@@ -77,6 +78,7 @@ def test_run_rejects_a_repair_without_calibration(shared, tmp_path, capsys):
     assert "--calib" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sparsegpt_updates_are_kept_unless_healing_starts_from_dense_masked(shared, tmp_path):
     import torch
     from safetensors.torch import load_file

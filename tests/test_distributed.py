@@ -54,6 +54,7 @@ def one_and_two(tmp_path_factory, shared) -> tuple[Path, Path, subprocess.Comple
     return root / "one", root / "two", two
 
 
+@pytest.mark.slow
 def test_two_processes_prune_heal_and_score_like_one(one_and_two) -> None:
     one, two, _ = one_and_two
     masks_one, masks_two = load_file(str(one / "masks.safetensors")), load_file(str(two / "masks.safetensors"))
@@ -76,6 +77,7 @@ def test_two_processes_prune_heal_and_score_like_one(one_and_two) -> None:
     assert report_two["sparsity"] == pytest.approx(0.75, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_fsdp_from_the_command_line_matches_one_process(one_and_two) -> None:
     """``--distributed fsdp``: both models sharded after pruning and repair; the pruned and repaired
     states scored at the end are swapped into the shards; rank 0 writes the gathered weights."""
@@ -110,6 +112,7 @@ def test_only_rank_zero_writes(one_and_two) -> None:
     assert config_one == config_two  # --distributed is a property of the launch, not of the job
 
 
+@pytest.mark.slow
 def test_an_error_on_rank_one_ends_both_processes(tmp_path, shared) -> None:
     args = [a for a in RUN]
     args[args.index("--model") + 1] = "distributed_models:resnet20_failing_on_rank_one"
@@ -136,6 +139,7 @@ def test_user_errors_come_before_the_process_group(tmp_path, capsys, monkeypatch
     assert not dist.is_initialized()
 
 
+@pytest.mark.slow
 def test_an_existing_out_is_refused_by_every_rank_itself(tmp_path, shared) -> None:
     """Each rank decides the refusal on its own: none is left waiting for a peer that already left."""
     (tmp_path / "out").mkdir()
@@ -147,6 +151,7 @@ def test_an_existing_out_is_refused_by_every_rank_itself(tmp_path, shared) -> No
     assert os.listdir(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_a_refusal_only_rank_zero_sees_still_ends_every_rank_at_once(tmp_path, shared) -> None:
     """Another process holds the output lock: rank 0 alone can tell. Rank 1, already waiting in the
     rendezvous, ends on torchrun's SIGTERM at once instead of after torchrun's 30 s grace period."""
@@ -250,6 +255,7 @@ def _helpers_on_rank(rank: int, world: int, port: int, results: dict) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_helpers_in_a_two_process_gloo_group() -> None:
     manager = mp.Manager()
     results = manager.dict()
@@ -290,6 +296,7 @@ def test_shares_are_disjoint_and_cover_everything() -> None:
             assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.slow
 def test_a_float16_language_model_heals_to_finite_weights_under_ddp(tmp_path) -> None:
     """float32 master weights on every rank: the first step no longer turns the float16 weights NaN."""
     from lm_tiny import LINES, llama_config, save_tiny, tiny_tokenizer

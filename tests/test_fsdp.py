@@ -91,6 +91,7 @@ def test_precision_names_are_checked():
         mixed_precision("fp8")
 
 
+@pytest.mark.slow
 def test_two_ranks_heal_keeps_the_contract_and_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER), str(tmp_path)]

@@ -44,6 +44,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path, Path, str]:
     return model, root / "one", root / "fsdp", two.stdout
 
 
+@pytest.mark.slow
 def test_fsdp_writes_what_one_process_writes(runs) -> None:
     model, one, fsdp, stdout = runs
     assert stdout.count("wrote ") == 1  # rank 0 alone
@@ -76,6 +77,7 @@ def test_fsdp_report_and_scores_match_one_process(runs) -> None:
     assert report["heal"]["memory_estimate"]["parallel"] == {"mode": "fsdp", "ranks": 2}
 
 
+@pytest.mark.slow
 def test_fsdp_heals_with_kd_like_one_process(runs) -> None:
     """kd (the language-model default) under FSDP against one process. Its numbers agree to about
     5e-5 relative, not the 1e-6 STARFISH reaches: the first loss already differs by that much, before
@@ -141,6 +143,7 @@ def compares(runs) -> tuple[Path, Path, str]:
     return root / "cmp-one", root / "cmp-fsdp", two.stdout
 
 
+@pytest.mark.slow
 def test_fsdp_compare_gives_one_process_rows(compares) -> None:
     one, fsdp, stdout = compares
     assert stdout.count("wrote ") == 1  # rank 0 alone
@@ -167,6 +170,7 @@ def test_fsdp_compare_gives_one_process_rows(compares) -> None:
     assert protocol["distributed"] == {"mode": "fsdp", "world_size": 2, "backend": "gloo"}
 
 
+@pytest.mark.slow
 def test_each_sharded_student_is_freed_before_the_next_grid_point(runs, tmp_path) -> None:
     """In one process of a one-rank gloo group under --distributed fsdp (garbage collection off, so
     only compare's own collection frees): a healed student is sharded, and gone at the next grid point."""

@@ -56,6 +56,7 @@ COMMON = ["--calib-size", "8", "--seq-len", "16", "--eval-size", "2", "--eval-se
           "--no-progress", "--sparsity", "0.5", "--pruner", "wanda", "--healer", "kd", "--epochs", "1"]
 
 
+@pytest.mark.slow
 def test_a_run_heals_on_text_plus_generated_sequences_and_saves_them(tmp_path):
     from safetensors.torch import load_file
 

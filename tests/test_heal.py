@@ -60,6 +60,7 @@ def test_only_surviving_prunable_weights_change(pretrained, calib_images, bn_mod
     assert not sparse.training and not any(m.training for m in sparse.modules())
 
 
+@pytest.mark.slow
 def test_healing_raises_accuracy_on_a_real_model(pretrained, calib_images, eval_set):
     spec = "cifar10-resnet20"
     dense = pretrained(spec).module
@@ -74,6 +75,7 @@ def test_healing_raises_accuracy_on_a_real_model(pretrained, calib_images, eval_
     assert masks.violations(sparse) == {}
 
 
+@pytest.mark.slow
 def test_recompute_and_fp16_cache_match_the_default(pretrained, calib_images):
     dense = pretrained("cifar10-vit").module
     x = calib_images("cifar10-vit", 16)

@@ -4,6 +4,7 @@ vocabulary heals within its memory plan without ever holding (tokens x vocabular
 
 from __future__ import annotations
 
+import pytest
 
 import torch
 from torch import nn
@@ -89,6 +90,7 @@ def test_the_head_is_left_to_the_loss_only_when_the_logits_are_exactly_its_outpu
     assert head_route(_ScaledLogits(model), batch) is None
 
 
+@pytest.mark.slow
 def test_kd_with_a_200k_vocabulary_heals_within_its_plan_without_full_logits():
     vocab, n, tokens = 200_000, 8, 64
     dense = _llama(vocab)

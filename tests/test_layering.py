@@ -100,3 +100,24 @@ def test_the_layering_check_catches_an_upward_import(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from starfish.experiments.run import run\n")
     assert imports_of(probe) == {"starfish.experiments.run"}
+
+
+def test_every_test_file_is_on_the_map():
+    """tests/README.md maps the packages to their tests; a new test file must be placed on it."""
+    tests = PACKAGE.parents[1] / "tests"
+    mapped = (tests / "README.md").read_text(encoding="utf-8")
+    missing = sorted(p.name for p in tests.glob("test_*.py") if f"`{p.name}`" not in mapped)
+    assert not missing, f"add {missing} to tests/README.md"
+
+
+def test_only_the_modality_asks_whether_a_model_is_a_language_model():
+    """Image-vs-text decisions live in ``experiments/modality.py`` (and the model sources that set
+    the kind); every other module asks the job's ``Modality``."""
+    allowed = {"experiments/modality.py", "models/causal_lm.py", "models/registry.py", "experiments/evaluate_saved.py"}
+    asking = []
+    for path in MODULES:
+        rel = path.relative_to(PACKAGE).as_posix()
+        text = path.read_text(encoding="utf-8")
+        if rel not in allowed and any(probe in text for probe in ("CAUSAL_LM", "is_causal_lm(", '"input_ids" in ')):
+            asking.append(rel)
+    assert not asking, f"{asking} decide image-vs-text themselves: ask modality_of(loaded) instead"

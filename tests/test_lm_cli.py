@@ -67,6 +67,7 @@ def test_run_prunes_heals_and_saves_a_folder_transformers_reloads(family, pruner
     assert sum(int((~m).sum()) for m in masks.values()) == sum(m.numel() for m in masks.values()) // 2
 
 
+@pytest.mark.slow
 def test_blockwise_healing_and_kd_run_on_a_language_model(texts, tmp_path):
     model_dir = save_tiny(tmp_path / "llama", llama_config(VOCAB))
     assert _run(model_dir, texts, tmp_path / "bw", "--pruner", "wanda", "--heal-scope", "blockwise") == 0
@@ -87,6 +88,7 @@ def test_language_model_misuse_is_a_one_line_error(texts, tmp_path, capsys):
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
+@pytest.mark.slow
 def test_compare_ranks_healers_by_perplexity_on_a_language_model(texts, tmp_path):
     """`starfish compare` on a causal LM: every healer from the same pruned weights, scored by perplexity."""
     model_dir = save_tiny(tmp_path / "llama", llama_config(VOCAB))

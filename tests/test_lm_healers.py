@@ -200,6 +200,7 @@ def test_run_heals_with_each_new_healer(extra, texts, tmp_path):
     assert masks and all(torch.count_nonzero(weights[n][~keep]) == 0 for n, keep in masks.items())
 
 
+@pytest.mark.slow
 def test_compare_runs_the_new_healers_beside_kd(texts, tmp_path):
     model_dir = save_tiny(tmp_path / "llama", llama_config(VOCAB))
     out = tmp_path / "cmp"
@@ -269,6 +270,7 @@ def _stream_channel_scale(folder, texts) -> tuple[float, float]:
     return float(per_channel[OUTLIERS].mean()), float(per_channel[rest].median())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", [[], ["--pattern", "2:4"]])
 def test_healing_a_llama_with_outlier_channels_lowers_perplexity(pattern, texts, tmp_path):
     folder = tmp_path / "outlier"

@@ -13,6 +13,7 @@ SMOLLM2 = Path(os.environ.get("STARFISH_SMOLLM2") or REPO / ".cache" / "smollm2-
 WIKITEXT_TEST = SHARED / "data" / "wikitext2" / "test.txt"
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_smollm2_dense_perplexity_on_one_wikitext_window():
     if not (SMOLLM2 / "config.json").is_file():
@@ -54,6 +55,7 @@ def test_install_script_leaves_a_complete_folder_alone(tmp_path, capsys, monkeyp
     assert not script.is_complete(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_smollm2_zero_shot_tasks_on_a_few_dozen_items(tmp_path):
     """The real model on a few dozen real items per task through lm-evaluation-harness (lm-eval's own

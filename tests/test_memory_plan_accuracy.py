@@ -43,6 +43,7 @@ def _models():
 
 @pytest.mark.parametrize("healer,scope,budget", [("starfish", "joint", "fixed"), ("kd", "joint", "fixed"), ("starfish", "blockwise", "fixed"),
                                                  ("kd", "joint", "auto")])
+@pytest.mark.slow
 def test_plan_is_within_bounds_of_the_measured_peak(healer, scope, budget):
     """``auto`` (the language-model default) adds the held-out monitor: its targets and its own best-weights copy."""
     assert reset_peak_memory(torch.device("cpu")) and peak_memory_mb(torch.device("cpu"), since_reset=True)[0] > 0

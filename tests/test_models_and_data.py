@@ -21,6 +21,7 @@ def test_builtin_models_are_listed():
     assert list_models("cifar10-resnet*") == ["cifar10-resnet20", "cifar10-resnet56"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, expected", [("cifar10-vit", 0.7172), ("cifar10-resnet20", 0.8103)])
 def test_pretrained_builtins_reproduce_the_shared_accuracy(eval_set, spec, expected):
     """On a 1,000-image balanced subset the dense accuracy sits near the full-test-set figure."""

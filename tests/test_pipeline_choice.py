@@ -30,6 +30,7 @@ def _auto_run(out, **changes) -> RunConfig:
     return RunConfig(**{**fields, **changes})
 
 
+@pytest.mark.slow
 def test_auto_finishes_the_candidate_with_the_lowest_held_out_signal_before_reading_the_evaluation_set(tmp_path, shared, monkeypatch):
     """Greedy search: every pruner x repair at the first allocation, then the leader's other
     allocations; the run finishes the lowest held-out signal; the evaluation folder is opened only

@@ -104,6 +104,7 @@ def test_force_refuses_a_folder_starfish_did_not_write(capsys, tmp_path, no_heav
     no_debris(tmp_path, "theirs")
 
 
+@pytest.mark.slow
 def test_force_replaces_a_starfish_output_and_cleans_scratch_of_dead_runs(tmp_path, first_run):
     out = copy_of(first_run, tmp_path)
     assert (out / MARKER).is_file()
@@ -205,6 +206,7 @@ def test_class_count_must_match_the_models_outputs(capsys, tmp_path, shared, cou
 # --- 6. one writer per output ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_output_fails_fast(capsys, tmp_path, shared):
     out = tmp_path / "busy"
     holder = subprocess.Popen(
@@ -365,6 +367,7 @@ def test_a_failed_replacement_keeps_the_previous_results(tmp_path, first_run, in
     no_debris(tmp_path, "r")
 
 
+@pytest.mark.slow
 def test_sigterm_is_handled_like_ctrl_c(tmp_path, shared):
     out = tmp_path / "slow"
     args = run_args(out, "--epochs", "50", "--batch-size", "8", **{"--healer": "starfish", "--calib-size": "64"})

@@ -94,6 +94,7 @@ def killed(tmp_path_factory, shared) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_mid_heal_then_resume_is_bit_identical(killed, uninterrupted, capsys):
     step, _ = saved_step(resume_dir(killed))
     assert main(heal_args(killed, "--resume")) == 0
@@ -281,6 +282,7 @@ def test_a_checkpoint_of_other_masks_or_data_is_refused_and_leaves_the_model_alo
         Checkpointer.open(RunConfig(out=str(out), resume=True), {"pixel_values": torch.ones(2, 3)})
 
 
+@pytest.mark.slow
 def test_a_flipped_bit_in_a_checkpoint_is_refused_on_resume(tmp_path, monkeypatch, capsys):
     """A checkpoint left by an interrupted language-model run, one bit flipped: --resume refuses it
     in one line naming the file, before any work; --force starts over."""

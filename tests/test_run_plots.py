@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 
 from conftest import CIFAR, WEIGHTS
@@ -10,6 +11,7 @@ from starfish.experiments.run import RunConfig, run
 from starfish.pruning import PruneConfig
 
 
+@pytest.mark.slow
 def test_run_writes_plots_alignment_and_full_protocol(tmp_path, shared):
     out = tmp_path / "run"
     config = RunConfig(

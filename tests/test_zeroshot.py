@@ -67,6 +67,7 @@ def _read(folder: Path) -> dict:
     return json.loads((folder / "evaluate.json").read_text())
 
 
+@pytest.mark.slow
 def test_evaluate_equals_lm_evals_own_command_line(tiny, tmp_path):
     """The same folder, items and prompts scored by lm-eval's CLI give exactly starfish's numbers."""
     tasks = "lambada_openai,piqa,arc_easy,hellaswag,winogrande,boolq,openbookqa,rte"
@@ -125,6 +126,7 @@ def test_run_refuses_eval_tasks_for_an_image_model_before_loading(tmp_path, caps
     assert code == 2 and "more than one --eval" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_run_scores_every_state_on_two_texts_and_the_tasks_and_evaluate_rescores_the_output(tiny, texts, tmp_path):
     out = tmp_path / "run"
     code = main([
@@ -159,6 +161,7 @@ def test_run_scores_every_state_on_two_texts_and_the_tasks_and_evaluate_rescores
     assert rescored["perplexity"]["other"]["perplexity"] == pytest.approx(by_text["other"]["perplexity"]["healed"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_compare_scores_tasks_and_texts_per_row(tiny, texts, tmp_path):
     out = tmp_path / "cmp"
     code = main([

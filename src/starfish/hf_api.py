@@ -4,7 +4,7 @@ transformers users hold one (``AutoModelForCausalLM`` + tokenizer + texts).
 Why a separate entry: ``starfish run`` starts from a folder and writes a run folder; a user who
 has the model in a notebook wants it back pruned and healed, ready for ``save_pretrained``. The
 settings are the command line's: the pruning flags' defaults, the language-model calibration size
-and the heal settings ``defaults.resolve_heal_settings`` gives a language model, so the same
+and the heal settings ``Modality.heal_settings`` gives a language model, so the same
 request heals the same way from either entry.
 """
 
@@ -46,7 +46,7 @@ def prune_and_heal(
     masks are at ``model.starfish_masks`` and the heal summary at ``model.starfish_heal``, and
     ``model.save_pretrained(folder)`` writes a folder transformers loads as it is.
     """
-    from starfish.experiments.defaults import resolve_heal_settings_of
+    from starfish.experiments.modality import TEXT
     from starfish.heal import HealConfig
     from starfish.data.holdout import SEED_OFFSET, TEXT_DEFAULT
     from starfish.models.causal_lm import decoder_block_pattern, refuse_fused_experts
@@ -65,7 +65,7 @@ def prune_and_heal(
     refuse_fused_experts(model, blocks)
     named = dict(heal or {})
     config_types(HealConfig, named, "heal.")  # an unknown setting or a wrong type names its key
-    heal_config = HealConfig(**{**resolve_heal_settings_of(True, named), "device": device, "progress": progress, "seed": seed}).validate()
+    heal_config = HealConfig(**{**TEXT.heal_settings(named), "device": device, "progress": progress, "seed": seed}).validate()
     prune_config = PruneConfig(sparsity=sparsity, pruner=pruner, pattern=pattern).validate()
     get_pruner(prune_config.pruner)  # an unknown pruner is refused before any work, naming the choices
     size = int(calib_size) if calib_size is not None else TEXT_CALIB_DEFAULT

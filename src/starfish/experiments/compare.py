@@ -34,7 +34,7 @@ from starfish.heal.config import HEAL_SCOPES
 from starfish.heal.objectives import OBJECTIVES
 from starfish.masks import Masks
 from starfish.experiments.run_config import RunConfig, validate
-from starfish.data.text import TextWindows
+from starfish.experiments.modality import modality_of
 from starfish.experiments.steps import (
     RunData, build_model, check_masks, choose_cache_dtype_step, evaluation, heal_step, language_scores, load_data, prune_step,
     repair_step, stage_calibration,
@@ -210,13 +210,11 @@ def compare(
             "healer 'finetune' trains on labels but the calibration folder has none; "
             "use a folder with one sub-folder per class, or drop finetune from --healers."
         )
-    text = isinstance(data.evaluation, TextWindows)
+    text = modality_of(loaded).language
     if not text and not data.evaluation_labelled():
         raise StarfishError(f"evaluation folder {config.eval} has no class sub-folders, so accuracy cannot be scored; pass a labelled --eval folder.")
     if text:  # the run's probe: held-out (else calibration) sequences, never the evaluation text
-        from starfish.experiments.run import alignment_probe
-
-        probe = alignment_probe(data, config.seed)
+        probe = modality_of(loaded).alignment_probe(data, config.seed)
         align_inputs = probe.images if probe is not None else None
     else:
         align_inputs = probe_sample(data.evaluation, config.seed, alignment_images)
@@ -375,12 +373,6 @@ def _show(metric: str, value: float | None) -> str:
     return f"{metric} {'—' if value is None else f'{value:.2f}'}"
 
 
-def _probe_source(data: RunData) -> str:
-    if isinstance(data.evaluation, TextWindows):
-        return "the first tokens of the first held-out (else calibration) sequences"
-    return "the evaluation set (seeded random subset, labels unused)"
-
-
 def _protocol(config, loaded, specs, sparsities, allocations, data: RunData, dense_stats, metric, prunable, blocks, align_inputs, command) -> dict:
     import matplotlib
 
@@ -409,8 +401,8 @@ def _protocol(config, loaded, specs, sparsities, allocations, data: RunData, den
             "sampling": "uniform random without replacement, seeded",
             "labels": "used only by healers marked uses_labels",
         },
-        "eval": eval_protocol(config, data),
-        "alignment_images": {"size": batch_len(align_inputs), "from": _probe_source(data)},
+        "eval": eval_protocol(config, loaded, data),
+        "alignment_images": {"size": batch_len(align_inputs), "from": modality_of(loaded).probe_source},
         "seed": config.seed,
         "command": command,
         "versions": {**_versions(), "matplotlib": matplotlib.__version__},

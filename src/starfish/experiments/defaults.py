@@ -40,34 +40,14 @@ RUN_BUDGET = "auto"
 BLOCKWISE_HEALER = "starfish"  # the language-model default when --heal-scope blockwise is asked for without --healer
 
 
-def is_language_model(model: str) -> bool:
-    """Whether ``--model`` names a causal LM (``hf:`` folders only; reads the config, not the weights).
-    An unreadable folder is not decided here: validation names that problem with its fix."""
-    if not model.startswith("hf:"):
-        return False
-    from starfish.errors import StarfishError
-    from starfish.models.causal_lm import is_causal_lm
-
-    try:
-        return is_causal_lm(model[len("hf:") :])
-    except (StarfishError, ImportError):
-        return False
-
-
 def heal_defaults(language_model: bool) -> dict[str, object]:
     """The heal settings a run uses where none is named: the run's budget, then the model kind's."""
     return {"budget": RUN_BUDGET, **(LANGUAGE_MODEL_HEAL if language_model else {})}
 
 
-def resolve_heal_settings(model: str, named: Mapping[str, object]) -> dict[str, object]:
-    """The full heal settings of a run on ``--model`` ``model`` whose request names ``named`` (a
-    partial ``HealConfig`` dict): ``resolve_heal_settings_of`` for that model's kind."""
-    return resolve_heal_settings_of(is_language_model(model), named)
-
-
-def resolve_heal_settings_of(language_model: bool, named: Mapping[str, object]) -> dict[str, object]:
+def resolve_heal_settings(language_model: bool, named: Mapping[str, object]) -> dict[str, object]:
     """The one place where heal defaults and the rules between settings are decided, for the CLI,
-    ``RunConfig`` built from Python and ``prune_and_heal`` alike.
+    ``RunConfig`` built from Python and ``prune_and_heal`` alike (through ``Modality.heal_settings``).
 
     Rules: a named ``epochs`` or ``max_steps`` asks for that much training, so without a named
     ``budget`` the budget is ``fixed``; a language model healed block by block without a named

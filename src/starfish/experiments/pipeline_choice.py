@@ -27,7 +27,7 @@ from torch import nn
 
 from starfish.nn.batch import Batch
 from starfish.models import LoadedModel
-from starfish.models.causal_lm import CAUSAL_LM
+from starfish.experiments.modality import modality_of
 from starfish.common.validation import PIPELINE_DIMENSIONS as DIMENSIONS
 
 DEFAULT_PRUNERS = ("magnitude", "wanda", "sparsegpt")
@@ -117,11 +117,11 @@ def candidate_lists(config, loaded: LoadedModel) -> dict[str, list[str]]:
     the model (a language model: the pruners only, uniform allocation, no repair; an N:M pattern:
     uniform allocation, since the pattern fixes every layer's sparsity)."""
     given = dict(config.candidates or {})
-    language = loaded.task == CAUSAL_LM
+    kind = modality_of(loaded).candidate_defaults(config.prune.pattern)
     defaults = {
         "pruner": list(DEFAULT_PRUNERS),
-        "allocation": ["uniform"] if language or config.prune.pattern else list(DEFAULT_ALLOCATIONS),
-        "repair": ["none"] if language else list(DEFAULT_REPAIRS),
+        "allocation": kind["allocation"] or list(DEFAULT_ALLOCATIONS),
+        "repair": kind["repair"] or list(DEFAULT_REPAIRS),
     }
     return {dim: list(given.get(dim) or defaults[dim]) for dim in DIMENSIONS}
 
@@ -174,7 +174,8 @@ def probe(config, loaded: LoadedModel, data, candidate: Candidate, progress=None
     if not values:
         raise RuntimeError(f"probe of {candidate} measured no held-out {monitor}")
     finite = [v for v in values if math.isfinite(v)]
-    kl = held_out_kl(dense, sparse, data.held.samples, config.heal) if data.held is not None else None
+    step = modality_of(loaded).scoring_step
+    kl = held_out_kl(dense, sparse, data.held.samples, config.heal, step) if data.held is not None else None
     out = Probe(candidate, min(finite) if finite else math.inf, values[0], monitor, kl, time.perf_counter() - started, result.steps)
     if progress is not None:
         progress(out)
@@ -182,9 +183,10 @@ def probe(config, loaded: LoadedModel, data, candidate: Candidate, progress=None
 
 
 @torch.no_grad()
-def held_out_kl(dense: nn.Module, sparse: nn.Module, held: Batch, heal) -> float:
+def held_out_kl(dense: nn.Module, sparse: nn.Module, held: Batch, heal, step: int = 64) -> float:
     """Mean KL(dense ‖ sparse) of the two models' outputs on the held-out samples, in eval mode
-    (per image, or per real token of a language model), on the healing device."""
+    (per image, or per real token of a language model), on the healing device, ``step`` samples at a
+    time (``Modality.scoring_step``)."""
     from starfish.nn.batch import batch_len, call_model, position_weights, select, to_device
     from starfish.nn.device import resolve_device
     from starfish.tasks.evaluate import logits_of
@@ -195,7 +197,6 @@ def held_out_kl(dense: nn.Module, sparse: nn.Module, held: Batch, heal) -> float
     dense.to(device).eval()
     sparse.to(device).eval()
     total, n = 0.0, batch_len(held)
-    step = 1 if "input_ids" in held else 64  # a language model's full-vocabulary logits: one sequence at a time
     try:
         for start in range(0, n, step):
             batch = to_device(select(held, slice(start, start + step)), device)

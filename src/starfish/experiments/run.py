@@ -14,7 +14,6 @@ from dataclasses import replace
 import torch
 
 from starfish import distributed
-from starfish.experiments.alignment import AlignmentProbe
 from starfish.nn.batch import Batch, select
 from starfish.errors import StarfishError
 from starfish.common.validation import first_non_finite
@@ -23,8 +22,7 @@ from starfish.heal import HealResult
 from starfish.heal.resume import Checkpointer
 from starfish.masks import Masks
 from starfish.models import LoadedModel
-from starfish.models.causal_lm import CAUSAL_LM
-from starfish.common.outputs import atomic_output_dir, save_weights, write_json
+from starfish.common.outputs import atomic_output_dir, write_json
 from starfish.experiments.pipeline_choice import Probe, choose_pipeline, fixed_record
 from starfish.repair import AUTO, has_batchnorm, resolve_repair
 from starfish.repair.bn import recalibrate_batchnorm
@@ -33,10 +31,10 @@ from starfish.experiments.steps import (
     LanguageScores, RunData, build_model, check_masks, choose_cache_dtype_step, evaluation, heal_step, language_scores, load_data,
     prune_step, repair_step, stage_calibration, task_name,
 )
+from starfish.experiments.modality import modality_of
 from starfish.experiments.states import SavedState
 from starfish.nn.structure import find_blocks
 from starfish.tasks import Evaluation
-from starfish.data.text import TextWindows
 
 __all__ = ["RunConfig", "build_model", "build_report", "run", "validate"]
 
@@ -74,15 +72,16 @@ def run(config: RunConfig, command: str | None = None) -> dict:
     sparse, masks, prune_notes, prune_seconds = prune_step(config, dense, data.calibration)
     trained = config.heal.healer != "none"
     repair, repair_reason = resolve_repair(config.repair, sparse, trained, config.heal.bn_mode, data.calibration is not None)
-    if loaded.task == CAUSAL_LM and config.repair == AUTO:
-        repair, repair_reason = "none", "auto: language model (variance matching is not benchmarked on language models yet)"
+    kind_repair = modality_of(loaded).auto_repair()
+    if kind_repair is not None and config.repair == AUTO:
+        repair, repair_reason = kind_repair
     saved: dict[str, SavedState] = {}
     if scoring is not None and (repair != "none" or trained):
         saved["pruned"] = SavedState.changing(sparse, masks, repair_follows=repair != "none")
     repair_stats = repair_step(repair, dense, sparse, masks, data.calibration, shrinkage=config.repair_shrinkage)
     if scoring is not None and repair != "none" and trained:
         saved["repaired"] = SavedState.changing(sparse, masks, repair_follows=False)
-    probe = alignment_probe(data, config.seed)
+    probe = modality_of(loaded).alignment_probe(data, config.seed)
     block_pattern = config.prune.blocks or loaded.block_pattern
     shard_for_healing(dense, sparse, block_pattern, saved.values())  # --distributed fsdp: 1/N of each model per rank from here
     device = config.heal.device
@@ -136,15 +135,6 @@ def _say_probe(probe: Probe) -> None:
         f"starfish: pipeline probe {c.pruner} / {c.allocation} / {c.repair}: held-out {probe.monitor} "
         f"{probe.start:.5g} -> {probe.objective:.5g}, KL {probe.kl if probe.kl is not None else float('nan'):.5g} ({probe.seconds:.1f} s)\n"
     )
-
-
-def alignment_probe(data: RunData, seed: int) -> AlignmentProbe | None:
-    """Where alignment is measured: the held-out samples (never the evaluation set), else calibration."""
-    held = data.held.samples if data.held is not None else None
-    if isinstance(data.evaluation, TextWindows) or (data.calibration is not None and "input_ids" in data.calibration):
-        source = held if held is not None else data.calibration
-        return AlignmentProbe.from_sequences(source, "held-out" if held is not None else "calibration") if source is not None else None
-    return AlignmentProbe.choose(held, data.calibration, seed)
 
 
 def final_scores(
@@ -203,17 +193,7 @@ def write_run(
         raise StarfishError(f"refusing to write {config.out}: weight '{bad}' holds NaN or inf; lower --lr or heal in float32 (--dtype float32).")
     with atomic_output_dir(config.out, config.force) as scratch:
         report["plots"] = write_run_plots(scratch, report, heal_result.loss_history if heal_result else None)
-        if loaded.task == CAUSAL_LM:
-            from starfish.models.causal_lm import save_hf_folder
-
-            save_hf_folder(sparse, loaded.extra.get("tokenizer"), scratch / "model", masks, scratch / "masks.safetensors")
-            if generated is not None:
-                from starfish.data.generated_text import write_texts
-
-                write_texts(generated, loaded.extra.get("tokenizer"), scratch)
-        else:
-            save_weights(sparse, scratch / "model.safetensors")
-            masks.save(scratch / "masks.safetensors")
+        modality_of(loaded).save_model(sparse, loaded, masks, scratch, generated)
         write_json(scratch / "config.json", config.saved_dict())
         write_json(scratch / "report.json", report)
         if heal_result is not None:
@@ -261,7 +241,7 @@ def build_report(
         "uses_labels": heal_result.uses_labels if heal_result else False,
         "top1": top1,
         "recovered_fraction": recovered,
-        **({"perplexity": perplexity} if loaded.task == CAUSAL_LM else {}),
+        **({"perplexity": perplexity} if modality_of(loaded).language else {}),
         "fidelity_to_dense": fidelity,
         "task": task_name(config, loaded),
         "metrics": scores,
@@ -271,7 +251,7 @@ def build_report(
         "peak_memory_mb": heal_result.peak_memory_mb if heal_result else None,
         "memory_measure": heal_result.memory_measure if heal_result else None,
         "calibration": calibration_protocol(config, loaded, data),
-        "eval": eval_protocol(config, data),
+        "eval": eval_protocol(config, loaded, data),
         "prunable_weights": masks.numel(),
         "layer_sparsity": masks.layer_sparsity(),
         "preprocess": loaded.preprocess.to_dict(),
@@ -282,9 +262,7 @@ def build_report(
 
 
 def calibration_protocol(config: RunConfig, loaded: LoadedModel, data: RunData) -> dict:
-    out = {"source": config.calib, "size": data.calib_size, "seed": config.seed}
-    if loaded.task == CAUSAL_LM:
-        out["seq_len"] = config.seq_len
+    out = {"source": config.calib, "size": data.calib_size, "seed": config.seed, **modality_of(loaded).calibration_protocol(config)}
     if data.generated is not None:  # heal only: pruning and the held-out text read the --calib text
         from starfish.data.generated_text import protocol
 
@@ -292,9 +270,6 @@ def calibration_protocol(config: RunConfig, loaded: LoadedModel, data: RunData) 
     return out
 
 
-def eval_protocol(config: RunConfig, data: RunData) -> dict:
+def eval_protocol(config: RunConfig, loaded: LoadedModel, data: RunData) -> dict:
     """How the evaluation set was drawn: class-balanced images, or the first windows of a text."""
-    if isinstance(data.evaluation, TextWindows):
-        windows = data.evaluation.protocol()
-        return {"source": config.eval, "size": windows["windows"], "text_sha256": windows["sha256"], **windows}
-    return {"source": config.eval, "size": data.eval_size, "seed": config.seed, "class_balanced": True}
+    return modality_of(loaded).eval_protocol(config, data)

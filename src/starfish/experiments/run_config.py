@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from starfish.distributed.context import is_writer
-from starfish.experiments.defaults import RUN_BUDGET, is_language_model, resolve_heal_settings
+from starfish.experiments.defaults import RUN_BUDGET
+from starfish.experiments.modality import modality_of_model
 from starfish.errors import StarfishError
 from starfish.heal import HealConfig
 from starfish.common.outputs import check_output_dir
@@ -73,7 +74,7 @@ class RunConfig:
 
             named = dict(self.heal or {})
             config_types(HealConfig, named, "heal.")  # a wrong type or unknown key names its key
-            self.heal = HealConfig(**resolve_heal_settings(self.model, named))
+            self.heal = HealConfig(**modality_of_model(self.model).heal_settings(named))
         if isinstance(self.eval, list) and len(self.eval) == 1:
             self.eval = self.eval[0]  # one source is saved as a plain path, as before several were allowed
 
@@ -175,7 +176,7 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
         raise StarfishError(f"--calib-generate counts sequences: pass a whole number >= 0 (got {config.calib_generate}).")
     if config.calib_generate and config.calib is None:
         raise StarfishError("--calib-generate adds sampled sequences to the calibration text: pass --calib TEXT too.")
-    if config.calib_generate and not is_language_model(config.model):
+    if config.calib_generate and not modality_of_model(config.model).language:
         raise StarfishError(f"--calib-generate applies to causal language models (hf:FOLDER); {config.model} is not one.")
     if config.calib is None and not config.masks and (pruner.needs_calibration or config.prune.allocation == "rr"):
         raise StarfishError(
@@ -185,7 +186,6 @@ def validate(config: RunConfig, sparsities: list[float] | None = None, allocatio
 
 def check_language_scoring(config: RunConfig) -> None:
     """Several --eval texts and --eval-tasks score causal LMs only; both are checked before any load."""
-    from starfish.models.causal_lm import is_causal_lm
 
     sources = config.eval_sources
     if not all(isinstance(s, str) and s for s in sources):
@@ -194,8 +194,7 @@ def check_language_scoring(config: RunConfig) -> None:
         raise StarfishError("--eval names the same source twice; name each text once.")
     if len(sources) < 2 and not config.eval_tasks and config.eval_limit is None:
         return
-    language = config.model.startswith("hf:") and is_causal_lm(config.model[3:])
-    if not language:
+    if not modality_of_model(config.model).language:
         what = "--eval-tasks" if config.eval_tasks or config.eval_limit is not None else "more than one --eval"
         raise StarfishError(f"{what} applies to causal language models (hf:FOLDER); {config.model} is not one.")
     if len(sources) > 1:

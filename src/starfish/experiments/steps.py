@@ -11,31 +11,27 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from starfish.nn.batch import LABELS, Batch, batch_len, call_model
-from starfish.data.images import select_images
+from starfish.nn.batch import LABELS, Batch, call_model
 from starfish.nn.device import resolve_device
-from starfish.distributed.shares import evaluation_share, lockstep_batches, statistics_share
+from starfish.distributed.shares import statistics_share
 from starfish.errors import StarfishError
 from starfish.tasks.evaluate import logits_of
 from starfish.heal import HealConfig, HealResult, heal
 from starfish.heal.resume import Checkpointer
-from starfish.data.holdout import HeldOut, load_image_holdout, load_text_holdout
-from starfish.data.loading import decode_calibration, stream
+from starfish.data.holdout import HeldOut
 from starfish.masks import Masks
 from starfish.models import LoadedModel, Preprocess, create_model
-from starfish.models.causal_lm import CAUSAL_LM
-from starfish.models.registry import check_preprocess
-from starfish.data.text import TEXT_CALIB_DEFAULT, TextWindows
+from starfish.data.text import TextWindows
 from starfish.pruning import prune_with_notes
 from starfish.repair import apply_repair
 from starfish.experiments.run_config import RunConfig
+from starfish.experiments.modality import modality_of
+from starfish.experiments.run_data import RunData
 from starfish.nn.structure import find_blocks
 from starfish.tasks import Evaluation, get_task
 from starfish.common.validation import check_class_count
@@ -44,134 +40,29 @@ from starfish.common.validation import check_class_count
 
 
 def build_model(config: RunConfig) -> LoadedModel:
-    """The dense model with the run's preprocessing overrides applied."""
+    """The dense model, checked against what its modality needs of the job (preprocessing
+    overrides applied to an image model)."""
     loaded = create_model(config.model, config.weights, config.pretrained, config.num_classes, dtype=config.dtype)
-    if loaded.task == CAUSAL_LM:
-        check_text_run(config, loaded)
-        return loaded
-    if config.dtype is not None:
-        raise StarfishError("--dtype applies to causal language models (hf:FOLDER); drop it for image models.")
-    if config.task == "perplexity":
-        raise StarfishError("--task perplexity scores causal language models; an image model is scored by classification: pass --task classification or auto.")
-    if config.preprocess:
-        merged = {**loaded.preprocess.to_dict(), **config.preprocess}
-        merged["mean"], merged["std"] = tuple(merged["mean"]), tuple(merged["std"])
-        loaded.preprocess = Preprocess(**merged)
-    check_preprocess(loaded, config.preprocess)
+    modality_of(loaded).check_run(config, loaded)
     if config.prune.blocks:  # a bad --blocks fails here, before any image is read
         find_blocks(loaded.module, config.prune.blocks)
     return loaded
 
 
-@dataclass
-class RunData:
-    """What a job reads: the calibration set decoded once, the evaluation files streamed per pass."""
-
-    calibration: Batch | None  # one mapping of stacked tensors (small, within --calib-max-gb)
-    evaluation: Dataset | None  # decoded one batch at a time, never all at once
-    eval_batch_size: int = 256
-    workers: int = 0
-    eval_classes: list[str] | None = None  # class folder names of the evaluation set, in label order
-    held: HeldOut | None = None  # unlabeled held-out samples (starfish.data.holdout): stopping and the alignment probe
-    texts: dict[str, TextWindows] = field(default_factory=dict)  # language models: every --eval text by name (the first is ``evaluation``)
-    generated: Batch | None = None  # language models: --calib-generate sequences, for healing only (starfish.data.generated_text)
-
-    @cached_property
-    def heal_calibration(self) -> Batch | None:
-        """What healing trains on: the calibration text, then any sequences the dense model generated."""
-        from starfish.data.generated_text import joined
-
-        return joined(self.calibration, self.generated)
-
-    @property
-    def calib_size(self) -> int:
-        return batch_len(self.calibration) if self.calibration is not None else 0
-
-    @property
-    def eval_size(self) -> int:
-        return len(self.evaluation) if self.evaluation is not None else 0  # type: ignore[arg-type]
-
-    def eval_batches(self, device: torch.device | None = None) -> Iterable[Batch]:
-        """A fresh pass over the evaluation set as dict batches (DataLoader, pinned on accelerators)."""
-        if self.evaluation is None:
-            return iter(())
-        share = evaluation_share(self.evaluation)  # every W-th sample under --distributed; tasks sum the tallies
-        if isinstance(share, TextWindows):  # one window at a time: full-vocabulary logits are large
-            return lockstep_batches(share.batches(1), self.eval_size, 1)
-        return lockstep_batches(stream(share, self.eval_batch_size, self.workers, device), self.eval_size, self.eval_batch_size)
-
-    def calibration_labelled(self) -> bool:
-        labels = self.calibration.get(LABELS) if self.calibration is not None else None
-        return labels is not None and not bool((labels < 0).any())
-
-    def evaluation_labelled(self) -> bool:
-        labels = getattr(self.evaluation, "labels", None)
-        return labels is not None
-
-
-def check_text_run(config: RunConfig, loaded: LoadedModel) -> None:
-    """What a language-model run needs beyond the shared validation, before any text is read."""
-    from starfish.models.causal_lm import tokenizer_of
-
-    if config.calib is not None or config.eval is not None:
-        tokenizer_of(loaded.extra)  # a folder without a tokenizer cannot read text
-    for flag, value in (("--calib-size", config.calib_size), ("--eval-size", config.eval_size)):
-        if value is not None and (value < 1 or value != int(value)):
-            raise StarfishError(f"{flag} counts sequences/windows for a language model: pass a whole number >= 1 (got {value}).")
-    if config.preprocess:
-        raise StarfishError("--input-size/--resize/--mean/--std/--channels apply to image models; drop them for a language model.")
-
-
 def task_name(config: RunConfig, loaded: LoadedModel) -> str:
-    """The evaluation task: the one asked for, or (auto) perplexity for causal LMs, top-1 otherwise."""
+    """The evaluation task: the one asked for, or (auto) the modality's (perplexity for causal LMs, top-1 otherwise)."""
     if config.task != "auto":
         return config.task
-    return "perplexity" if loaded.task == CAUSAL_LM else "classification"
-
-
-def load_text_data(config: RunConfig, loaded: LoadedModel, calibration: bool, evaluation: bool, held_out: bool = True) -> RunData:
-    """Calibration sequences (one mapping with padding masked) and the evaluation windows of a text."""
-    from starfish.models.causal_lm import tokenizer_of
-    from starfish.data.text import calibration_text, evaluation_windows, text_name
-
-    calib, held, texts, generated = None, None, {}, None
-    if calibration and config.calib is not None:
-        size = int(config.calib_size) if config.calib_size is not None else TEXT_CALIB_DEFAULT
-        calib = calibration_text(config.calib, tokenizer_of(loaded.extra), size, config.seq_len, config.seed)
-        held = load_text_holdout(config, tokenizer_of(loaded.extra)) if held_out else None
-        if config.calib_generate:
-            from starfish.data.generated_text import generate_calibration
-
-            generated = generate_calibration(loaded.module, tokenizer_of(loaded.extra), int(config.calib_generate), config.seq_len, config.seed,
-                                             resolve_device(config.heal.device))
-    if evaluation:
-        seq_len = config.eval_seq_len or int(loaded.extra["seq_len"])
-        size = int(config.eval_size) if config.eval_size is not None else None
-        taken: set[str] = set()
-        for source in config.eval_sources:
-            texts[text_name(source, taken)] = evaluation_windows(source, tokenizer_of(loaded.extra), seq_len, size)
-    windows = next(iter(texts.values()), None)
-    return RunData(calib, windows, 1, config.workers, held=held, texts=texts, generated=generated)
+    return modality_of(loaded).default_task
 
 
 def load_data(
     config: RunConfig, loaded: LoadedModel, calibration: bool = True, evaluation: bool = True, held_out: bool = True
 ) -> RunData:
-    """Select the calibration, held-out and evaluation samples; decode calibration and held-out only
-    (within the calibration budget). Evaluation files are listed here and read only when scored."""
-    if loaded.task == CAUSAL_LM:
-        return load_text_data(config, loaded, calibration, evaluation, held_out)
-    transform = loaded.preprocess.transform()
-    evalset, classes, eval_paths = None, None, set()
-    if evaluation and config.eval is not None:  # listed and chosen only: no evaluation file is opened here
-        evalset, index, _ = select_images(config.eval, transform, config.eval_size, config.seed, "eval", balanced=True)
-        classes, eval_paths = index.classes, {p.resolve() for p in index.paths}
-    calib, held = None, None
-    if calibration and config.calib is not None:
-        files, calib_index, picks = select_images(config.calib, transform, config.calib_size, config.seed, "calibration", balanced=False)
-        calib = decode_calibration(files, config.calib_max_gb, workers=config.workers, progress=config.heal.progress)
-        held = load_image_holdout(config, transform, calib_index, picks, eval_paths) if held_out else None
-    return RunData(calib, evalset, config.eval_batch_size, config.workers, classes, held)
+    """Select the calibration, held-out and evaluation samples the way the model's modality reads
+    them; calibration and held-out are decoded (within the calibration budget), evaluation files
+    only listed, read when scored."""
+    return modality_of(loaded).load_data(config, loaded, calibration, evaluation, held_out)
 
 
 def stage_calibration(calibration: Batch | None, labels: bool = False, whole: bool = False) -> Batch | None:
@@ -337,7 +228,7 @@ class LanguageScores:
 
 def language_scores(config: RunConfig, loaded: LoadedModel, data: RunData) -> LanguageScores | None:
     """The further texts and zero-shot tasks of a language-model job, or None when it has neither."""
-    if loaded.task != CAUSAL_LM or (len(data.texts) < 2 and not config.eval_tasks):
+    if not modality_of(loaded).language or (len(data.texts) < 2 and not config.eval_tasks):
         return None
     from starfish.models.causal_lm import tokenizer_of
 

@@ -119,7 +119,8 @@ def _count_saved(
 ) -> _Saved:
     """One forward pass with gradients on, counting every distinct storage saved for backward
     (parameters excluded), in total and per block, plus each block's input and output sizes."""
-    from starfish.nn.blockio import StopForward, first_tensor
+    from starfish.nn.blockio import first_tensor
+    from starfish.nn.hooks import forward_until, hooks
     from starfish.tasks.evaluate import logits_of
     from starfish.nn.capture import record_stream
     from starfish.heal.precision import autocast
@@ -172,24 +173,18 @@ def _count_saved(
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block.register_forward_hook(post))
     handles.append(model.register_forward_pre_hook(gathered))
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with (
-                autocast(precision, model_device(model)),
-                record_stream(model, points or [], stop=points is not None),
-                stop_at_head(model, head) as hidden,
-            ):
-                try:
-                    logits = logits_of(call_model(model, sample))
-                    out.logits_numel, out.logits_bytes = logits.numel(), logits.numel() * logits.element_size()
-                    del logits
-                except StopForward:
-                    pass
-            if hidden[0] is not None:
-                out.hidden_numel, out.vocab = hidden[0].numel(), model.get_submodule(head).out_features
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks(handles), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            autocast(precision, model_device(model)),
+            record_stream(model, points or [], stop=points is not None),
+            stop_at_head(model, head) as hidden,
+        ):
+            logits = forward_until(lambda: logits_of(call_model(model, sample)))
+            if logits is not None:
+                out.logits_numel, out.logits_bytes = logits.numel(), logits.numel() * logits.element_size()
+                del logits
+        if hidden[0] is not None:
+            out.hidden_numel, out.vocab = hidden[0].numel(), model.get_submodule(head).out_features
     return out
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from starfish.errors import StarfishError
 from starfish.nn.capture import record_stream
 from starfish.nn.structure import StreamPoint, input_tensor, run_eval, same_tensor
+from starfish.nn.hooks import hooks
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -43,12 +44,8 @@ def norm_points(
                 received.setdefault(name, input_tensor(args, kwargs))
 
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        with record_stream(model, points) as slots:
-            run_eval(model, batch, device)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks(handles), record_stream(model, points) as slots:
+        run_eval(model, batch, device)
     moved = []
     for point, state in zip(points, slots):
         norm = next((n for n, seen in received.items() if same_tensor(seen, state)), None)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from starfish.errors import StarfishError
+from starfish.registry import Registry
 
 
 @dataclass
@@ -42,16 +43,16 @@ class Objective:
     # from the data (starfish_kd's balance) from the first batch, before any update; returns the config to train with
 
 
-OBJECTIVES: dict[str, Objective] = {}
+OBJECTIVES: Registry[Objective] = Registry("healer")
 
 
 def register_objective(objective: Objective) -> Objective:
-    OBJECTIVES[objective.name] = objective
+    OBJECTIVES.add(objective.name, objective)
     return objective
 
 
 def list_healers() -> list[str]:
-    return sorted(OBJECTIVES)
+    return OBJECTIVES.names()
 
 
 def get_objective(name: str) -> Objective:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from starfish.nn.hooks import hooks
 
 CHUNK_BYTES = 16 * 2**20  # float32 logits of one chunk for one model
 CHUNK_COPIES = 6  # chunk-sized tensors alive at the peak of the recomputed backward: logits, log-softmaxes, KL terms, gradients
@@ -63,11 +64,8 @@ def head_route(model: nn.Module, sample: dict) -> str | None:
         return None
     name, head = found
     seen: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    try:
+    with hooks(head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))):
         logits = logits_of(call_model(model, sample))
-    finally:
-        handle.remove()
     if len(seen) != 1 or logits is None or logits.dim() != 3:
         return None
     try:
@@ -119,8 +117,5 @@ def stop_at_head(model: nn.Module, name: str | None) -> Iterator[list[torch.Tens
         slot[0] = args[0]
         raise StopForward
 
-    handle = model.get_submodule(name).register_forward_pre_hook(grab)
-    try:
+    with hooks(model.get_submodule(name).register_forward_pre_hook(grab)):
         yield slot
-    finally:
-        handle.remove()

@@ -11,7 +11,6 @@ A spec is one of
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import importlib
 import sys
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from starfish.errors import StarfishError
+from starfish.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,14 +98,14 @@ class LoadedModel:
 
 
 Builder = Callable[..., tuple[nn.Module, Preprocess]]
-_BUILTINS: dict[str, tuple[Builder, str]] = {}
+MODELS: Registry[tuple[Builder, str]] = Registry("model", "--model")  # built-in names; timm:/torchvision:/hf:/module:factory specs resolve in create_model
 
 
 def register_model(name: str, description: str = "") -> Callable[[Builder], Builder]:
     """Decorator: make ``name`` resolvable by ``create_model``."""
 
     def wrap(fn: Builder) -> Builder:
-        _BUILTINS[name] = (fn, description or (fn.__doc__ or "").strip().splitlines()[0])
+        MODELS.add(name, (fn, description or (fn.__doc__ or "").strip().splitlines()[0]))
         return fn
 
     return wrap
@@ -113,11 +113,11 @@ def register_model(name: str, description: str = "") -> Callable[[Builder], Buil
 
 def list_models(pattern: str = "*") -> list[str]:
     """Built-in model names matching a shell-style pattern (timm/torchvision specs are open-ended)."""
-    return sorted(n for n in _BUILTINS if fnmatch.fnmatch(n, pattern))
+    return MODELS.names(pattern)
 
 
 def describe_models() -> dict[str, str]:
-    return {n: _BUILTINS[n][1] for n in list_models()}
+    return {n: MODELS[n][1] for n in list_models()}
 
 
 def sha256_of(path: str | Path) -> str:
@@ -413,8 +413,8 @@ def create_model(
         if is_causal_lm_config(hf_config):
             return _hf_causal_lm(spec, weights, dtype)
         refuse_unsupported_hf(spec, hf_config)
-    if spec in _BUILTINS:
-        builder = _BUILTINS[spec][0]
+    if spec in MODELS:
+        builder = MODELS[spec][0]
         model, pre = builder() if num_classes is None else builder(num_classes=num_classes)
     elif spec.startswith("timm:"):
         model, pre = _timm_model(spec[len("timm:"):], pretrained and weights is None, num_classes)

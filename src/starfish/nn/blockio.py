@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from starfish.nn.batch import call_model, to_device
+from starfish.nn.hooks import StopForward, forward_until, hooks  # StopForward: re-exported, hooks raise it
 
 
-class StopForward(Exception):
-    """Raised from a hook to end a forward pass once the needed activation has been seen."""
 
 
 def first_tensor(output: object) -> torch.Tensor:
@@ -96,15 +95,9 @@ def capture_block_calls(
         calls.append(BlockCall(move(args, store), move(kwargs, store)))
         raise StopForward
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with hooks(block.register_forward_pre_hook(hook, with_kwargs=True)):
         for batch in batches:
-            try:
-                call_model(model, to_device(batch, device))
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
+            forward_until(lambda batch=batch: call_model(model, to_device(batch, device)))
     return calls
 
 
@@ -147,11 +140,8 @@ def is_chain(model: nn.Module, blocks: list[nn.Module], batch: Mapping[str, torc
     was_training = model.training
     model.eval()
     try:
-        call_model(model, to_device(batch, device))
-    except StopForward:
-        pass
+        with hooks(handles):
+            forward_until(lambda: call_model(model, to_device(batch, device)))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     return order == list(range(len(blocks))) and all(linked)

@@ -16,6 +16,7 @@ from torch import nn
 
 from starfish.nn.blockio import StopForward, first_tensor
 from starfish.nn.structure import StreamPoint, input_tensor
+from starfish.nn.hooks import hooks
 
 
 @contextmanager
@@ -28,11 +29,8 @@ def record_outputs(modules: list[nn.Module]) -> Iterator[list[torch.Tensor | Non
             slots[i] = first_tensor(out)
 
         handles.append(module.register_forward_hook(hook))
-    try:
+    with hooks(handles):
         yield slots
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -66,8 +64,5 @@ def record_stream(
                 done(i)
 
             handles.append(module.register_forward_pre_hook(on_input, with_kwargs=True))
-    try:
+    with hooks(handles):
         yield slots
-    finally:
-        for h in handles:
-            h.remove()

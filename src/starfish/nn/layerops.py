@@ -20,6 +20,7 @@ from starfish.nn.batch import calibration_set, call_model, iter_batches, model_d
 from starfish.nn.blockio import StopForward
 from starfish.errors import StarfishError
 from starfish.nn.structure import Target
+from starfish.nn.hooks import forward_until, hooks
 
 _QKV = {"q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}
 
@@ -184,11 +185,8 @@ def hooked_targets(model: nn.Module, targets: list[Target], visit: Visit, weight
                 raise StopForward
 
         handles.append(module.register_forward_pre_hook(hook))
-    try:
+    with hooks(handles):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -226,10 +224,7 @@ def watch(
     with evaluation(model), hooked_targets(model, targets, call, current, stop_after):
         for batch in iter_batches(calibration_set(calibration), batch_size):
             current[0] = position_weights(batch)
-            try:
-                call_model(model, to_device(batch, device))
-            except StopForward:
-                pass
+            forward_until(lambda batch=batch: call_model(model, to_device(batch, device)))
 
 
 def forward_order(model: nn.Module, targets: list[Target], sample: object) -> list[Target]:

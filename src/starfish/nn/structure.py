@@ -24,6 +24,7 @@ from torch import nn
 from starfish.nn.batch import batch_len, call_model, model_device, select, to_device
 from starfish.nn.blockio import BlockCall, StopForward, first_tensor
 from starfish.errors import StarfishError
+from starfish.nn.hooks import forward_until, hooks
 
 WEIGHTED_LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PROBE_SAMPLES = 2  # samples of the one batch used to observe the forward order (models run in eval mode)
@@ -125,9 +126,7 @@ def run_eval(model: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.
     was_training = model.training
     model.eval()
     try:
-        call_model(model, to_device(_probe(batch), device or model_device(model)))
-    except StopForward:
-        pass
+        forward_until(lambda: call_model(model, to_device(_probe(batch), device or model_device(model))))
     finally:
         model.train(was_training)
 
@@ -149,11 +148,8 @@ def _firing_order(
             first.setdefault(name, len(first))
 
         handles.append(module.register_forward_pre_hook(hook))
-    try:
+    with hooks(handles):
         run_eval(model, batch, device)
-    finally:
-        for h in handles:
-            h.remove()
     idle = [n for n, _ in blocks if n not in first]
     if idle and pattern:
         raise StarfishError(
@@ -240,11 +236,8 @@ def stream_points(
                     raise StopForward
 
             handles.append(module.register_forward_pre_hook(after_last, with_kwargs=True))
-    try:
+    with hooks(handles):
         run_eval(model, batch, device)
-    finally:
-        for h in handles:
-            h.remove()
     points = []
     for i, name in enumerate(names):
         nxt_name, nxt_input = (names[i + 1], inputs.get(names[i + 1])) if i + 1 < len(names) else (head[0] if head else (None, None))

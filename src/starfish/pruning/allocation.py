@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from starfish.errors import StarfishError
+from starfish.registry import Registry
 
 
 @dataclass
@@ -29,19 +30,19 @@ class AllocationContext:
 
 # An allocation gets {name: weight}, the global sparsity and a context; returns {name: weights to prune}.
 Allocation = Callable[[dict[str, torch.Tensor], float, AllocationContext | None], dict[str, int]]
-ALLOCATIONS: dict[str, Allocation] = {}
+ALLOCATIONS: Registry[Allocation] = Registry("allocation")
 
 
 def register_allocation(name: str) -> Callable[[Allocation], Allocation]:
     def wrap(fn: Allocation) -> Allocation:
-        ALLOCATIONS[name] = fn
+        ALLOCATIONS.add(name, fn)
         return fn
 
     return wrap
 
 
 def list_allocations() -> list[str]:
-    return sorted(ALLOCATIONS)
+    return ALLOCATIONS.names()
 
 
 def allocate(

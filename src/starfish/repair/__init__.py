@@ -13,6 +13,7 @@ from torch import nn
 
 from starfish.nn.batch import batch_len, calibration_set
 from starfish.errors import StarfishError
+from starfish.registry import Registry
 from starfish.masks import Masks
 from starfish.repair.bn import BN_TYPES, recalibrate_batchnorm
 from starfish.repair.varmatch import variance_match
@@ -35,12 +36,14 @@ def _bn_then_varmatch(dense, sparse, masks, calibration, **options) -> dict:
     return {"bn": first, "varmatch": _varmatch(dense, sparse, masks, calibration, **options)}
 
 
-REPAIRS: dict[str, Callable[..., dict]] = {"none": _none, "bn": _bn, "varmatch": _varmatch, "bn+varmatch": _bn_then_varmatch}
+REPAIRS: Registry[Callable[..., dict]] = Registry("repair")
+for _name, _repair in {"none": _none, "bn": _bn, "varmatch": _varmatch, "bn+varmatch": _bn_then_varmatch}.items():
+    REPAIRS.add(_name, _repair)
 AUTO = "auto"
 
 
 def list_repairs() -> list[str]:
-    return list(REPAIRS)
+    return REPAIRS.names()
 
 
 def has_batchnorm(model: nn.Module) -> bool:

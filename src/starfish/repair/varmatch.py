@@ -53,6 +53,7 @@ from starfish.repair.moments import Moments, match_scale
 from starfish.errors import StarfishError
 from starfish.nn.sequential import InputOrder, Stream, plan_blocks
 from starfish.nn.structure import Target, all_weights
+from starfish.nn.hooks import hooks
 
 
 def masked_targets(model: nn.Module, masks: Masks) -> list[Target]:
@@ -109,11 +110,8 @@ def batchnorm_consumers(model: nn.Module, targets: list[Target], found: dict[str
                     found.setdefault(owner, names[id(mod)])
 
             handles.append(m.register_forward_pre_hook(bn_hook))
-    try:
+    with hooks(handles):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def following_batchnorm(model: nn.Module, targets: list[Target], sample: object) -> dict[str, str]:

@@ -77,3 +77,30 @@ def test_evaluation_windows_cut_the_whole_text_without_overlap(long_txt, tok):
     assert len(batches) == 2 and bool(batches[0]["attention_mask"].all())
     with pytest.raises(StarfishError, match="lower --eval-size"):
         evaluation_windows(long_txt, tok, seq_len=16, size=len(windows) + 1)
+
+
+def test_held_out_sequences_never_share_a_token_position_with_the_calibration_ones(tmp_path):
+    """The held-out stopping check reads text healing never trained on, even from the same source."""
+    from starfish.data.text import draw_sequences
+    from starfish.errors import StarfishError
+
+    tok = tiny_tokenizer()
+    documents = [" ".join(LINES * 8) for _ in range(3)]  # three documents of a few hundred tokens
+    calib, picks = draw_sequences(documents, tok, 12, 16, seed=0)
+    again, same = draw_sequences(documents, tok, 12, 16, seed=0)
+    assert same == picks and torch.equal(again["input_ids"], calib["input_ids"])  # reproducible from the seed
+    held, held_picks = draw_sequences(documents, tok, 12, 16, seed=7919, avoid=picks)
+    for doc, start, count in held_picks:
+        for d, s, c in picks:
+            assert d != doc or start + count <= s or start >= s + c, "a held-out window overlaps a calibration window"
+    _, independent = draw_sequences(documents, tok, 12, 16, seed=7919)
+    overlapping = [(doc, start) for doc, start, count in independent for d, s, c in picks if d == doc and start < s + c and s < start + count]
+    assert overlapping  # drawn without the rule, some held-out windows would sit on calibration ones
+    assert held["attention_mask"].sum() == 12 * 16
+    from starfish.data.text import overlapping
+
+    short = documents[:1]
+    cal_picks = draw_sequences(short, tok, 20, 16)[1]
+    crowded, crowded_picks = draw_sequences(short, tok, 60, 16, seed=1, avoid=cal_picks)  # no room for 60 apart
+    assert crowded["input_ids"].shape == (60, 16) and 0 < overlapping(crowded_picks, cal_picks) < 60  # said, not hidden
+    assert overlapping(held_picks, picks) == 0

@@ -39,7 +39,7 @@ def prune_and_heal(
     without labels on ``texts`` (one string or a list of documents), then return it.
 
     ``calib_size`` sequences of ``seq_len`` tokens are drawn from the texts with ``seed`` (default
-    ``text.TEXT_CALIB_DEFAULT``), and 16 more with another seed for the held-out stopping check.
+    ``text.TEXT_CALIB_DEFAULT``), and 16 more with another seed, apart from those, for the held-out stopping check.
     ``heal`` names heal settings (``HealConfig`` fields, e.g. ``{"healer": "starfish"}``); the rest
     are the language-model defaults. The dense teacher is a copy made here (the model's size again
     in memory, freed on return). The returned model keeps every pruned weight exactly zero; its
@@ -54,7 +54,7 @@ def prune_and_heal(
     from starfish.pruning import PruneConfig, prune_with_notes
     from starfish.pruning.pruners import get_pruner
     from starfish.experiments.steps import check_masks, choose_cache_dtype_step, heal_step, stage_calibration
-    from starfish.data.text import TEXT_CALIB_DEFAULT, calibration_sequences
+    from starfish.data.text import TEXT_CALIB_DEFAULT, draw_sequences
     from starfish.common.validation import config_types
 
     documents = [texts] if isinstance(texts, str) else list(texts)
@@ -70,10 +70,10 @@ def prune_and_heal(
     get_pruner(prune_config.pruner)  # an unknown pruner is refused before any work, naming the choices
     size = int(calib_size) if calib_size is not None else TEXT_CALIB_DEFAULT
 
-    calibration = calibration_sequences(documents, tokenizer, size, seq_len, seed)
+    calibration, picks = draw_sequences(documents, tokenizer, size, seq_len, seed)
 
-    held = HeldOut(calibration_sequences(documents, tokenizer, TEXT_DEFAULT, seq_len, seed + SEED_OFFSET),
-                   f"{TEXT_DEFAULT} sequences of {seq_len} tokens from the texts (seed {seed + SEED_OFFSET})")
+    held = HeldOut(draw_sequences(documents, tokenizer, TEXT_DEFAULT, seq_len, seed + SEED_OFFSET, "the texts", avoid=picks)[0],
+                   f"{TEXT_DEFAULT} sequences of {seq_len} tokens from the texts (seed {seed + SEED_OFFSET}, apart from the calibration sequences)")
     was_training = model.training
     model.eval()
     dense = copy.deepcopy(model)  # the teacher: healing aligns the pruned model with it

@@ -59,12 +59,18 @@ def load_image_holdout(config, transform, calib_index, calib_picks: list[int], e
     return HeldOut(samples, f"{len(paths)} unlabeled images from {where} (seed {config.seed + SEED_OFFSET})")
 
 
-def load_text_holdout(config, tokenizer) -> HeldOut:
-    """Further sequences of the calibration text (or of ``--holdout``), drawn with another seed."""
-    from starfish.data.text import calibration_text
+def load_text_holdout(config, tokenizer, calibration_picks=None) -> HeldOut:
+    """Further sequences of ``--holdout``, or of the calibration text apart from the calibration
+    sequences (``calibration_picks``: where those were taken), drawn with another seed."""
+    from starfish.data.text import draw_sequences, overlapping, read_documents
 
-    source = config.holdout if config.holdout is not None else config.calib
+    own = config.holdout is not None
+    source = config.holdout if own else config.calib
     size = int(config.holdout_size or TEXT_DEFAULT)
-    samples = calibration_text(source, tokenizer, size, config.seq_len, config.seed + SEED_OFFSET)
-    return HeldOut(samples, f"{size} sequences of {config.seq_len} tokens from `{source}` (seed {config.seed + SEED_OFFSET})")
+    avoid = None if own else list(calibration_picks or [])
+    samples, picks = draw_sequences(read_documents(source), tokenizer, size, config.seq_len, config.seed + SEED_OFFSET, f"text source {source}", avoid)
+    shared = overlapping(picks, avoid) if avoid is not None else 0
+    apart = "" if own else (", apart from the calibration sequences" if not shared else
+                            f"; {shared} overlap the calibration sequences: the text is too short to hold them apart, pass --holdout TEXT")
+    return HeldOut(samples, f"{size} sequences of {config.seq_len} tokens from `{source}` (seed {config.seed + SEED_OFFSET}{apart})")
 

@@ -137,7 +137,7 @@ class Text(Modality):
     def load_data(self, config: RunConfig, loaded: LoadedModel, calibration: bool, evaluation: bool, held_out: bool) -> RunData:
         """Calibration sequences (one mapping with padding masked) and the evaluation windows of a text."""
         from starfish.data.holdout import load_text_holdout
-        from starfish.data.text import TEXT_CALIB_DEFAULT, calibration_text, evaluation_windows, text_name
+        from starfish.data.text import TEXT_CALIB_DEFAULT, draw_sequences, evaluation_windows, read_documents, text_name
         from starfish.models.causal_lm import tokenizer_of
         from starfish.nn.device import resolve_device
 
@@ -145,8 +145,8 @@ class Text(Modality):
         calib, held, texts, generated = None, None, {}, None
         if calibration and config.calib is not None:
             size = int(config.calib_size) if config.calib_size is not None else TEXT_CALIB_DEFAULT
-            calib = calibration_text(config.calib, tokenizer, size, config.seq_len, config.seed)
-            held = load_text_holdout(config, tokenizer) if held_out else None
+            calib, picks = draw_sequences(read_documents(config.calib), tokenizer, size, config.seq_len, config.seed, f"text source {config.calib}")
+            held = load_text_holdout(config, tokenizer, picks) if held_out else None
             if config.calib_generate:
                 from starfish.data.generated_text import generate_calibration
 

@@ -147,8 +147,9 @@ def draw_sequences(
     a document shorter than ``seq_len`` is padded (attention mask 0). With ``avoid`` (the picks of
     another draw from the same documents, e.g. the calibration sequences) no window shares a token
     position with those: a held-out check on sequences that overlap the training ones measures
-    partly what was trained on (drawn independently, 48% of SmolLM2's 16 default held-out
-    sequences of WikiText-2 validation also sat in its 256 calibration sequences). A text too short
+    partly what was trained on (drawn independently, 48% of the 32-token chunks of SmolLM2's 16
+    default held-out sequences of WikiText-2 validation sat in its 256 calibration sequences:
+    ``benchmarks/holdout_overlap.py``). A text too short
     to hold ``size`` windows apart gets the rest drawn without the rule (``overlapping`` counts them)."""
     _check_lengths(seq_len, size)
     docs = [tokenize(tokenizer, d) for d in documents]
@@ -159,28 +160,25 @@ def draw_sequences(
     generator = torch.Generator().manual_seed(seed)
     ids = torch.full((size, seq_len), pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros((size, seq_len), dtype=torch.long)
-    picks: Picks = []
+
+    def window(doc_index: int) -> tuple[int, int, int]:
+        """A seeded window of document ``doc_index``: (document, first token, tokens taken)."""
+        start = int(torch.randint(0, max(docs[doc_index].numel() - seq_len, 0) + 1, (1,), generator=generator))
+        return doc_index, start, min(seq_len, docs[doc_index].numel() - start)
+
     if avoid is None:
-        for doc_index in torch.multinomial(lengths, size, replacement=True, generator=generator).tolist():
-            start = int(torch.randint(0, max(docs[doc_index].numel() - seq_len, 0) + 1, (1,), generator=generator))
-            picks.append((doc_index, start, min(seq_len, docs[doc_index].numel() - start)))
+        picks = [window(d) for d in torch.multinomial(lengths, size, replacement=True, generator=generator).tolist()]
     else:
-        taken: dict[int, list[tuple[int, int]]] = {}
-        for doc_index, start, count in avoid:
-            taken.setdefault(doc_index, []).append((start, start + count))
+        picks, taken = [], list(avoid)
         for _ in range(size * HELD_OUT_TRIES):
             if len(picks) == size:
                 break
-            doc_index = int(torch.multinomial(lengths, 1, generator=generator))
-            start = int(torch.randint(0, max(docs[doc_index].numel() - seq_len, 0) + 1, (1,), generator=generator))
-            end = min(start + seq_len, docs[doc_index].numel())
-            if all(end <= a or start >= b for a, b in taken.get(doc_index, [])):
-                picks.append((doc_index, start, end - start))
-                taken.setdefault(doc_index, []).append((start, end))
+            pick = window(int(torch.multinomial(lengths, 1, generator=generator)))
+            if not overlapping([pick], taken):
+                picks.append(pick)
+                taken.append(pick)
         while len(picks) < size:  # a text too short to hold them apart: the rest may overlap (``overlapping`` counts them)
-            doc_index = int(torch.multinomial(lengths, 1, generator=generator))
-            start = int(torch.randint(0, max(docs[doc_index].numel() - seq_len, 0) + 1, (1,), generator=generator))
-            picks.append((doc_index, start, min(seq_len, docs[doc_index].numel() - start)))
+            picks.append(window(int(torch.multinomial(lengths, 1, generator=generator))))
     for row, (doc_index, start, count) in enumerate(picks):
         ids[row, :count] = docs[doc_index][start : start + count]
         mask[row, :count] = 1

@@ -12,7 +12,6 @@ apart from the calibration windows (``data.text.draw_sequences(avoid=...)``, now
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from lm_heal import MODEL, REPO, SHARED
 from starfish.data.holdout import SEED_OFFSET, TEXT_DEFAULT

@@ -10,7 +10,9 @@ import torch
 from starfish.tasks.evaluate import predict, top1
 from starfish.heal import HealConfig, heal
 from starfish.heal.healing import cosine_lr
-from starfish.heal.objectives import cosine_distance
+from starfish.heal.objectives import _CosineDistance, cosine_distance
+from starfish.heal.training import WeightSnapshot
+from starfish.masks import Masks
 from starfish.pruning import PruneConfig, prune
 
 
@@ -27,6 +29,42 @@ def test_cosine_distance_per_token_and_per_map():
     n = m.clone()
     n[0, 0] = -1
     assert torch.isclose(cosine_distance(n, m), torch.tensor(1.0), atol=1e-6)
+
+
+def test_cosine_distance_matches_torch_in_value_and_gradient_from_a_compact_target():
+    """The loss that saves no widened copies equals ``1 - F.cosine_similarity`` on float32 inputs, and
+    its analytic gradients pass gradcheck (float64) for both inputs."""
+    torch.manual_seed(0)
+    for shape in [(2, 5, 7), (3, 4, 5, 6), (4, 9)]:
+        s = torch.randn(*shape, requires_grad=True)
+        target = torch.randn(*shape).half()
+        ours = cosine_distance(s, target)
+        (grad_ours,) = torch.autograd.grad(ours, s)
+        flat_s, flat_t = (s.flatten(1), target.float().flatten(1)) if s.dim() >= 4 else (s, target.float())
+        reference = (1 - torch.nn.functional.cosine_similarity(flat_s, flat_t, dim=-1, eps=1e-8)).mean()
+        (grad_reference,) = torch.autograd.grad(reference, s)
+        assert torch.allclose(ours, reference, atol=1e-6) and torch.allclose(grad_ours, grad_reference, atol=1e-6)
+        a, b = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        assert torch.autograd.gradcheck(lambda x, y: _CosineDistance.apply(x, y, 1e-8), (a, b))
+
+
+def test_best_weights_copy_holds_only_surviving_entries_and_restores_exactly():
+    torch.manual_seed(0)
+    weight = torch.randn(8, 16)
+    mask = torch.rand(8, 16) > 0.5
+    weight.mul_(mask)
+    start = weight.clone()
+    snapshot = WeightSnapshot({"w": weight}, torch.device("cpu"), {"w": Masks({"w": mask})["w"]})
+    snapshot.take()
+    assert snapshot.copy["w"].numel() == int(mask.sum())  # half the weight's size, not all of it
+    weight.add_(torch.randn(8, 16) * mask)  # training moves only kept entries
+    snapshot.restore()
+    assert torch.equal(weight, start) and int((weight[~mask] != 0).sum()) == 0
+    weight.add_(1.0 * mask)
+    snapshot.take()  # a retake reuses the copy
+    weight.zero_()
+    snapshot.restore()
+    assert torch.equal(weight, (start + 1.0) * mask)
 
 
 def test_cosine_lr_schedule_endpoints():

@@ -82,7 +82,6 @@ def test_evaluation_windows_cut_the_whole_text_without_overlap(long_txt, tok):
 def test_held_out_sequences_never_share_a_token_position_with_the_calibration_ones(tmp_path):
     """The held-out stopping check reads text healing never trained on, even from the same source."""
     from starfish.data.text import draw_sequences
-    from starfish.errors import StarfishError
 
     tok = tiny_tokenizer()
     documents = [" ".join(LINES * 8) for _ in range(3)]  # three documents of a few hundred tokens

@@ -200,9 +200,10 @@ def _memory_plan(
     plain plan does not fit; ``on`` plans with it. Block-wise scope never checkpoints."""
     joint = config.scope == "joint"
     args = (dense, sparse, masks.names(), calib, config, objective, [p.block for p in points], device, location)
-    plan = estimate_heal_memory(*args, precision=precision, checkpoint=joint and config.grad_checkpoint == "on", points=points, head=head)
+    kept = {k: int(m.sum()) for k, m in masks.items()}  # what a best-weights copy holds (heal.training.WeightSnapshot)
+    plan = estimate_heal_memory(*args, precision=precision, checkpoint=joint and config.grad_checkpoint == "on", points=points, head=head, kept=kept)
     if joint and config.grad_checkpoint == "auto" and plan.shortfall() is not None:
-        plan = estimate_heal_memory(*args, precision=precision, checkpoint=True, points=points, probe=plan.probe, head=head)
+        plan = estimate_heal_memory(*args, precision=precision, checkpoint=True, points=points, probe=plan.probe, head=head, kept=kept)
     return plan
 
 

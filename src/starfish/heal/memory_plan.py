@@ -41,6 +41,9 @@ PRECISION_FLAG = "--precision bf16"
 # What a CPU heal touches besides tensors: the autograd engine, thread pools and allocator arenas (measured
 # 10-20 MB on a tiny Llama, tests/test_memory_plan_accuracy.py; a fixed amount, noise on a real model).
 CPU_RUNTIME_BYTES = 12 * 2**20
+# Full-size float32 temporaries a block loss holds on one block at a time (the cosine's widened target,
+# product and backward terms: ``heal.objectives._CosineDistance``).
+LOSS_TEMPORARIES = 4
 
 
 @dataclass
@@ -427,6 +430,12 @@ def _trainable_bytes(module: nn.Module, names: list[str]) -> int:
     return sum(params[k].numel() * params[k].element_size() for k in names if k in params)
 
 
+def _snapshot_bytes(module: nn.Module, names: list[str], kept: Mapping[str, int] | None) -> int:
+    """A best-weights copy of the weights ``names``: their surviving entries where ``kept`` counts them."""
+    params = dict(module.named_parameters())
+    return sum((kept[k] if kept is not None and k in kept else params[k].numel()) * params[k].element_size() for k in names if k in params)
+
+
 def _gathered_bytes(model: nn.Module, blocks: list[nn.Module]) -> int:
     """What FSDP2 gathers at once: the root's own parameters (embeddings, head) for the whole
     forward and backward, plus the computing block and the prefetched next one."""
@@ -453,6 +462,7 @@ def estimate_heal_memory(
     probe: ActivationProbe | None = None,
     parallel: Parallelism | None = None,
     head: str | None = None,
+    kept: Mapping[str, int] | None = None,
 ) -> MemoryEstimate:
     """The memory plan of ``heal`` for this config, before anything is moved or trained.
 
@@ -462,7 +472,9 @@ def estimate_heal_memory(
     earlier plan of the same run (``plan.probe``), to re-plan without running the model again;
     ``parallel``: the plan is per rank (default: FSDP2 when the weights are sharded, else one process);
     ``head``: the causal LM head the loss applies in chunks of tokens (``heal.vocab``), so no
-    (tokens x vocabulary) logits are held or cached, only the final hidden state and one chunk.
+    (tokens x vocabulary) logits are held or cached, only the final hidden state and one chunk;
+    ``kept``: surviving entries per masked weight, for the best-weights copies that hold only those
+    (``heal.training.WeightSnapshot``; default: whole weights, as for sharded ones).
     """
     from starfish.nn.batch import batch_len, model_device
     from starfish.heal.targets import CACHE_DTYPES
@@ -506,7 +518,7 @@ def estimate_heal_memory(
         plan.add("activations", compute, probe.block_step(batch) + 4 * stream * batch * float_size)
         copies = 3 if config.blockwise_inputs == "sparse" else 2  # dense stream, targets (+ sparse stream)
         plan.add("block inputs and targets", cache, copies * n * stream * cache_size)
-        plan.add("best-weights copy", host_copy, train)
+        plan.add("best-weights copy", host_copy, _snapshot_bytes(sparse, per_block[largest], kept) if blocks else 0)
     else:
         train = _trainable_bytes(sparse, mask_names)
         numel = sum(sparse.get_parameter(k).numel() for k in mask_names)
@@ -523,13 +535,18 @@ def estimate_heal_memory(
         else:  # boolean masks; gradients are masked in place after backward, so no float copies
             plan.add("masks", compute, numel)
         final = probe.hidden_numel or probe.logits_numel  # what stands for the logits: the hidden state, or the logits
-        per_sample_targets = (sum(probe.block_output_numel) if objective.needs_blocks else 0) + (final if objective.needs_logits else 0)
+        block_numel = sum(probe.block_output_numel) if objective.needs_blocks else 0
+        final_numel = final if objective.needs_logits else 0
+        per_sample_targets = block_numel + final_numel
         plan.add("gradients", compute, shard(train))
-        # besides what the model saves: the targets read in float32, what the loss saves and computes on every
-        # aligned block output and on the final hidden state the loss applies the head to (two float32 copies
-        # each: products, norms, differences) and the backward's transient (``ActivationProbe.step_transient``)
-        loss_streams = 2 * ((sum(probe.block_output_numel) if objective.needs_blocks else 0) + (probe.hidden_numel if objective.needs_logits else 0))
-        extra = (per_sample_targets + loss_streams) * batch * float_size + probe.step_transient(batch)
+        # besides what the model saves: the batch's targets (block outputs in the cache's dtype, the final
+        # state in float32: ``TargetCache.get``), the float32 copies of every aligned block output the loss
+        # keeps for backward (``Objective.saved_block_copies``) and its temporaries on one block at a time,
+        # two float32 copies of the final hidden state the loss applies the head to, and the backward's
+        # transient (``ActivationProbe.step_transient``)
+        block_loss = objective.saved_block_copies * block_numel + (LOSS_TEMPORARIES * max(probe.block_output_numel, default=0) if block_numel else 0)
+        targets_read = block_numel * cache_size + final_numel * float_size
+        extra = (targets_read + (block_loss + 2 * (probe.hidden_numel if objective.needs_logits else 0)) * float_size) * batch + probe.step_transient(batch)
         plan.add("activations", compute, probe.activations(batch, checkpoint) + extra)
         plan.overlap = ("gradients", "activations")
         if probe.logits_bytes:  # the head's output, held until the loss is computed
@@ -541,9 +558,10 @@ def estimate_heal_memory(
             plan.add("vocabulary chunks", compute, chunk_peak_bytes(probe.vocab, tokens))
         if objective.needs_dense and not config.recompute_targets:
             plan.add("dense targets", cache, n * per_sample_targets * cache_size)
-        plan.add("best-weights copy", host_copy, shard(train))
+        snapshot = shard(_snapshot_bytes(sparse, mask_names, None if parallel.mode == "fsdp" else kept))
+        plan.add("best-weights copy", host_copy, snapshot)
         if config.budget == "auto":  # the held-out monitor keeps its own best weights beside the divergence guard's copy
-            plan.add("held-out best-weights copy", host_copy, shard(train))
+            plan.add("held-out best-weights copy", host_copy, snapshot)
     if compute == "cpu":
         plan.add("runtime (autograd engine, thread pools, allocator arenas)", compute, CPU_RUNTIME_BYTES)
     if home == compute:  # the models (and their masks) already sit where healing computes

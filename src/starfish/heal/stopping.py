@@ -87,9 +87,10 @@ class HeldOutMonitor:
         config: HealConfig,
         steps_per_epoch: int,
         record: StoppingRecord,
+        keep: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.evaluate = evaluate
-        self.weights = WeightSnapshot(tensors, store)
+        self.weights = WeightSnapshot(tensors, store, keep)
         self.config = config
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.every = self.steps_per_epoch * config.eval_every
@@ -244,11 +245,12 @@ def plan_stopping(
 
 def held_out_monitor(job, dense_run: Callable[[Batch], Signals], sparse_run: Callable[[Batch], Signals], n: int) -> HeldOutMonitor | None:
     """The monitor ``train_steps`` calls for a joint-scope ``HealJob`` with held-out data, else None."""
-    from starfish.heal.training import snapshot_tensors
+    from starfish.heal.training import snapshot_keep, snapshot_tensors
 
     if job.holdout is None or job.stopping is None:
         return None
     job.dense.to(job.device).eval()
     evaluate = held_out_evaluator(dense_run, sparse_run, job.sparse, job.holdout, job.objective, job.config, job.store, job.device)
     steps_per_epoch = math.ceil(n / job.config.batch_size)
-    return HeldOutMonitor(evaluate, snapshot_tensors(job.sparse, job.masks), job.snapshot_device, job.config, steps_per_epoch, job.stopping)
+    return HeldOutMonitor(evaluate, snapshot_tensors(job.sparse, job.masks), job.snapshot_device, job.config, steps_per_epoch, job.stopping,
+                          snapshot_keep(job.sparse, job.masks))

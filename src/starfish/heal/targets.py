@@ -125,16 +125,19 @@ class TargetCache:
         return cls(blocks, logits, store, head if keep_logits else None)
 
     def get(self, index: torch.Tensor, device: torch.device) -> Signals:
-        """The cached signals of samples ``index``, in float32 on ``device``."""
+        """The cached signals of samples ``index`` on ``device``: block outputs in the cache's dtype (the
+        block losses read them in float32 one block at a time, so a batch's targets are never all
+        widened at once), the logits or final hidden state in float32."""
         index = index.to(self.blocks[0].device if self.blocks else (self.logits.device if self.logits is not None else "cpu"))
 
         def read(t: torch.Tensor) -> torch.Tensor:
-            return t[index].to(device, non_blocking=True).float()
+            return t[index].to(device, non_blocking=True)
 
-        final = read(self.logits) if self.logits is not None else None
+        final = read(self.logits).float() if self.logits is not None else None
+        blocks = [read(b) for b in self.blocks]
         if self.head is not None:
-            return Signals([read(b) for b in self.blocks], None, hidden=final, head=self.head)
-        return Signals([read(b) for b in self.blocks], final)
+            return Signals(blocks, None, hidden=final, head=self.head)
+        return Signals(blocks, final)
 
     def nbytes(self) -> int:
         tensors = [*self.blocks, *([self.logits] if self.logits is not None else [])]

@@ -23,7 +23,7 @@ from starfish.distributed.ddp import data_parallel_step
 from starfish.errors import StarfishError
 from starfish.heal.config import HealConfig
 from starfish.heal.precision import LossScaler
-from starfish.masks import Masks, local_view
+from starfish.masks import Masks, is_sharded, local_view
 
 if TYPE_CHECKING:
     from starfish.heal.resume import ResumePoint
@@ -87,7 +87,8 @@ class StepsOutcome:
 class DivergenceGuard:
     """Follows the smoothed loss, keeps a copy of the weights at its best, and says when to stop."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], config: HealConfig, total: int, store: torch.device) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], config: HealConfig, total: int, store: torch.device,
+                 keep: dict[str, torch.Tensor] | None = None) -> None:
         self.tensors = tensors  # what a snapshot holds: trainable weights and float buffers (BN statistics)
         self.factor = config.divergence_factor
         self.keep_best = config.keep_best
@@ -96,7 +97,7 @@ class DivergenceGuard:
         self.start: float | None = None
         self.smoothed: float | None = None
         self.best: float = math.inf
-        self.weights = WeightSnapshot(tensors, store)
+        self.weights = WeightSnapshot(tensors, store, keep)
         self.snapshot_step: int | None = None
         self.snapshot_loss: float | None = None
 
@@ -126,28 +127,45 @@ class DivergenceGuard:
 
 
 class WeightSnapshot:
-    """One copy (on ``store``) of the tensors a rollback restores, retaken in place of the last."""
+    """One copy (on ``store``) of the tensors a rollback restores, retaken in place of the last.
 
-    def __init__(self, tensors: dict[str, torch.Tensor], store: torch.device) -> None:
+    A masked weight is copied as its surviving entries only (``keep``: name -> boolean mask lined up
+    with the tensor): its pruned entries are zero by the mask contract, so the copy of a 50%-sparse
+    model is half the size of its weights (0.2 GB less on SmolLM2-135M, per copy).
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], store: torch.device, keep: dict[str, torch.Tensor] | None = None) -> None:
         self.tensors = tensors
         self.store = store
+        self.keep = keep or {}
         self.copy: dict[str, torch.Tensor] | None = None
+
+    def _packed(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``value`` on the store, as its kept entries when it is masked (one tensor's transient at a time)."""
+        keep = self.keep.get(name)
+        value = value.detach()
+        return value.to(self.store)[keep.to(self.store)] if keep is not None else value
 
     @torch.no_grad()
     def take(self) -> None:
         """Copy the tensors; a retake writes into the last copy, so two copies never coexist."""
         if self.copy is None:
-            self.copy = {k: v.detach().to(self.store, copy=True) for k, v in self.tensors.items()}
+            # indexing by a mask already copies; a whole tensor is copied here
+            self.copy = {k: self._packed(k, v) if k in self.keep else v.detach().to(self.store, copy=True) for k, v in self.tensors.items()}
             return
         for k, v in self.tensors.items():
-            self.copy[k].copy_(v.detach())
+            self.copy[k].copy_(self._packed(k, v))  # same size: the masks do not change during healing
 
     @torch.no_grad()
     def restore(self) -> bool:
         if self.copy is None:
             return False
         for k, v in self.tensors.items():
-            v.copy_(self.copy[k])
+            saved = self.copy[k]
+            if saved.shape == v.shape:  # a tensor copied whole (or a checkpoint written before packing)
+                v.copy_(saved)
+            else:  # pruned entries stay zero: they are already, and only the kept ones are written
+                v[self.keep[k].to(v.device)] = saved.to(v.device, v.dtype)
         return True
 
 
@@ -157,6 +175,13 @@ def snapshot_tensors(module: nn.Module, masks: Masks) -> dict[str, torch.Tensor]
     out = {k: local_view(params[k]) for k in masks.names()}  # a sharded weight: this rank's shard
     out.update({k: b for k, b in module.named_buffers() if b.is_floating_point()})
     return out
+
+
+def snapshot_keep(module: nn.Module, masks: Masks) -> dict[str, torch.Tensor]:
+    """The masks a ``WeightSnapshot`` packs by (where the masks are kept). A sharded weight is copied
+    whole (its shard's mask is cut only when gradients are masked), so it has no entry."""
+    params = dict(module.named_parameters())
+    return {k: masks[k] for k in masks.names() if not is_sharded(params[k])}
 
 
 class StepMonitor(Protocol):
@@ -201,7 +226,7 @@ def train_steps(
     shared = data_parallel_step(loss_of, trainable)  # --distributed ddp: this rank's share, gradients summed
     scaler = LossScaler.for_module(config, module)  # a GradScaler for --precision fp16, else plain backward/step
     total = total_steps(n, config)
-    guard = DivergenceGuard(snapshot_tensors(module, masks), config, total, snapshot_device)
+    guard = DivergenceGuard(snapshot_tensors(module, masks), config, total, snapshot_device, snapshot_keep(module, masks))
     generator = torch.Generator().manual_seed(seed)
     outcome = StepsOutcome()
     bar = tqdm(total=total, desc=desc, disable=not config.progress, leave=False)

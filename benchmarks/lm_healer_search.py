@@ -179,7 +179,7 @@ def render(data: dict) -> str:
                 f"{r['pruned_perplexity']:.2f} | {r['healed_perplexity']:.2f} | {'—' if closed is None else f'{100 * closed:.0f}%'} | "
                 f"{r['heal_seconds']:.0f} s{'*' if r.get('note') else ''} | {_mb(r['heal_peak_mb'])} | {r['threads']} |"
             )
-        lines += [""] + [f"\\* {r['healer']} ({_calibration(r)}, lr {r.get('lr', LR):g}, {r.get('precision', 'fp32')}): {r['note']}." for r in group if r.get("note")]
+        lines += [""] + [f"\\* {r['healer']} ({_calibration(r)}, {r['optimizer_steps']} x {r.get('batch', BATCH)}, lr {r.get('lr', LR):g}, {r.get('precision', 'fp32')}): {r['note']}." for r in group if r.get("note")]
         lines.append("")
     invocations = dict.fromkeys(r["invocation"] for r in rows if r.get("invocation"))
     lines.append("Commands: " + ", ".join(f"`{c}`" for c in invocations) + "; each candidate's own `starfish run` command is in the JSON.")

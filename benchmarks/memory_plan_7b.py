@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (windows per optimizer step)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--sparsity", type=float, default=0.5, help="share of each prunable weight pruned (best-weights copies hold the rest)")
     args = parser.parse_args()
 
     import transformers.masking_utils
@@ -53,10 +54,13 @@ def main() -> None:
     config = HealConfig(batch_size=args.batch_size, cache_device="cpu", progress=False)
     params = sum(p.numel() for p in sparse.parameters())
     print(f"Llama-2-7B-like ({params / 1e9:.2f} B parameters, {args.dtype}), {len(names)} prunable weights, "
-          f"{args.samples} x {args.seq_len} tokens, global batch {args.batch_size}, Adam, targets cached on the host")
+          f"{args.samples} x {args.seq_len} tokens, global batch {args.batch_size}, Adam, targets cached on the host, "
+          f"{args.sparsity:.0%} sparse")
     rows = [Parallelism(), Parallelism("ddp", args.ranks), Parallelism("fsdp", args.ranks)]
+    shapes = dict(sparse.named_parameters())
+    kept = {k: round(shapes[k].numel() * (1 - args.sparsity)) for k in names}
     plans = [estimate_heal_memory(dense, sparse, names, calib, config, get_objective("starfish"), blocks,
-                                  torch.device("cuda:0"), "cpu", parallel=parallel) for parallel in rows]
+                                  torch.device("cuda:0"), "cpu", parallel=parallel, kept=kept) for parallel in rows]
     parts = list(dict.fromkeys(k for plan in plans for k in plan.parts))
     print("| part (GB per GPU unless marked host) | " + " | ".join(p.parallel.describe() for p in plans) + " |")
     print("|---|" + "---:|" * len(plans))

@@ -148,7 +148,7 @@ def draw_sequences(
     another draw from the same documents, e.g. the calibration sequences) no window shares a token
     position with those: a held-out check on sequences that overlap the training ones measures
     partly what was trained on (drawn independently, 48% of the 32-token chunks of SmolLM2's 16
-    default held-out sequences of WikiText-2 validation sat in its 256 calibration sequences:
+    default held-out sequences of WikiText-2 validation sat in 256 calibration sequences:
     ``benchmarks/holdout_overlap.py``). A text too short
     to hold ``size`` windows apart gets the rest drawn without the rule (``overlapping`` counts them)."""
     _check_lengths(seq_len, size)

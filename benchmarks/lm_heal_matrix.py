@@ -39,7 +39,7 @@ def compare_command(pruner: str, pattern: str | None, out: Path, args: argparse.
         "--calib", str(SHARED / "data/wikitext2/valid.tokenized.txt"), "--calib-size", "32", "--seq-len", "512",
         "--eval", str(SHARED / "data/wikitext2/test.txt"), "--eval-size", "6", "--eval-seq-len", "2048",
         "--pruner", pruner, "--seed", "0", "--sparsities", "0.5", "--healers", args.healers,
-        "--budget", "fixed", "--epochs", str(args.epochs), "--precision", args.precision,
+        "--budget", "fixed", "--epochs", str(args.epochs), "--batch-size", "8", "--precision", args.precision,
         "--device", "cpu", "--no-progress", "--out", str(out), "--force",
     ]
     return cmd + (["--pattern", pattern] if pattern else [])

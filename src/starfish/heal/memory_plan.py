@@ -514,8 +514,9 @@ def estimate_heal_memory(
         plan.add("gradients", compute, train)  # created while the block's saved tensors are still held: not overlapped
         plan.add("optimizer state", compute, optimizer_slots * train)
         stream = max(probe.block_output_numel, default=0)
-        # the step's block input and dense target read in float32, its output, and the loss's difference
-        plan.add("activations", compute, probe.block_step(batch) + 4 * stream * batch * float_size)
+        # the step's block input and dense target read in float32, its output, and the float32 copies the
+        # loss keeps for backward (``Objective.saved_block_copies``: none for the cosine, the difference for nmse)
+        plan.add("activations", compute, probe.block_step(batch) + (3 + objective.saved_block_copies) * stream * batch * float_size)
         copies = 3 if config.blockwise_inputs == "sparse" else 2  # dense stream, targets (+ sparse stream)
         plan.add("block inputs and targets", cache, copies * n * stream * cache_size)
         plan.add("best-weights copy", host_copy, _snapshot_bytes(sparse, per_block[largest], kept) if blocks else 0)

@@ -426,15 +426,11 @@ def availability(places: list[str], models: list[nn.Module], limit_gb: float | N
     return out
 
 
-def _trainable_bytes(module: nn.Module, names: list[str]) -> int:
+def _trainable_bytes(module: nn.Module, names: list[str], kept: Mapping[str, int] | None = None) -> int:
+    """Bytes of the weights ``names``; with ``kept``, of their surviving entries only (a best-weights copy)."""
     params = dict(module.named_parameters())
-    return sum(params[k].numel() * params[k].element_size() for k in names if k in params)
-
-
-def _snapshot_bytes(module: nn.Module, names: list[str], kept: Mapping[str, int] | None) -> int:
-    """A best-weights copy of the weights ``names``: their surviving entries where ``kept`` counts them."""
-    params = dict(module.named_parameters())
-    return sum((kept[k] if kept is not None and k in kept else params[k].numel()) * params[k].element_size() for k in names if k in params)
+    kept = kept or {}
+    return sum(kept.get(k, params[k].numel()) * params[k].element_size() for k in names if k in params)
 
 
 def _gathered_bytes(model: nn.Module, blocks: list[nn.Module]) -> int:
@@ -520,7 +516,7 @@ def estimate_heal_memory(
         plan.add("activations", compute, probe.block_step(batch) + (3 + objective.saved_block_copies) * stream * batch * float_size)
         copies = 3 if config.blockwise_inputs == "sparse" else 2  # dense stream, targets (+ sparse stream)
         plan.add("block inputs and targets", cache, copies * n * stream * cache_size)
-        plan.add("best-weights copy", host_copy, _snapshot_bytes(sparse, per_block[largest], kept) if blocks else 0)
+        plan.add("best-weights copy", host_copy, _trainable_bytes(sparse, per_block[largest], kept) if blocks else 0)
     else:
         train = _trainable_bytes(sparse, mask_names)
         numel = sum(sparse.get_parameter(k).numel() for k in mask_names)
@@ -560,7 +556,7 @@ def estimate_heal_memory(
             plan.add("vocabulary chunks", compute, chunk_peak_bytes(probe.vocab, tokens))
         if objective.needs_dense and not config.recompute_targets:
             plan.add("dense targets", cache, n * per_sample_targets * cache_size)
-        snapshot = shard(_snapshot_bytes(sparse, mask_names, None if parallel.mode == "fsdp" else kept))
+        snapshot = shard(_trainable_bytes(sparse, mask_names, None if parallel.mode == "fsdp" else kept))
         plan.add("best-weights copy", host_copy, snapshot)
         if config.budget == "auto":  # the held-out monitor keeps its own best weights beside the divergence guard's copy
             plan.add("held-out best-weights copy", host_copy, snapshot)

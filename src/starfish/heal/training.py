@@ -70,8 +70,8 @@ def _fusable(params: list[nn.Parameter]) -> bool:
 
 def make_optimizer(params: list[nn.Parameter], config: HealConfig) -> torch.optim.Optimizer:
     """The optimizer over the trained weights. Adam and AdamW use the fused kernel where it applies:
-    the same update in about 0.3x the time on a CPU (0.12 against 0.42 s per step over SmolLM2-135M's
-    106M decoder weights on one thread), which matters once a heal takes hundreds of small steps."""
+    one pass over each weight per step instead of several, which matters once a heal takes hundreds of
+    small steps (its speed is not measured by a benchmark of this repository)."""
     fused = {"fused": True} if _fusable(params) else {}
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **fused)

@@ -180,8 +180,16 @@ def test_skipping_the_head_gives_the_same_loss_and_the_head_never_runs():
     # only passes on 2 samples run the whole model: the block discovery's order pass (structure.find_blocks)
     # and, for the cache dtype's range measurement, the check that the head is a plain linear map (heal.vocab)
     assert head_batches and set(head_batches) == {2}
-    heal(dense, copy.deepcopy(sparse), masks, calib, _config(healer="kd", max_steps=1), block_pattern=pattern)
-    assert 4 * 10 in head_batches  # kd reads the logits: the loss applies the head to the batch's 40 tokens (heal.vocab)
+    from starfish.heal import vocab
+
+    chunk_tokens: list[int] = []
+    chunk_kl = vocab._chunk_kl
+    vocab._chunk_kl = lambda student, *rest: chunk_tokens.append(student.shape[0]) or chunk_kl(student, *rest)
+    try:
+        heal(dense, copy.deepcopy(sparse), masks, calib, _config(healer="kd", max_steps=1), block_pattern=pattern)
+    finally:
+        vocab._chunk_kl = chunk_kl
+    assert 4 * 10 in chunk_tokens  # kd reads the logits: the loss applies the heads' weights to the batch's 40 tokens (heal.vocab)
 
 
 def test_record_stream_stops_only_once_every_point_is_read():

@@ -67,6 +67,30 @@ def test_chunked_kd_matches_full_logits_in_loss_and_gradients():
     assert float(full.detach()) > 0
 
 
+def test_chunked_kd_runs_the_heads_in_the_autocast_dtype_like_the_model_would():
+    """``dtype=bfloat16`` (a bf16 run): the same loss as the full logits the model's own head makes under
+    bf16 autocast, at 1 and 2 degrees of temperature, and the head's gradient still reaches a trained head."""
+    dense = _llama(300)
+    sparse, _ = _student(dense)
+    sparse.lm_head.weight.requires_grad_(True)
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        teacher_hidden = _hidden(dense, {"input_ids": ids})
+    hidden = _hidden(sparse, {"input_ids": ids}).detach()
+    for t in (1.0, 2.0):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            student_logits, teacher_logits = sparse.lm_head(hidden).float(), dense.lm_head(teacher_hidden).float()
+        expected = torch.nn.functional.kl_div(
+            torch.log_softmax(student_logits / t, -1), torch.log_softmax(teacher_logits / t, -1), reduction="none", log_target=True
+        ).sum(-1)
+        got = chunked_kl(hidden, teacher_hidden, sparse.lm_head, dense.lm_head, t, tokens=5, dtype=torch.bfloat16)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), t
+        full32 = chunked_kl(hidden, teacher_hidden, sparse.lm_head, dense.lm_head, t, tokens=5)
+        assert not torch.equal(got, full32)  # the products really ran in bf16
+    (grad,) = torch.autograd.grad(got.sum(), [sparse.lm_head.weight])
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0
+
+
 class _ScaledLogits(nn.Module):
     """A causal LM whose logits are its head's output times 2 (like logit scaling or soft-capping)."""
 

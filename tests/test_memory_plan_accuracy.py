@@ -13,6 +13,7 @@ Sizes put every measured peak at tens of MB, well above the resident set's page-
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import sys
 
 import pytest
@@ -41,19 +42,35 @@ def _models():
     return dense, sparse, masks, calibration
 
 
-@pytest.mark.parametrize("healer,scope,budget", [("starfish", "joint", "fixed"), ("kd", "joint", "fixed"), ("starfish", "blockwise", "fixed"),
-                                                 ("kd", "joint", "auto")])
-@pytest.mark.slow
-def test_plan_is_within_bounds_of_the_measured_peak(healer, scope, budget):
-    """``auto`` (the language-model default) adds the held-out monitor: its targets and its own best-weights copy."""
+def _heal_and_measure(healer: str, scope: str, budget: str, precision: str) -> dict:
+    """Heal three steps and return the plan, the measurement and the mask checks (run in a fresh process)."""
     assert reset_peak_memory(torch.device("cpu")) and peak_memory_mb(torch.device("cpu"), since_reset=True)[0] > 0
     dense, sparse, masks, calibration = _models()
     config = HealConfig(healer=healer, scope=scope, batch_size=8, epochs=1, max_steps=3, device="cpu", progress=False,
-                        cache_dtype="float16", grad_checkpoint="off", budget=budget, max_epochs=2, eval_every=1)
+                        cache_dtype="float16", grad_checkpoint="off", budget=budget, max_epochs=2, eval_every=1, precision=precision)
     result = heal(dense, sparse, masks, calibration, config)
-    measured = result.peak_memory_mb - result.memory_at_start_mb
-    planned = result.memory_estimate["added_mb"]["cpu"]
-    assert result.memory_measure == "process peak RSS during healing"
+    return {
+        "measured": result.peak_memory_mb - result.memory_at_start_mb, "planned": result.memory_estimate["added_mb"]["cpu"],
+        "measure": result.memory_measure, "parts": {k: round(v["mb"], 1) for k, v in result.memory_estimate["parts_mb"].items()},
+        "violations": sum(masks.violations(sparse).values()), "sparsity": masks.sparsity(),
+    }
+
+
+@pytest.mark.parametrize("healer,scope,budget,precision", [
+    ("starfish", "joint", "fixed", "fp32"), ("kd", "joint", "fixed", "fp32"), ("starfish", "blockwise", "fixed", "fp32"), ("kd", "joint", "auto", "fp32"),
+    ("starfish", "joint", "fixed", "bf16"), ("kd", "joint", "fixed", "bf16"),
+])
+@pytest.mark.slow
+def test_plan_is_within_bounds_of_the_measured_peak(healer, scope, budget, precision):
+    """``auto`` (the language-model default) adds the held-out monitor: its targets and its own best-weights copy.
+    bf16: autocast's weight copies, the shared saved casts (``heal.saved_casts``) and kd's heads cast to bf16.
+
+    Each case heals in a fresh process: the C heap an earlier test left behind moved the block-wise
+    case's resident-set peak by 14 MB between runs of this file (76 or 90 MB against a plan of 76)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        got = pool.apply(_heal_and_measure, (healer, scope, budget, precision))
+    measured, planned = got["measured"], got["planned"]
+    assert got["measure"] == "process peak RSS during healing"
     assert measured > 20, measured  # well above the resident set's noise
-    assert 0.85 * measured <= planned <= 1.15 * measured, (healer, scope, planned, measured, {k: round(v["mb"], 1) for k, v in result.memory_estimate["parts_mb"].items()})
-    assert sum(masks.violations(sparse).values()) == 0 and masks.sparsity() == pytest.approx(0.5, abs=0.01)
+    assert 0.85 * measured <= planned <= 1.15 * measured, (healer, scope, precision, planned, measured, got["parts"])
+    assert got["violations"] == 0 and got["sparsity"] == pytest.approx(0.5, abs=0.01)

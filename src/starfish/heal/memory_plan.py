@@ -127,7 +127,8 @@ def _count_saved(
     from starfish.nn.hooks import forward_until, hooks
     from starfish.tasks.evaluate import logits_of
     from starfish.nn.capture import record_stream
-    from starfish.heal.precision import autocast
+    from starfish.heal.precision import AUTOCAST_DTYPES, autocast
+    from starfish.heal.saved_casts import SharedCasts
     from starfish.heal.vocab import stop_at_head
     from starfish.nn.batch import model_device
     from starfish.nn.structure import input_tensor
@@ -143,11 +144,14 @@ def _count_saved(
     out = _Saved(0, [0] * len(blocks), [0] * len(blocks), [0] * len(blocks), 0, 0, largest=[0] * len(blocks))
     current: list[int | None] = [None]
 
+    shared = SharedCasts() if precision in AUTOCAST_DTYPES else None  # as healing saves them (heal.saved_casts)
+
     def pack(t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, nn.Parameter):
             return t
         # kept detached: a saved *output* returned as itself would reference its own grad_fn, a cycle
         # through autograd that the garbage collector cannot see (every probe leaked its activations)
+        t = shared.pack(t) if shared is not None else t
         storage = _storage(t)
         if storage is None or storage[0] in param_storages or storage[0] in seen:
             return t.detach()
@@ -474,6 +478,7 @@ def estimate_heal_memory(
     (``heal.training.WeightSnapshot``; default: whole weights, as for sharded ones).
     """
     from starfish.nn.batch import batch_len, model_device
+    from starfish.heal.precision import AUTOCAST_DTYPES
     from starfish.heal.targets import CACHE_DTYPES
 
     parallel = parallel or Parallelism.of(sparse, dense)
@@ -554,6 +559,9 @@ def estimate_heal_memory(
 
             tokens = probe.hidden_numel // max(1, sparse.get_submodule(head).in_features) * batch
             plan.add("vocabulary chunks", compute, chunk_peak_bytes(probe.vocab, tokens))
+            if precision in AUTOCAST_DTYPES:  # student and teacher head cast once per loss (heal.vocab.chunked_kl)
+                size = torch.tensor([], dtype=AUTOCAST_DTYPES[precision]).element_size()
+                plan.add("heads in the autocast dtype", compute, 2 * sum(p.numel() for p in sparse.get_submodule(head).parameters()) * size)
         if objective.needs_dense and not config.recompute_targets:
             plan.add("dense targets", cache, n * per_sample_targets * cache_size)
         snapshot = shard(_trainable_bytes(sparse, mask_names, None if parallel.mode == "fsdp" else kept))

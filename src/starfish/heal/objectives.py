@@ -26,6 +26,7 @@ class Signals:
     weights: torch.Tensor | None = None
     hidden: torch.Tensor | None = None  # a causal LM's final hidden state, when the head is left to the loss
     head: torch.nn.Module | None = None  # the linear head that turns ``hidden`` into logits (heal.vocab)
+    head_dtype: torch.dtype | None = None  # what the head's product runs in: the run's autocast dtype (None: the head's own)
 
 
 @dataclass
@@ -158,7 +159,7 @@ def kd_loss(sparse: Signals, dense: Signals | None, labels, config) -> torch.Ten
     if sparse.hidden is not None and dense.hidden is not None and sparse.head is not None and dense.head is not None:
         from starfish.heal.vocab import chunked_kl
 
-        per_position = chunked_kl(sparse.hidden, dense.hidden, sparse.head, dense.head, t)
+        per_position = chunked_kl(sparse.hidden, dense.hidden, sparse.head, dense.head, t, dtype=sparse.head_dtype)
         return weighted_mean(per_position, _position_weights(per_position, sparse.weights)) * (t * t)
     assert sparse.logits is not None and dense.logits is not None
     log_q = F.log_softmax(sparse.logits / t, dim=-1)

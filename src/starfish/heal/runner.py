@@ -16,7 +16,8 @@ from starfish.nn.blockio import StopForward
 from starfish.tasks.evaluate import logits_of
 from starfish.nn.capture import record_stream
 from starfish.heal.objectives import Signals
-from starfish.heal.precision import as_float, autocast
+from starfish.heal.precision import AUTOCAST_DTYPES, as_float, autocast
+from starfish.heal.saved_casts import share_saved_casts
 from starfish.heal.vocab import stop_at_head
 from starfish.nn.structure import StreamPoint
 
@@ -24,7 +25,8 @@ from starfish.nn.structure import StreamPoint
 class Runner:
     """Runs a model on a batch and returns the Signals an objective needs: under the run's autocast,
     stopped after the last stream point when no logits are read (the head never runs), with every
-    signal cast back to float32 so the loss is computed in float32 outside the autocast region."""
+    signal cast back to float32 so the loss is computed in float32 outside the autocast region, and
+    each autocast cast saved for backward once (``heal.saved_casts``)."""
 
     def __init__(
         self, model: nn.Module, points: list[StreamPoint], device: torch.device, precision: str = "fp32", needs_logits: bool = True,
@@ -42,6 +44,7 @@ class Runner:
         logits = None
         with (
             autocast(self.precision, self.device),
+            share_saved_casts(self.precision),
             record_stream(self.model, self.points, stop=self.skip_head) as slots,
             stop_at_head(self.model, self.head) as hidden,
         ):
@@ -51,4 +54,5 @@ class Runner:
                 pass
         head = self.model.get_submodule(self.head) if self.head is not None else None
         blocks = [as_float(s) for s in slots if s is not None]
-        return Signals(blocks, as_float(logits), position_weights(batch), as_float(hidden[0]), head)
+        head_dtype = AUTOCAST_DTYPES.get(self.precision) if head is not None else None  # the head's product as autocast would run it
+        return Signals(blocks, as_float(logits), position_weights(batch), as_float(hidden[0]), head, head_dtype)

@@ -75,30 +75,54 @@ def head_route(model: nn.Module, sample: dict) -> str | None:
     return name if torch.allclose(own, logits.float(), rtol=1e-4, atol=1e-4) else None
 
 
-def _chunk_kl(student: torch.Tensor, teacher: torch.Tensor, student_head: nn.Module, teacher_head: nn.Module, t: float) -> torch.Tensor:
-    """Per-token KL(teacher || student) of one chunk of hidden states, both heads applied here."""
-    log_q = F.log_softmax(student_head(student.to(student_head.weight.dtype)).float() / t, dim=-1)
+def _scaled(logits: torch.Tensor, t: float) -> torch.Tensor:
+    return logits if t == 1 else logits / t  # at T = 1 a division would only cost a pass over the chunk
+
+
+def _head_weights(head: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias in ``dtype`` (a cast autograd follows when the head trains)."""
+    bias = head.bias.to(dtype) if head.bias is not None else None
+    return head.weight.to(dtype), bias
+
+
+def _chunk_kl(
+    student: torch.Tensor, teacher: torch.Tensor, student_w: torch.Tensor, student_b: torch.Tensor | None, teacher_w: torch.Tensor,
+    teacher_b: torch.Tensor | None, t: float,
+) -> torch.Tensor:
+    """Per-token KL(teacher || student) of one chunk of hidden states, both heads applied here (their
+    products in the weights' dtype, the softmaxes in float32)."""
+    log_q = F.log_softmax(_scaled(F.linear(student.to(student_w.dtype), student_w, student_b).float(), t), dim=-1)
     with torch.no_grad():
-        log_p = F.log_softmax(teacher_head(teacher.to(teacher_head.weight.dtype)).float() / t, dim=-1)
+        log_p = F.log_softmax(_scaled(F.linear(teacher.to(teacher_w.dtype), teacher_w, teacher_b).float(), t), dim=-1)
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
 
 
 def chunked_kl(
     student: torch.Tensor, teacher: torch.Tensor, student_head: nn.Module, teacher_head: nn.Module, temperature: float,
-    tokens: int | None = None,
+    tokens: int | None = None, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Per-position KL(softmax(teacher/T) || softmax(student/T)), shape student.shape[:-1], computed
-    over ``tokens`` positions at a time (default: ``chunk_tokens`` of the head's vocabulary)."""
+    over ``tokens`` positions at a time (default: ``chunk_tokens`` of the head's vocabulary).
+
+    ``dtype``: what the heads' matrix products run in, the run's autocast dtype (default: the heads'
+    own). The heads are cast once per call, not once per chunk; log-softmax and KL stay float32. On
+    SmolLM2-135M (49k vocabulary) the float32 head products were about half of a bf16 kd step on a
+    CPU with bf16 matrix units (``benchmarks/LM_HEALER_SEARCH.md``).
+    """
     shape = student.shape[:-1]
     flat_s, flat_t = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
     step = tokens or chunk_tokens(student_head.out_features)
+    student_w, student_b = _head_weights(student_head, dtype or student_head.weight.dtype)
+    with torch.no_grad():
+        teacher_w, teacher_b = _head_weights(teacher_head, dtype or teacher_head.weight.dtype)
     parts = []
     for start in range(0, flat_s.shape[0], step):
         s, t = flat_s[start : start + step], flat_t[start : start + step]
+        args = (s, t, student_w, student_b, teacher_w, teacher_b, temperature)
         if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_kl, s, t, student_head, teacher_head, temperature, use_reentrant=False))
+            parts.append(checkpoint(_chunk_kl, *args, use_reentrant=False))
         else:
-            parts.append(_chunk_kl(s, t, student_head, teacher_head, temperature))
+            parts.append(_chunk_kl(*args))
     return torch.cat(parts).reshape(shape)
 
 

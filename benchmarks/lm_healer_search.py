@@ -83,7 +83,7 @@ def candidates(args: argparse.Namespace) -> list[dict]:
                         continue
                     found.append({"pruner": pruner, "pattern": ":".join(nm) or None, "healer": objective, "scope": scope,
                                   "calib_size": size, "generate": generate, "steps": args.steps, "lr": args.lr, "precision": args.precision,
-                                  "seq_len": args.seq_len, "batch": args.batch_size})
+                                  "seq_len": args.seq_len, "batch": args.batch_size, **({"variant": args.variant} if args.variant else {})})
     return found
 
 
@@ -94,7 +94,7 @@ def parse_calibration(spec: str) -> tuple[int, int]:
 
 
 def key(row: dict) -> tuple:
-    return row["pruner"], row["pattern"], row["healer"], row["scope"], row["calib_size"], row.get("generate", 0), row["steps"], row.get("lr", LR), row.get("precision", "fp32"), row.get("seq_len", 512), row.get("batch", BATCH)
+    return row["pruner"], row["pattern"], row["healer"], row["scope"], row["calib_size"], row.get("generate", 0), row["steps"], row.get("lr", LR), row.get("precision", "fp32"), row.get("seq_len", 512), row.get("batch", BATCH), row.get("variant", "")
 
 
 def run_command(c: dict, parts: dict, out: Path, args: argparse.Namespace) -> list[str]:
@@ -124,8 +124,16 @@ def result_row(c: dict, out: Path, wall: float, peak: float, cmd: list[str]) -> 
         "heal_peak_mb": heal.get("peak_memory_mb"), "memory_measure": heal.get("memory_measure"), "kd_weight": heal.get("kd_weight"),
         "achieved_sparsity": report.get("sparsity"), "process_wall_seconds": wall, "process_peak_rss_mb": peak,
         "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
-        "command": "python " + " ".join(cmd).replace(str(out), "OUT"),
+        "command": "python " + " ".join(cmd).replace(str(out), "OUT"), "commit": _commit(),
     }
+
+
+def _commit() -> str | None:
+    """The repository's commit the candidate ran at (rows measured at other code stay beside it)."""
+    import subprocess
+
+    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or None
 
 
 def log_gap_closed(dense: float, pruned: float, healed: float) -> float:
@@ -142,6 +150,10 @@ def gap_closed(row: dict) -> float | None:
 
 def _mb(value: float | None) -> str:
     return "—" if value is None else f"{value:.0f} MB"
+
+
+def _healer(row: dict) -> str:
+    return row["healer"] + (f" ({row['variant']})" if row.get("variant") else "")
 
 
 def _calibration(row: dict) -> str:
@@ -175,7 +187,7 @@ def render(data: dict) -> str:
         for r in group:
             closed = gap_closed(r)
             lines.append(
-                f"| {r['healer']} | {r['scope']} | {_calibration(r)} | {r['optimizer_steps']} x {r.get('batch', BATCH)} ({r['steps'] * r['tokens_per_step']}) | {r.get('lr', LR):g} | {r.get('precision', 'fp32')} | "
+                f"| {_healer(r)} | {r['scope']} | {_calibration(r)} | {r['optimizer_steps']} x {r.get('batch', BATCH)} ({r['steps'] * r['tokens_per_step']}) | {r.get('lr', LR):g} | {r.get('precision', 'fp32')} | "
                 f"{r['pruned_perplexity']:.2f} | {r['healed_perplexity']:.2f} | {'—' if closed is None else f'{100 * closed:.0f}%'} | "
                 f"{r['heal_seconds']:.0f} s{'*' if r.get('note') else ''} | {_mb(r['heal_peak_mb'])} | {r['threads']} |"
             )
@@ -201,6 +213,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=BATCH, help=f"sequences per optimizer step (default {BATCH}, the language-model default)")
     parser.add_argument("--score-seq-len", type=int, default=2048, help="tokens per scored window (default 2048)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variant", default="", help="a label for what the code does differently from the rows already measured "
+                        "(each row also records its commit); rows with another label are kept beside them")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON (the markdown goes beside the default one)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the candidates still to run")
     parser.add_argument("--render", action="store_true", help="only render the markdown from the JSON")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -60,9 +59,15 @@ def test_sharing_saves_fewer_bytes_and_gives_the_same_gradients_bit_for_bit():
 
 
 def test_sharing_is_off_without_autocast_and_inert_without_gradients():
-    assert isinstance(share_saved_casts("fp32"), contextlib.nullcontext)  # float32: no casts, no hooks
+    with share_saved_casts("fp32") as shared:
+        assert shared is None  # float32: no casts, no hooks
     model = _llama()
-    shared = SharedCasts()
-    with torch.no_grad(), share_saved_casts("bf16", shared), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(input_ids=torch.randint(0, 64, (2, 16)), use_cache=False)
-    assert shared.shared == 0 and not shared.first  # nothing is saved without gradients
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad(), share_saved_casts("bf16") as shared, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, use_cache=False)
+        assert shared.shared == 0 and not shared.first  # nothing is saved without gradients
+    with share_saved_casts("bf16") as shared, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, use_cache=False).logits
+        assert shared.shared > 0 and shared.first
+    assert not shared.first  # released on exit: the keys' autograd nodes would keep a graph never run backward alive
+    del out

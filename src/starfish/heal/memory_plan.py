@@ -187,7 +187,11 @@ def _count_saved(
             record_stream(model, points or [], stop=points is not None),
             stop_at_head(model, head) as hidden,
         ):
-            logits = forward_until(lambda: logits_of(call_model(model, sample)))
+            try:
+                logits = forward_until(lambda: logits_of(call_model(model, sample)))
+            finally:
+                if shared is not None:  # its keys hold autograd nodes: a graph never run backward would stay alive
+                    shared.release()
             if logits is not None:
                 out.logits_numel, out.logits_bytes = logits.numel(), logits.numel() * logits.element_size()
                 del logits

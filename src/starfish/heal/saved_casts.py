@@ -20,8 +20,8 @@ there (a checkpointed block saves only its input anyway).
 
 from __future__ import annotations
 
-import contextlib
-from typing import ContextManager
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -51,16 +51,31 @@ class SharedCasts:
             self.shared += 1
         return first
 
+    def release(self) -> None:
+        """Forget the keys (and the autograd nodes they hold) once the forward pass is over."""
+        self.first.clear()
+
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def share_saved_casts(precision: str, shared: SharedCasts | None = None) -> ContextManager:
+@contextmanager
+def share_saved_casts(precision: str, shared: SharedCasts | None = None) -> Iterator[SharedCasts | None]:
     """Share duplicate saved casts during the forward passes run inside (``precision``: the run's
-    resolved precision; a no-op context unless it is an autocast one)."""
+    resolved precision; nothing is installed unless it is an autocast one).
+
+    On exit the keys are dropped: they hold autograd nodes, and every tensor saved inside keeps the
+    pack hook (so this object) alive, a cycle through autograd that would keep a graph never run
+    backward (the memory plan's probe) alive for good."""
     from starfish.heal.precision import AUTOCAST_DTYPES
 
     if precision not in AUTOCAST_DTYPES:
-        return contextlib.nullcontext()
-    return torch.autograd.graph.saved_tensors_hooks((shared or SharedCasts()).pack, _unpack)
+        yield None
+        return
+    shared = shared or SharedCasts()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(shared.pack, _unpack):
+            yield shared
+    finally:
+        shared.release()

@@ -30,7 +30,7 @@ from starfish.errors import StarfishError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 DOCUMENT_SEPARATOR = "\n\n"  # joins documents when a source is evaluated as one text
-TEXT_CALIB_DEFAULT = 240  # calibration sequences when --calib-size is not given: more than the Wanda/SparseGPT 128; the default heal's 240 steps of 4 (starfish.experiments.defaults) see each sequence 4 times
+TEXT_CALIB_DEFAULT = 240  # calibration sequences when --calib-size is not given: more than the Wanda/SparseGPT 128; the default heal's 480 steps of 2 (starfish.experiments.defaults) see each sequence 4 times
 
 
 def text_files(path: str | Path) -> list[Path]:

@@ -17,18 +17,19 @@ from collections.abc import Mapping
 # Causal language models. Healer: output distillation (kd), the winner of every screening row and of
 # every row of the six-row matrix on SmolLM2-135M (benchmarks/LM_HEALER_SEARCH.md, LM_HEAL_MATRIX.md);
 # no STARFISH-family objective matched it at an equal budget. Budget: at most 4 epochs of the default
-# 240 calibration sequences (text.TEXT_CALIB_DEFAULT), i.e. 240 optimizer steps of 4 x 512 tokens
+# 240 calibration sequences (text.TEXT_CALIB_DEFAULT), i.e. 480 optimizer steps of 2 x 512 tokens
 # (491,520 tokens), the held-out KL checked every epoch, stop after two checks without progress.
-# Batch 4: at an equal number of tokens, smaller batches healed further on held-out text (65,536
-# tokens: batch 8 23.78, batch 4 23.01, batch 2 22.52; LM_HEALER_SEARCH.md), but every step also
-# pays a fixed cost (the optimizer, masking, autocast's weight casts), so batch 2 took 1.32x the
-# time of batch 8; batch 4 with 240 sequences is what fits the former defaults' healing time (90 min
-# on one busy CPU thread). Precision ``native``: bf16 autocast where the hardware computes it (a CUDA
-# GPU, a CPU with AMX); on the team's AMX CPU it healed as well as fp32 in 0.66x the time.
+# Batch 2: at an equal number of tokens, smaller batches healed further on held-out text (65,536
+# tokens: batch 8 23.78, batch 4 23.01, batch 2 22.52; LM_HEALER_SEARCH.md). Each step also pays a
+# fixed cost, which kept the defaults at batch 4 until kd's vocabulary products moved from float32
+# to the run's bf16 (heal.vocab): 48 steps of batch 2 then took 302 s instead of 357 s at the same
+# held-out perplexity (22.81 vs 22.83), which lets batch 2 fit the former defaults' healing time
+# (90 min on one busy CPU thread). Precision ``native``: bf16 autocast where the hardware computes it
+# (a CUDA GPU, a CPU with AMX); on the team's AMX CPU it healed as well as fp32 in 0.66x the time.
 # lr 3e-4 was measured on SmolLM2 (BENCHMARKS.md, "How the language-model defaults were picked").
 LANGUAGE_MODEL_HEAL: dict[str, object] = {
     "healer": "kd",
-    "batch_size": 4,
+    "batch_size": 2,
     "lr": 3e-4,
     "max_epochs": 4,
     "eval_every": 1,

@@ -2,9 +2,9 @@
 
 Why: under autocast every linear layer casts its own input, so the projections that read one
 normalised hidden state (attention's q, k and v; a gated MLP's gate and up) each save their own
-bfloat16 copy of it for the backward pass: equal values, held three and two times. On SmolLM2-135M
-that is 1.7 MB of the 12.5 MB each block saves per 512-token sequence (0.4 GB of a joint heal at
-batch 8; ``benchmarks/LM_HEAL_MATRIX.md``).
+bfloat16 copy of it for the backward pass: equal values, held three and two times. Sharing them took
+a joint STARFISH heal of SmolLM2-135M at batch 8 from +5,186 MB to +4,859 MB (``BENCHMARKS.md``,
+the #24 matrix reruns).
 
 How: while ``share_saved_casts`` is open, every tensor autograd saves passes through a pack hook.
 A saved tensor that is a cast (``ToCopyBackward0``), or a view of one, is looked up by the cast's

@@ -58,9 +58,10 @@ def main() -> int:
     ev = report["eval"]
     model = AutoModelForCausalLM.from_pretrained(args.out / "model", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.out / "model")
-    windows = evaluation_windows(ev["source"], tokenizer, ev["seq_len"], ev["windows"])
+    text = ev.get("text") or ev["source"]  # with several --eval texts, "perplexity" is the first one's
+    windows = evaluation_windows(text, tokenizer, ev["seq_len"], ev["windows"])
     if windows.sha256 != ev["text_sha256"]:
-        sys.exit(f"{ev['source']} changed since the run (sha256 differs)")
+        sys.exit(f"{text} changed since the run (sha256 differs)")
     again = plain_perplexity(model, windows.input_ids)
     claimed = report["perplexity"]["healed"]
     bad, pruned = masked_nonzeros(args.out / "model", args.out / "masks.safetensors")

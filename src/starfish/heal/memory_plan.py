@@ -127,8 +127,8 @@ def _count_saved(
     from starfish.nn.hooks import forward_until, hooks
     from starfish.tasks.evaluate import logits_of
     from starfish.nn.capture import record_stream
-    from starfish.heal.precision import AUTOCAST_DTYPES, autocast
-    from starfish.heal.saved_casts import SharedCasts
+    from starfish.heal.precision import autocast
+    from starfish.heal.saved_casts import share_saved_casts
     from starfish.heal.vocab import stop_at_head
     from starfish.nn.batch import model_device
     from starfish.nn.structure import input_tensor
@@ -144,14 +144,12 @@ def _count_saved(
     out = _Saved(0, [0] * len(blocks), [0] * len(blocks), [0] * len(blocks), 0, 0, largest=[0] * len(blocks))
     current: list[int | None] = [None]
 
-    shared = SharedCasts() if precision in AUTOCAST_DTYPES else None  # as healing saves them (heal.saved_casts)
-
     def pack(t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, nn.Parameter):
             return t
         # kept detached: a saved *output* returned as itself would reference its own grad_fn, a cycle
         # through autograd that the garbage collector cannot see (every probe leaked its activations)
-        t = shared.pack(t) if shared is not None else t
+        t = shared.pack(t) if shared is not None else t  # saved as healing saves them (heal.saved_casts)
         storage = _storage(t)
         if storage is None or storage[0] in param_storages or storage[0] in seen:
             return t.detach()
@@ -181,17 +179,15 @@ def _count_saved(
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block.register_forward_hook(post))
     handles.append(model.register_forward_pre_hook(gathered))
-    with hooks(handles), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # the sharing context decides whether to share and releases its keys on exit; its own hooks are
+    # shadowed by the counting ones, which call it first
+    with hooks(handles), torch.enable_grad(), share_saved_casts(precision) as shared, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with (
             autocast(precision, model_device(model)),
             record_stream(model, points or [], stop=points is not None),
             stop_at_head(model, head) as hidden,
         ):
-            try:
-                logits = forward_until(lambda: logits_of(call_model(model, sample)))
-            finally:
-                if shared is not None:  # its keys hold autograd nodes: a graph never run backward would stay alive
-                    shared.release()
+            logits = forward_until(lambda: logits_of(call_model(model, sample)))
             if logits is not None:
                 out.logits_numel, out.logits_bytes = logits.numel(), logits.numel() * logits.element_size()
                 del logits

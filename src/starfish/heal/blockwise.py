@@ -35,7 +35,7 @@ from starfish.errors import StarfishError
 from starfish.heal.job import HealJob
 from starfish.heal.objectives import Objective, Signals
 from starfish.heal.precision import as_float, autocast
-from starfish.heal.saved_casts import share_saved_casts
+from starfish.heal.saved_tensors import lean_saved_tensors
 from starfish.heal.training import StepsOutcome, set_heal_mode, train_steps
 from starfish.heal.targets import TensorStore
 from starfish.masks import Masks
@@ -182,7 +182,7 @@ def heal_blockwise(job: HealJob) -> list[tuple[str, StepsOutcome]]:
         def loss_of(index: torch.Tensor, inputs=inputs, targets=targets, block=sparse_block, read=read) -> torch.Tensor:
             call = arguments.call(inputs[index].to(device, dtype), index, device)
             w = weights[index].to(device) if weights is not None else None
-            with autocast(job.precision, device), share_saved_casts(job.precision):
+            with autocast(job.precision, device), lean_saved_tensors():
                 y = call.run(block)
             out = Signals([read(as_float(y))], None, w)
             return objective.loss(out, Signals([read(targets[index].to(device).float())]), None, config)

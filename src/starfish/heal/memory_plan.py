@@ -67,18 +67,23 @@ class ActivationProbe:
     hidden_numel: int = 0  # per sample: the head's input when the loss applies the head itself (heal.vocab)
     vocab: int = 0  # that head's vocabulary
     largest_per_block: list[int] = field(default_factory=list)  # per sample: each block's largest saved tensor
+    # per sample: what each block's backward recomputes instead of keeping (heal.saved_tensors)
+    recomputed_per_block: list[int] = field(default_factory=list)
 
     def step_transient(self, batch: int) -> int:
         """Bytes the backward pass adds while saved tensors are still held: the gradients of the largest
-        saved tensor and of a sibling (the gated MLP's two branches, attention's scores)."""
-        return 2 * max(self.largest_per_block, default=0) * batch
+        saved tensor and of a sibling (the gated MLP's two branches, attention's scores), and the
+        tensors one block's backward recomputes (alive together while that block's MLP is differentiated)."""
+        return (2 * max(self.largest_per_block, default=0) + max(self.recomputed_per_block, default=0)) * batch
 
     def block_step(self, batch: int) -> int:
         """Bytes one block's training step holds at its peak (block-wise healing): the largest block's
-        saved tensors. No backward transient on top: one block's backward frees its saved tensors as
-        it makes their gradients (``tests/test_memory_plan_accuracy.py`` holds the block-wise plan within
-        15% of the measured peak on a tiny Llama; with the transient added it was above that band)."""
-        return max((f + b * batch for f, b in zip(self.fixed_per_block, self.saved_per_block)), default=0)
+        saved tensors and what its backward recomputes. No gradient transient on top: one block's
+        backward frees its saved tensors as it makes their gradients (``tests/test_memory_plan_accuracy.py``
+        holds the block-wise plan within 15% of the measured peak on a tiny Llama; with the transient
+        added it was above that band)."""
+        recomputed = self.recomputed_per_block or [0] * len(self.saved_per_block)
+        return max((f + (b + r) * batch for f, b, r in zip(self.fixed_per_block, self.saved_per_block, recomputed)), default=0)
 
     def activations(self, batch: int, checkpoint: bool) -> int:
         """Bytes autograd holds at the peak of one step of ``batch`` samples.
@@ -106,6 +111,7 @@ class _Saved:
     hidden_numel: int = 0
     vocab: int = 0
     largest: list[int] = field(default_factory=list)
+    recomputed: list[int] = field(default_factory=list)
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int] | None:
@@ -128,7 +134,7 @@ def _count_saved(
     from starfish.tasks.evaluate import logits_of
     from starfish.nn.capture import record_stream
     from starfish.heal.precision import autocast
-    from starfish.heal.saved_casts import share_saved_casts
+    from starfish.heal.saved_tensors import Recompute, lean_saved_tensors
     from starfish.heal.vocab import stop_at_head
     from starfish.nn.batch import model_device
     from starfish.nn.structure import input_tensor
@@ -141,24 +147,29 @@ def _count_saved(
         their storage is weights, not activations."""
         param_storages.update(key[0] for p in module.parameters() if (key := _storage(local_view(p))) is not None)
 
-    out = _Saved(0, [0] * len(blocks), [0] * len(blocks), [0] * len(blocks), 0, 0, largest=[0] * len(blocks))
+    out = _Saved(0, [0] * len(blocks), [0] * len(blocks), [0] * len(blocks), 0, 0, largest=[0] * len(blocks), recomputed=[0] * len(blocks))
     current: list[int | None] = [None]
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> torch.Tensor | Recompute:
         if isinstance(t, nn.Parameter):
             return t
-        # kept detached: a saved *output* returned as itself would reference its own grad_fn, a cycle
-        # through autograd that the garbage collector cannot see (every probe leaked its activations)
-        t = shared.pack(t) if shared is not None else t  # saved as healing saves them (heal.saved_casts)
+        # saved as healing saves them (heal.saved_tensors): recomputed ones hold nothing, shared
+        # casts count once; every tensor comes back detached (a saved output kept as itself would
+        # reference its own grad_fn, a cycle the garbage collector cannot see)
+        t = saved.pack(t)
+        if isinstance(t, Recompute):
+            if current[0] is not None:
+                out.recomputed[current[0]] += t.nbytes
+            return t
         storage = _storage(t)
         if storage is None or storage[0] in param_storages or storage[0] in seen:
-            return t.detach()
+            return t
         seen.add(storage[0])
         out.total += storage[1]
         if current[0] is not None:
             out.per_block[current[0]] += storage[1]
             out.largest[current[0]] = max(out.largest[current[0]], storage[1])
-        return t.detach()
+        return t
 
     handles = []
     for i, block in enumerate(blocks):
@@ -179,9 +190,8 @@ def _count_saved(
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block.register_forward_hook(post))
     handles.append(model.register_forward_pre_hook(gathered))
-    # the sharing context decides whether to share and releases its keys on exit; its own hooks are
-    # shadowed by the counting ones, which call it first
-    with hooks(handles), torch.enable_grad(), share_saved_casts(precision) as shared, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # the lean context releases its keys on exit; its own hooks are shadowed by the counting ones, which call it first
+    with hooks(handles), torch.enable_grad(), lean_saved_tensors() as saved, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with (
             autocast(precision, model_device(model)),
             record_stream(model, points or [], stop=points is not None),
@@ -230,7 +240,7 @@ def probe_activations(
     if two is None:  # one sample: everything counts as per sample (an over-estimate of the fixed part)
         return ActivationProbe(
             one.total, one.per_block, one.outputs, one.logits_numel, 0, [0] * len(blocks), one.inputs, one.logits_bytes, one.hidden_numel,
-            one.vocab, one.largest,
+            one.vocab, one.largest, one.recomputed,
         )
     per_sample = max(two.total - one.total, 0)
     per_block = [max(b2 - b1, 0) for b1, b2 in zip(one.per_block, two.per_block)]
@@ -246,6 +256,7 @@ def probe_activations(
         one.hidden_numel,
         one.vocab,
         [l2 - l1 if l2 > l1 else l1 for l1, l2 in zip(one.largest, two.largest)],
+        [max(r2 - r1, 0) for r1, r2 in zip(one.recomputed, two.recomputed)],
     )
 
 

@@ -17,7 +17,7 @@ from starfish.tasks.evaluate import logits_of
 from starfish.nn.capture import record_stream
 from starfish.heal.objectives import Signals
 from starfish.heal.precision import AUTOCAST_DTYPES, as_float, autocast
-from starfish.heal.saved_casts import share_saved_casts
+from starfish.heal.saved_tensors import lean_saved_tensors
 from starfish.heal.vocab import stop_at_head
 from starfish.nn.structure import StreamPoint
 
@@ -26,7 +26,7 @@ class Runner:
     """Runs a model on a batch and returns the Signals an objective needs: under the run's autocast,
     stopped after the last stream point when no logits are read (the head never runs), with every
     signal cast back to float32 so the loss is computed in float32 outside the autocast region, and
-    each autocast cast saved for backward once (``heal.saved_casts``)."""
+    what is saved for backward kept small (``heal.saved_tensors``)."""
 
     def __init__(
         self, model: nn.Module, points: list[StreamPoint], device: torch.device, precision: str = "fp32", needs_logits: bool = True,
@@ -44,7 +44,7 @@ class Runner:
         logits = None
         with (
             autocast(self.precision, self.device),
-            share_saved_casts(self.precision),
+            lean_saved_tensors(),
             record_stream(self.model, self.points, stop=self.skip_head) as slots,
             stop_at_head(self.model, self.head) as hidden,
         ):

@@ -26,6 +26,7 @@ from typing import Callable
 from torch import nn
 
 from starfish import distributed
+from starfish.nn.device import bound_heap_growth
 from starfish.experiments.alignment import DenseReference, probe_sample
 from starfish.nn.batch import batch_len
 from starfish.distributed.sharding import collect_dropped, fsdp_active, shard_student
@@ -200,6 +201,7 @@ def compare(
     specs = parse_healers(list(healers), config.heal.scope)
     allocations = list(allocations or [config.prune.allocation])
     validate_grid(config, sparsities, specs, allocations)
+    bound_heap_growth()  # from the first pass on, not only while healing (``nn.device.bound_heap_growth``)
 
     loaded = build_model(config)
     device = config.heal.device

@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 
 from starfish import distributed
+from starfish.nn.device import bound_heap_growth
 from starfish.nn.batch import Batch, select
 from starfish.errors import StarfishError
 from starfish.common.validation import first_non_finite
@@ -56,6 +57,7 @@ def _versions() -> dict:
 def run(config: RunConfig, command: str | None = None) -> dict:
     """Run the whole job; returns the report (also written to ``config.out`` when set)."""
     validate(config)
+    bound_heap_growth()  # from the first pass on, not only while healing (``nn.device.bound_heap_growth``)
     loaded = build_model(config)
     data = load_data(config, loaded)
     requested, choice = config, None  # config.json and checkpoints keep the request: a rerun chooses again, the same way

@@ -63,7 +63,14 @@ def bound_heap_growth(threshold: int = MMAP_THRESHOLD) -> bool:
     resident: measured on a heal step, a 16 MB-per-chunk loss that holds 80 MB at a time grew the
     resident set by 1.2 GB. A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the
     dynamic adjustment off) keeps the resident set at what is live, so the memory plan holds on the
-    CPU. Process-wide; a no-op (False) where the C library has no ``mallopt``."""
+    CPU. Process-wide; a no-op (False) where the C library has no ``mallopt``.
+
+    ``run`` and ``compare`` set it before their first pass, not only when healing starts: glibc
+    serves a request from a free heap chunk large enough before it considers a new mapping, so the
+    large blocks that pruning and evaluation freed under the dynamic threshold were reused by the
+    heal and stayed resident after it freed them. Measured on SmolLM2 (block-wise after a Wanda
+    pass, a joint heal and evaluations in one ``compare``): each block's step left its memory
+    resident and the heal added 305 MB where the plan said 234 (``BENCHMARKS.md``, #24)."""
     try:
         return bool(ctypes.CDLL(None).mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):

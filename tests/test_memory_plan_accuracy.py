@@ -5,8 +5,8 @@ activations, as in any real run) and compares the plan's ``added_mb`` (what heal
 resident when it starts) with the measured peak minus the memory at start. Tolerance: the issue's
 +-15%. The plan carries a fixed CPU runtime part (autograd engine, thread pools, allocator arenas:
 10-20 MB measured here), which is what kept an earlier plan 5-20% below the measurement on this
-model; on a SmolLM2-shaped model it is noise (plan/measured 1.03 starfish joint, 0.99 kd joint, 1.03
-block-wise, ``benchmarks/LM_HEAL_MATRIX.md``).
+model; on SmolLM2-135M it is noise (plan/measured 0.96 starfish joint, 1.00 kd joint, 0.97
+block-wise at bf16, ``benchmarks/LM_HEAL_MATRIX.md``).
 Sizes put every measured peak at tens of MB, well above the resident set's page-level noise.
 """
 

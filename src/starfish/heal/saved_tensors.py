@@ -18,7 +18,9 @@ Two rules, applied by a pack hook to every tensor a training forward pass saves 
   the first.
 
 The graph keeps one node per consumer and every gradient is computed from equal values, so the
-gradients are bit-identical with and without the hooks (``tests/test_saved_tensors.py``). The
+gradients are bit-identical with and without the hooks (``tests/test_saved_tensors.py``). Measured on
+SmolLM2-135M, joint STARFISH at batch 8 x 512 (``benchmarks/saved_tensors_cost.py``): healing added
+1.4 GB less in fp32 at +1% step time, 1.1 GB less in bf16 at +5-10%. The
 memory plan's probe saves tensors through the same rules, so it counts what healing holds. Inside a
 checkpointed block ``torch.utils.checkpoint`` installs its own hooks, which take over there (a
 checkpointed block saves only its input anyway). Nothing here supports double backward: a

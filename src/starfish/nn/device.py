@@ -50,7 +50,8 @@ MMAP_THRESHOLD = 1 << 20  # bytes: larger host allocations get pages of their ow
 # block's bf16 weight copies, bf16 activations of a batch); from the heap, their freed holes stayed
 # resident: SmolLM2, Wanda 50%, 2 epochs at --precision native added 419 MB against a plan of 284 MB
 # at 1 MB, 273 MB at 128 kB (BENCHMARKS.md, the native matrix). Smaller allocations cost a mapping each,
-# so only that scope pays for it.
+# so only that scope pays for it. The price, paired on that heal (benchmarks/heap_bound_cost.py): 168 s
+# at 128 kB (plan/measured 0.96), 139 s at 1 MB (0.84), 81 s under glibc's dynamic threshold (0.47).
 BLOCKWISE_MMAP_THRESHOLD = 128 << 10
 
 

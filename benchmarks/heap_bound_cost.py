@@ -22,18 +22,15 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("STARFISH_SHARED", REPO.parent / "shared"))
-MODEL = Path(os.environ.get("STARFISH_SMOLLM2", REPO / ".cache" / "smollm2-135m"))
-CALIB = SHARED / "data/wikitext2/valid.tokenized.txt"
+from lm_heal import MODEL, REPO
+from lm_heal_memory import CALIB
+
 RESULTS = REPO / "benchmarks" / "results" / "heap_bound_cost.json"
 VARIANTS = ("bound", "bound-1mb", "dynamic")
 
 
 def child(variant: str) -> dict:
-    sys.path.insert(0, str(REPO / "src"))
     from starfish.nn import device
 
     from starfish.heal import healing

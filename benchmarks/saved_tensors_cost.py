@@ -20,22 +20,17 @@ import argparse
 import contextlib
 import copy
 import json
-import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("STARFISH_SHARED", REPO.parent / "shared"))
-MODEL = Path(os.environ.get("STARFISH_SMOLLM2", REPO / ".cache" / "smollm2-135m"))
-CALIB = SHARED / "data/wikitext2/valid.tokenized.txt"
+from lm_heal import REPO
+from lm_heal_memory import setup
+
 RESULTS = REPO / "benchmarks" / "results" / "saved_tensors_cost.json"
-sys.path.insert(0, str(REPO / "src"))
 
 
 @contextlib.contextmanager
@@ -84,18 +79,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per heal (default 5)")
     args = parser.parse_args()
-    from starfish.data.text import calibration_text
-    from starfish.models import create_model
-    from starfish.models.causal_lm import tokenizer_of
     from starfish.nn.device import bound_heap_growth
-    from starfish.pruning import PruneConfig, prune
 
     bound_heap_growth()  # as run and compare do: no large free heap chunks from loading and pruning for a heal to reuse
-    loaded = create_model(f"hf:{MODEL}")
-    dense = loaded.module.eval()
-    sparse = copy.deepcopy(dense)
-    masks = prune(sparse, PruneConfig(sparsity=0.5, pruner="magnitude"))
-    calib = calibration_text(CALIB, tokenizer_of(loaded.extra), 16, 512, seed=0)
+    dense, sparse, masks, calib, _ = setup(16)
     rows = []
     for precision, order in (("fp32", ("lean", "plain")), ("bf16", ("plain", "lean"))):
         for variant in order:

@@ -82,8 +82,8 @@ class ActivationProbe:
         backward frees its saved tensors as it makes their gradients (``tests/test_memory_plan_accuracy.py``
         holds the block-wise plan within 15% of the measured peak on a tiny Llama; with the transient
         added it was above that band)."""
-        recomputed = self.recomputed_per_block or [0] * len(self.saved_per_block)
-        return max((f + (b + r) * batch for f, b, r in zip(self.fixed_per_block, self.saved_per_block, recomputed)), default=0)
+        blocks = zip(self.fixed_per_block, self.saved_per_block, self.recomputed_per_block)
+        return max((f + (b + r) * batch for f, b, r in blocks), default=0)
 
     def activations(self, batch: int, checkpoint: bool) -> int:
         """Bytes autograd holds at the peak of one step of ``batch`` samples.

@@ -70,8 +70,9 @@ def bound_heap_growth(threshold: int = MMAP_THRESHOLD) -> bool:
     serves a request from a free heap chunk large enough before it considers a new mapping, so the
     large blocks that pruning and evaluation freed under the dynamic threshold were reused by the
     heal and stayed resident after it freed them. Measured on SmolLM2 (block-wise after a Wanda
-    pass, a joint heal and evaluations in one ``compare``): each block's step left its memory
-    resident and the heal added 305 MB where the plan said 234 (``BENCHMARKS.md``, #24)."""
+    pass, a joint heal and evaluations in one ``compare``): the heal added 305 MB where the plan said
+    234 (``BENCHMARKS.md``, #24); paired in ``benchmarks/heap_bound_cost.py``, 499 MB without the
+    bound against 243 MB with it."""
     try:
         return bool(ctypes.CDLL(None).mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
